@@ -1,0 +1,337 @@
+"""Irregular hole masks: ratios and bins, file polarity, generator and the paper's training augmentation.
+
+In memory a mask is ``uint8`` (or float) ``H x W`` with **1 = valid, 0 = hole** (PConv's M). Files on disk
+carry an explicit polarity: readers take ``hole_color`` ("white" or "black") and never guess. Masks are
+only ever resized with nearest neighbour, so they stay binary.
+
+Paper facts (Liu et al., ECCV 2018, Sec. 4.1 and Table 1): test masks are grouped into six hole-to-image
+area ratio bins (0.01, 0.1], (0.1, 0.2], ..., (0.5, 0.6], each with and without holes close to the image
+border, "close" meaning within 50 pixels of the border of a 512 x 512 image. Training masks get random
+dilation, rotation and cropping.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import zipfile
+from typing import BinaryIO, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+
+#: Hole-to-image area ratio bins (lo, hi] of the paper's evaluation (Sec. 4.1, Table 1).
+HOLE_RATIO_BINS: tuple[tuple[float, float], ...] = (
+    (0.01, 0.1),
+    (0.1, 0.2),
+    (0.2, 0.3),
+    (0.3, 0.4),
+    (0.4, 0.5),
+    (0.5, 0.6),
+)
+#: Width in pixels of the border band of the paper's border constraint (Sec. 4.1; 512 x 512 images).
+BORDER_BAND = 50
+
+HOLE_COLORS = ("white", "black")
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+# Generator limits: candidate shapes per attempt and attempts before giving up on a bin.
+_MAX_CANDIDATES = 600
+_MAX_ATTEMPTS = 8
+
+
+def bin_label(bin_index: int) -> str:
+    """Human-readable label of a bin, e.g. ``"(0.01, 0.1]"``; ``"other"`` for -1."""
+    if bin_index == -1:
+        return "other"
+    lo, hi = HOLE_RATIO_BINS[bin_index]
+    return f"({lo:g}, {hi:g}]"
+
+
+def _holes(mask: np.ndarray) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.dtype == bool:
+        return ~m
+    return m < 0.5
+
+
+def hole_ratio(mask: np.ndarray) -> float:
+    """Fraction of hole pixels (value 0 / below 0.5) of a mask with 1 = valid."""
+    m = np.asarray(mask)
+    if m.size == 0:
+        raise ValueError("hole_ratio of an empty mask")
+    return float(_holes(m).mean())
+
+
+def ratio_bin(ratio: float) -> int:
+    """Index 0..5 of the paper's bin holding ``ratio`` (bins are (lo, hi]); -1 outside (0.01, 0.6]."""
+    for i, (lo, hi) in enumerate(HOLE_RATIO_BINS):
+        if lo < ratio <= hi:
+            return i
+    return -1
+
+
+def touches_border(mask: np.ndarray, band: int = BORDER_BAND) -> bool:
+    """True if any hole pixel lies within ``band`` pixels of the image border (row/col < band or >= size-band)."""
+    h = _holes(mask)
+    if h.ndim != 2:
+        raise ValueError(f"touches_border expects an H x W mask, got shape {h.shape}")
+    if band <= 0:
+        return False
+    return bool(h[:band].any() or h[-band:].any() or h[:, :band].any() or h[:, -band:].any())
+
+
+# --------------------------------------------------------------------------------------------- file formats
+
+
+def decode_mask(data: bytes, hole_color: str, threshold: float = 0.5, name: str = "") -> np.ndarray:
+    """Decode a PNG/JPEG mask file into ``uint8 H x W`` {0, 1}, 1 = valid.
+
+    The image is converted to grey; a pixel is "white" when ``value / max >= threshold``. With
+    ``hole_color="white"`` white pixels are holes (NVIDIA's test masks), with ``"black"`` black pixels are.
+    Raises ValueError (naming ``name``) for an unknown ``hole_color``, a bad threshold or unreadable bytes.
+    """
+    if hole_color not in HOLE_COLORS:
+        raise ValueError(f"hole_color must be one of {list(HOLE_COLORS)}, got {hole_color!r} (mask {name!r})")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r} (mask {name!r})")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+            grey = np.asarray(img, dtype=np.float64) / 65535.0
+        else:
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA").convert("RGB")  # ignore alpha: polarity lives in the colour values
+            grey = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot decode mask {name!r}: {exc}") from exc
+    if grey.ndim != 2 or grey.size == 0:
+        raise ValueError(f"mask {name!r} decoded to an unusable array of shape {grey.shape}")
+    white = grey >= threshold
+    hole = white if hole_color == "white" else ~white
+    return (~hole).astype(np.uint8)
+
+
+def _check_binary_2d(mask: np.ndarray, what: str) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"{what}: expected an H x W mask, got shape {m.shape}")
+    if m.dtype != bool and not np.isin(m, (0, 1)).all():
+        raise ValueError(f"{what}: mask must be binary {{0, 1}}, got values {np.unique(m)[:8].tolist()}")
+    return m.astype(bool)
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """Compact 1-bit PNG of a binary mask in the INTERNAL polarity (white/1 = valid, black/0 = hole)."""
+    m = _check_binary_2d(mask, "encode_mask_png")
+    buf = io.BytesIO()
+    Image.fromarray(m).save(buf, format="PNG", optimize=True)  # a bool array becomes a mode "1" image
+    return buf.getvalue()
+
+
+def decode_stored_mask(data: bytes, name: str = "") -> np.ndarray:
+    """Inverse of :func:`encode_mask_png`: ``uint8 H x W`` {0, 1}, 1 = valid (white)."""
+    return decode_mask(data, hole_color="black", threshold=0.5, name=name)
+
+
+def iter_mask_zip(path: str | os.PathLike | BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(member name, bytes)`` for every .png/.jpg/.jpeg member of a zip, sorted by name."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"cannot open mask archive {path!r}: {exc}") from exc
+    with zf:
+        names = sorted(
+            info.filename
+            for info in zf.infolist()
+            if not info.is_dir() and info.filename.lower().endswith(MASK_SUFFIXES)
+        )
+        for member in names:
+            yield member, zf.read(member)
+
+
+# ------------------------------------------------------------------------------------------------ resizing
+
+
+def resize_nearest(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an ``H x W`` mask to ``size`` (int = square, or (height, width)).
+
+    Sampling uses pixel centres (source index ``floor((i + 0.5) * in / out)``); values are copied, never
+    interpolated, so a binary mask stays binary and keeps its dtype.
+    """
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"resize_nearest expects an H x W mask, got shape {m.shape}")
+    out_h, out_w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"resize_nearest: bad target size {size!r}")
+    in_h, in_w = m.shape
+    rows = np.minimum(((np.arange(out_h) + 0.5) * in_h / out_h).astype(np.int64), in_h - 1)
+    cols = np.minimum(((np.arange(out_w) + 0.5) * in_w / out_w).astype(np.int64), in_w - 1)
+    return m[rows[:, None], cols[None, :]]
+
+
+# ----------------------------------------------------------------------------------------------- generator
+
+
+def _draw_stroke(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, scale: float,
+                 start: tuple[float, float] | None) -> None:
+    """A free-form stroke: random-walk polyline of varying width with round joints (circles)."""
+    side = min(w, h)
+    x, y = start if start is not None else (rng.uniform(0, w), rng.uniform(0, h))
+    angle = rng.uniform(0, 2 * math.pi)
+    width = max(2.0, rng.uniform(0.015, 0.06) * side * scale)
+    pts = [(x, y)]
+    for _ in range(int(rng.integers(2, 9))):
+        angle += rng.uniform(-0.6 * math.pi, 0.6 * math.pi)
+        step = rng.uniform(0.04, 0.16) * side * max(scale, 0.25)
+        x, y = x + step * math.cos(angle), y + step * math.sin(angle)
+        pts.append((x, y))
+    for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:]):
+        width = float(np.clip(width * rng.uniform(0.8, 1.25), 2.0, max(2.0, 0.08 * side * scale)))
+        r = width / 2.0
+        draw.line([(x0, y0), (x1, y1)], fill=1, width=int(round(width)))
+        draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=1)
+        draw.ellipse([x1 - r, y1 - r, x1 + r, y1 + r], fill=1)
+
+
+def _draw_ellipse(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, scale: float,
+                  start: tuple[float, float] | None) -> None:
+    """A rotated filled ellipse (as a 32-gon)."""
+    side = min(w, h)
+    cx, cy = start if start is not None else (rng.uniform(0, w), rng.uniform(0, h))
+    a = max(1.5, rng.uniform(0.02, 0.12) * side * scale)
+    b = max(1.5, a * rng.uniform(0.3, 1.0))
+    rot = rng.uniform(0, math.pi)
+    t = np.linspace(0, 2 * math.pi, 32, endpoint=False)
+    xs = cx + a * np.cos(t) * math.cos(rot) - b * np.sin(t) * math.sin(rot)
+    ys = cy + a * np.cos(t) * math.sin(rot) + b * np.sin(t) * math.cos(rot)
+    draw.polygon(list(zip(xs.tolist(), ys.tolist())), fill=1)
+
+
+def _band_point(rng: np.random.Generator, size: int, band: int) -> tuple[float, float]:
+    """A random point inside the border band of a size x size image."""
+    b = min(band, size)
+    edge = int(rng.integers(4))
+    along = rng.uniform(0, size)
+    across = rng.uniform(0, b)
+    if edge == 0:
+        return along, across
+    if edge == 1:
+        return along, size - 1 - across
+    if edge == 2:
+        return across, along
+    return size - 1 - across, along
+
+
+def _try_generate(size: int, rng: np.random.Generator, lo: float, hi: float, border: bool | None,
+                  band: int) -> np.ndarray | None:
+    """One attempt: add shapes until the hole ratio reaches a target in (lo, hi], rejecting overshoots."""
+    total = float(size * size)
+    offset = band if border is False else 0
+    canvas_side = size - 2 * offset
+    target = rng.uniform(lo + 0.05 * (hi - lo), hi - 0.05 * (hi - lo))
+    img = Image.new("L", (canvas_side, canvas_side), 0)  # 1 = hole while drawing
+    holes = 0
+    scale = 1.0
+    rejected_in_row = 0
+    for _ in range(_MAX_CANDIDATES):
+        if holes / total > lo and holes / total >= target:
+            break
+        need_band = border is True and holes == 0
+        start = _band_point(rng, size, band) if need_band else None
+        cand = img.copy()
+        draw = ImageDraw.Draw(cand)
+        if rng.random() < 0.75:
+            _draw_stroke(draw, rng, canvas_side, canvas_side, scale, start)
+        else:
+            _draw_ellipse(draw, rng, canvas_side, canvas_side, scale, start)
+        cand_holes = int(np.count_nonzero(np.asarray(cand)))
+        if cand_holes / total > hi:  # overshoot: reject, and after repeated rejections draw smaller shapes
+            rejected_in_row += 1
+            if rejected_in_row >= 3:
+                scale = max(scale * 0.6, 0.02)
+                rejected_in_row = 0
+            continue
+        rejected_in_row = 0
+        img, holes = cand, cand_holes
+    ratio = holes / total
+    if not lo < ratio <= hi:
+        return None
+    hole_map = np.zeros((size, size), dtype=bool)
+    hole_map[offset:offset + canvas_side, offset:offset + canvas_side] = np.asarray(img) > 0
+    mask = (~hole_map).astype(np.uint8)
+    if border is True and not touches_border(mask, band):
+        return None
+    return mask
+
+
+def generate_mask(size: int, rng: np.random.Generator, bin_index: int | None = None,
+                  border: bool | None = None, *, band: int = BORDER_BAND) -> np.ndarray:
+    """Random irregular mask ``uint8 size x size`` {0, 1}, 1 = valid: free-form strokes plus ellipses.
+
+    Everything random comes from ``rng``, so the same seed gives the same mask. ``bin_index`` (0..5) asks for
+    a hole ratio inside ``HOLE_RATIO_BINS[bin_index]``; ``None`` picks a bin uniformly at random from ``rng``.
+    ``border=True``: at least one hole pixel lies within ``band`` px of the border; ``border=False``: none
+    does (shapes are drawn inside the inner box); ``None``: no constraint. Shapes that would overshoot the
+    bin are rejected (and later shapes drawn smaller); after bounded attempts RuntimeError names the bin.
+    ``band`` defaults to the paper's 50 px (defined for 512 x 512 images).
+    """
+    if size <= 0:
+        raise ValueError(f"generate_mask: size must be positive, got {size}")
+    if bin_index is None:
+        bin_index = int(rng.integers(len(HOLE_RATIO_BINS)))
+    if not 0 <= bin_index < len(HOLE_RATIO_BINS):
+        raise ValueError(f"bin_index must be in 0..{len(HOLE_RATIO_BINS) - 1} or None, got {bin_index}")
+    lo, hi = HOLE_RATIO_BINS[bin_index]
+    if border is not None and band <= 0:
+        raise ValueError(f"generate_mask: band must be positive with a border constraint, got {band}")
+    if border is False:
+        inner = max(size - 2 * band, 0)
+        if (inner / size) ** 2 <= lo + 0.25 * (hi - lo):
+            raise ValueError(
+                f"bin {bin_index} {bin_label(bin_index)} cannot be reached with border=False: a {size}-px "
+                f"image with a {band}-px band leaves only {inner}x{inner} px for holes"
+            )
+    for _ in range(_MAX_ATTEMPTS):
+        mask = _try_generate(size, rng, lo, hi, border, band)
+        if mask is not None:
+            return mask
+    raise RuntimeError(
+        f"generate_mask could not reach bin {bin_index} {bin_label(bin_index)} (size {size}, border={border}) "
+        f"in {_MAX_ATTEMPTS} attempts"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+
+def augment_mask(mask: np.ndarray, rng: np.random.Generator, out_size: int) -> np.ndarray:
+    """The paper's training-mask augmentation (Sec. 4.1): random dilation, rotation, flips, translation/crop.
+
+    Steps: dilate the holes by 0..k px (k = max(1, min(H, W) // 128)), rotate by a random angle (nearest,
+    corners filled as valid), flip horizontally/vertically with p = 0.5 each, crop a random square of
+    75-100 % of the short side at a random offset (translation), and resize it to ``out_size`` with
+    nearest neighbour. Returns ``uint8 out_size x out_size`` {0, 1}, 1 = valid.
+    """
+    m = _check_binary_2d(mask, "augment_mask")
+    hole = Image.fromarray((~m).astype(np.uint8) * 255)  # 255 = hole while transforming
+    h, w = m.shape
+    k_max = max(1, min(h, w) // 128)
+    k = int(rng.integers(0, k_max + 1))
+    if k > 0:
+        hole = hole.filter(ImageFilter.MaxFilter(2 * k + 1))
+    angle = float(rng.uniform(0.0, 360.0))
+    hole = hole.rotate(angle, resample=Image.Resampling.NEAREST, expand=False, fillcolor=0)
+    if rng.random() < 0.5:
+        hole = hole.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if rng.random() < 0.5:
+        hole = hole.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    arr = np.asarray(hole) >= 128
+    side = max(1, int(round(rng.uniform(0.75, 1.0) * min(h, w))))
+    top = int(rng.integers(0, h - side + 1))
+    left = int(rng.integers(0, w - side + 1))
+    crop = arr[top:top + side, left:left + side]
+    return resize_nearest((~crop).astype(np.uint8), out_size)
