@@ -1,0 +1,280 @@
+#!/usr/bin/env python
+"""Throughput of the Ray Data training pipeline (S3 shards -> decoded, cropped, masked batches) vs two baselines.
+
+Measured, all producing float32 image / mask / masked batches of IMAGE_SIZE x IMAGE_SIZE:
+
+  raydata      pconv.data.build_train_dataset(...).iter_torch_batches() over image shards in S3 (a moto S3 server
+               this script starts on 127.0.0.1, or --images/--masks URIs), Ray started with --cpus CPUs.
+  dataloader   torchvision ImageFolder + torch DataLoader (num_workers = --cpus) over the SAME images as files on
+               local disk, with the same per-image work (resize short side, random crop, flip, a random augmented
+               mask from the same mask set).
+  floor        a plain single-process loop over the same encoded bytes doing the same per-image work as the
+               pipeline's map function (decode, crop, flip, mask augmentation, tensors): the decode floor.
+               Also reported: a decode+crop-only floor (no mask work), for reference.
+
+Printed ratios (the targets of issue 3: >= 1.0 and >= 0.8):
+  ratio raydata/dataloader: X
+  ratio raydata/decode_floor_per_cpu: Y         (raydata images/s / (floor images/s x cpus))
+
+By default the images are CBSD68 + the CelebA-HQ sample from ../shared/datasets, repeated --repeat times under
+distinct keys so an epoch is long enough to measure, and the masks are a subset of the NVIDIA test masks.
+The machine should be otherwise idle; all three measurements use the same number of CPUs. Epochs of the two
+loaders are interleaved and medians reported, so background load hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", help="existing image shard root (s3:// or local); default: build one on a moto S3 "
+                                    "server from ../shared/datasets")
+    p.add_argument("--masks", help="existing mask shard root; default: NVIDIA test masks subset (--n-masks)")
+    p.add_argument("--image-size", type=int, default=512, help="training crop size (default 512, the paper's)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size of all three loaders (default 16)")
+    p.add_argument("--cpus", type=int, default=os.cpu_count() or 1,
+                   help="CPUs for Ray (num_cpus) and DataLoader workers; the floor is scaled by it (default: all)")
+    p.add_argument("--task-cpus", type=float, default=0.5,
+                   help="CPU request of each Ray read/decode task (default 0.5, as in training)")
+    p.add_argument("--repeat", type=int, default=8, help="copies of each default image (default 8: 992 images)")
+    p.add_argument("--n-masks", type=int, default=600, help="NVIDIA masks to use by default (default 600)")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="epochs measured per loader after a warm-up epoch, interleaved (default 3; medians count)")
+    p.add_argument("--floor-images", type=int, default=200, help="images timed in the floor loops (default 200)")
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _start_moto() -> tuple[subprocess.Popen, str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except Exception:  # noqa: BLE001
+            time.sleep(0.1)
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    return proc, endpoint
+
+
+def _default_sources(tmp: Path, repeat: int, n_masks: int) -> tuple[Path, Path]:
+    photos = tmp / "photos" / "all"  # one class folder, as ImageFolder wants
+    photos.mkdir(parents=True)
+    files = sorted((DATASETS / "cbsd68").glob("*.png")) + sorted((DATASETS / "celeba_hq_sample").glob("*.jpg"))
+    if not files:
+        sys.exit(f"no images under {DATASETS}; pass --images")
+    for r in range(repeat):
+        for f in files:
+            os.link(f, photos / f"r{r}_{f.name}") if f.stat().st_dev == photos.stat().st_dev else \
+                shutil.copy(f, photos / f"r{r}_{f.name}")
+    masks = tmp / "masks.zip"
+    with zipfile.ZipFile(DATASETS / "nvidia_irregular_mask_test.zip") as src, zipfile.ZipFile(masks, "w") as dst:
+        names = sorted(n for n in src.namelist() if n.endswith(".png"))
+        for name in names[:: max(1, len(names) // n_masks)][:n_masks]:
+            dst.writestr(name, src.read(name))
+    return photos.parent, masks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class RayLoader:
+    """The pipeline under test: one dataset, iterated once per epoch like a Ray Train worker does."""
+
+    def __init__(self, images: str, masks: str, args):
+        import ray
+
+        from pconv import data
+
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        self.ds = data.build_train_dataset(images, masks, args.image_size, seed=0, num_cpus=args.task_cpus)
+        self.batch_size = args.batch_size
+
+    def __iter__(self):
+        return iter(self.ds.iter_torch_batches(batch_size=self.batch_size))
+
+    def close(self) -> None:
+        import ray
+
+        ray.shutdown()
+
+
+def time_epoch(loader) -> float:
+    n, t0 = 0, time.perf_counter()
+    for batch in loader:
+        n += len(batch["image"])
+    return n / (time.perf_counter() - t0)
+
+
+def _rows(images: str, limit: int) -> list[bytes]:
+    from pconv import shards
+
+    manifest = shards.read_manifest(images)
+    table = shards.read_table(shards.shard_uris(images, manifest, "train")[:8], ["image"])
+    return table.column("image").to_pylist()[:limit]
+
+
+def bench_floor(images: str, masks: str, args) -> tuple[float, float]:
+    """(same work as the pipeline, decode+crop only) images/s in this single process."""
+    import torch
+
+    from pconv import data, shards
+    from pconv import transforms as T
+
+    torch.set_num_threads(1)
+    rows = _rows(images, args.floor_images)
+    bank = T.load_mask_bank(masks)
+    keys = np.array([f"k{i}" for i in range(len(rows))], dtype=object)
+    blobs = np.array(rows, dtype=object)
+    rands = np.random.default_rng(0).random(len(rows))
+    bs = data.rows_per_block(args.image_size)
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), bs):
+        T.train_transform({"key": keys[i:i + bs], "image": blobs[i:i + bs], "_rand": rands[i:i + bs]},
+                          image_size=args.image_size, base_seed=0, bank=bank)
+    full = len(rows) / (time.perf_counter() - t0)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for blob in rows:
+        T.random_crop_flip(shards.open_image(blob, draft_size=args.image_size), args.image_size, rng)
+    crop_only = len(rows) / (time.perf_counter() - t0)
+    return full, crop_only
+
+
+class _MaskedFolder:
+    """ImageFolder + a random augmented mask per image: the same work as the Ray pipeline, torch style."""
+
+    def __init__(self, root: str, bank, size: int):
+        from torchvision import datasets, transforms
+
+        self.size, self.bank = size, bank
+        self.folder = datasets.ImageFolder(root, transform=transforms.Compose([
+            transforms.Resize(size), transforms.RandomCrop(size), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor()]))
+        self.rng = np.random.default_rng()
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        import torch
+
+        from pconv import masks as M
+
+        image, _ = self.folder[i]
+        mask = M.augment_mask(self.bank.mask(int(self.rng.integers(len(self.bank)))), self.rng, self.size)
+        mask = torch.from_numpy(mask[None].astype(np.float32))
+        return {"image": image, "mask": mask, "masked": image * mask}
+
+
+def _worker_init(_):
+    import torch
+
+    torch.set_num_threads(1)
+    import numpy as _np
+
+    info = torch.utils.data.get_worker_info()
+    info.dataset.rng = _np.random.default_rng(info.seed % 2**32)
+
+
+def make_dataloader(folder: str, masks: str, args):
+    import torch
+
+    from pconv import transforms as T
+
+    ds = _MaskedFolder(folder, T.load_mask_bank(masks), args.image_size)
+    return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.cpus,
+                                       worker_init_fn=_worker_init, persistent_workers=True, prefetch_factor=4)
+
+
+def main() -> int:
+    args = _args()
+    sys.path.insert(0, str(REPO))
+    from pconv import ingest, shards
+
+    tmp = Path(tempfile.mkdtemp(prefix="pconv-bench-"))
+    moto = None
+    try:
+        if args.images and args.masks:
+            images, masks = args.images, args.masks
+            folder = tmp / "photos"
+            _export_images(images, folder / "all")
+        else:
+            moto, endpoint = _start_moto()
+            folder, mask_zip = _default_sources(tmp, args.repeat, args.n_masks)
+            images, masks = "s3://bench/images", "s3://bench/masks"
+            ingest.ingest_images(str(folder), images, val_fraction=0.0, shard_size_mb=32, progress=False)
+            ingest.ingest_masks(str(mask_zip), masks, hole_color="white", progress=False)
+            print(f"moto S3 server {endpoint}; images {shards.read_manifest(images)['counts']}, masks "
+                  f"{shards.read_manifest(masks)['counts']}")
+        n_files = sum(1 for _ in Path(folder).rglob("*.*"))
+        print(f"cpus {args.cpus}, image size {args.image_size}, batch {args.batch_size}, {n_files} images, "
+              f"ray task cpus {args.task_cpus}")
+        full, crop_only = bench_floor(images, masks, args)
+        print(f"floor (same work, 1 process): {full:.1f} images/s; decode+crop only: {crop_only:.1f} images/s")
+        loaders = {"dataloader": make_dataloader(str(folder), masks, args), "raydata": RayLoader(images, masks, args)}
+        for loader in loaders.values():  # warm-up epoch: worker start-up, imports, mask bank broadcast
+            time_epoch(loader)
+        rates: dict[str, list[float]] = {name: [] for name in loaders}
+        for epoch in range(args.epochs):  # interleaved, so both see the same background load
+            for name, loader in loaders.items():
+                rates[name].append(time_epoch(loader))
+                print(f"  epoch {epoch} {name}: {rates[name][-1]:.1f} images/s", flush=True)
+        loaders["raydata"].close()
+        full2, crop_only2 = bench_floor(images, masks, args)  # again at the end; the better (less loaded) counts
+        full, crop_only = max(full, full2), max(crop_only, crop_only2)
+        dl, rd = float(np.median(rates["dataloader"])), float(np.median(rates["raydata"]))
+        print(f"floor (best of 2): {full:.1f} images/s; decode+crop only: {crop_only:.1f} images/s")
+        print(f"dataloader ({args.cpus} workers, median of {args.epochs} epochs): {dl:.1f} images/s")
+        print(f"raydata ({args.cpus} cpus, S3 shards, median of {args.epochs} epochs): {rd:.1f} images/s")
+        print(f"ratio raydata/dataloader: {rd / dl:.2f}")
+        print(f"ratio raydata/decode_floor_per_cpu: {rd / (full * args.cpus):.2f}")
+        print(f"ratio raydata/decode_crop_only_floor_per_cpu: {rd / (crop_only * args.cpus):.2f}")
+    finally:
+        if moto is not None:
+            moto.terminate()
+            moto.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _export_images(images: str, out: Path) -> None:
+    """Write the shards' images as files (for the ImageFolder baseline when --images is given)."""
+    from pconv import shards
+
+    out.mkdir(parents=True)
+    manifest = shards.read_manifest(images)
+    table = shards.read_table(shards.shard_uris(images, manifest, "train"), ["key", "image", "format"])
+    for i, (blob, fmt) in enumerate(zip(table.column("image").to_pylist(), table.column("format").to_pylist())):
+        (out / f"{i:07d}.{'jpg' if fmt == 'jpeg' else fmt}").write_bytes(blob)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

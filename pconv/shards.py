@@ -1,0 +1,204 @@
+"""Shard format: Parquet schemas, the shard writer, the manifest, and helpers shared by writer and readers.
+
+Per-file reads do not scale on S3 (listing and request costs, throttling), so images and masks are packed once
+(:mod:`pconv.ingest`, ``pipelines/prepare_data.py``) into Parquet shards of a few hundred MB and streamed from
+there (:mod:`pconv.data`).
+
+Layout of a dataset root ``DST`` (local folder or ``s3://`` prefix)::
+
+    DST/manifest.json                          written LAST; the only entry point for readers
+    DST/train/part-00000-<run>.parquet ...     rows whose key hashes into the training split
+    DST/val/part-00000-<run>.parquet ...       rows whose key hashes into the validation split
+
+Image rows: ``key`` (path relative to SRC), ``image`` (the ORIGINAL encoded bytes; re-encoded only when
+``max_side`` shrinks the image), ``height``/``width`` (after EXIF orientation), ``format``, ``split``.
+Mask rows: ``key``, ``mask`` (compact 1-bit PNG in the internal polarity, white = valid), ``height``, ``width``,
+``hole_ratio``, ``bin`` (paper bin 0..5, -1 outside), ``border`` (holes within the border band), ``source``, ``split``.
+
+``manifest.json``: ``schema_version``, ``kind`` (images|masks), ``source``, ``created``, ``run_id``, ``counts``
+per split, ``total_bytes``, ``columns``, ``shards`` ([{path relative to DST, split, rows, bytes}]),
+``skipped_count``, ``skipped`` ([{key, reason}]), ``options``; mask manifests add ``bins`` (counts per bin and
+border flag).
+
+The train/val split is a stable hash of the key (sha1, not Python's salted ``hash()``), so it does not depend
+on the order, the machine or the other files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pconv import masks as M
+from pconv import storage
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+IMAGE_SCHEMA = pa.schema([
+    ("key", pa.string()), ("image", pa.binary()), ("height", pa.int32()), ("width", pa.int32()),
+    ("format", pa.string()), ("split", pa.string()),
+])
+MASK_SCHEMA = pa.schema([
+    ("key", pa.string()), ("mask", pa.binary()), ("height", pa.int32()), ("width", pa.int32()),
+    ("hole_ratio", pa.float32()), ("bin", pa.int8()), ("border", pa.bool_()), ("source", pa.string()),
+    ("split", pa.string()),
+])
+_ROW_GROUP_BYTES = 16 * 2**20  # ~16 MB row groups: readers stream a shard in pieces, not all at once
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pure helpers (also used by pconv.data)
+# ---------------------------------------------------------------------------------------------
+def key_hash01(key: str) -> float:
+    """Stable uniform number in [0, 1) from a key (sha1), independent of process and platform."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def key_id(key: str) -> int:
+    """Stable signed 64-bit id of a key (rides along in training batches so tests/debugging can see order)."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """Deterministic train/val assignment by key hash."""
+    return "val" if key_hash01(key) < val_fraction else "train"
+
+
+def border_band(height: int, width: int) -> int:
+    """The paper's 50-px border band (defined for 512 x 512), scaled to the mask's short side."""
+    return max(1, round(M.BORDER_BAND * min(height, width) / 512))
+
+
+def open_image(data: bytes, draft_size: int | None = None, name: str = "") -> Image.Image:
+    """See :func:`open_image_with_format`; returns only the image."""
+    return open_image_with_format(data, draft_size, name)[0]
+
+
+def open_image_with_format(data: bytes, draft_size: int | None = None, name: str = "") -> tuple[Image.Image, str]:
+    """Decode encoded image bytes to an RGB PIL image with EXIF orientation applied.
+
+    ``draft_size``: JPEG only, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as both sides stay
+    >= draft_size — much cheaper when training at a fraction of the stored resolution. Any mode becomes RGB
+    (16-bit greys are scaled, not clipped; alpha is dropped). Returns (image, lower-case format name such as
+    "jpeg"). Raises ValueError naming ``name`` on bad input.
+    """
+    if not data:
+        raise ValueError(f"{name or 'image'}: empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = (img.format or "unknown").lower()
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+        elif img.mode in ("I", "F"):
+            arr = np.asarray(img, dtype=np.float64)
+            hi = arr.max() if arr.size and arr.max() > 0 else 1.0
+            img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{name or 'image'}: refused, too many pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"{name or 'image'}: not a readable image (unknown format or corrupt header)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        kind = "truncated image" if "truncated" in str(exc) else "cannot decode image"
+        raise ValueError(f"{name or 'image'}: {kind} ({type(exc).__name__}: {exc})") from exc
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"{name or 'image'}: decoded to an empty image")
+    return img, fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer and manifest
+# ---------------------------------------------------------------------------------------------
+def shard_name(index: int, run_id: str) -> str:
+    return f"part-{index:05d}-{run_id}.parquet"
+
+
+class ShardWriter:
+    """Buffers rows of one split and writes a Parquet shard whenever ``target_bytes`` of payload accumulate."""
+
+    def __init__(self, dst: str, split: str, schema: pa.Schema, target_bytes: int, run_id: str,
+                 payload_column: str):
+        self.dst, self.split, self.schema = dst, split, schema
+        self.target_bytes, self.run_id, self.payload = max(1, int(target_bytes)), run_id, payload_column
+        self.rows: list[dict[str, Any]] = []
+        self.buffered = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.buffered += len(row[self.payload]) + 64
+        if self.buffered >= self.target_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        rows_per_group = max(1, min(len(self.rows), int(_ROW_GROUP_BYTES / max(1, self.buffered / len(self.rows)))))
+        buf = io.BytesIO()
+        # Payload bytes are already compressed (JPEG/PNG/WebP): store them as-is; metadata columns get zstd.
+        compression = {name: ("NONE" if name == self.payload else "ZSTD") for name in self.schema.names}
+        pq.write_table(table, buf, row_group_size=rows_per_group, compression=compression,
+                       use_dictionary=[n for n in self.schema.names if n != self.payload])
+        data = buf.getvalue()
+        rel = f"{self.split}/{shard_name(len(self.shards), self.run_id)}"
+        storage.write_bytes_atomic(storage.join(self.dst, rel), data)
+        self.shards.append({"path": rel, "split": self.split, "rows": len(self.rows), "bytes": len(data)})
+        log.debug("wrote %s (%d rows, %d bytes)", rel, len(self.rows), len(data))
+        self.rows, self.buffered = [], 0
+
+
+def read_manifest(root: str) -> dict[str, Any]:
+    """The manifest of a shard root. FileNotFoundError naming the URI if absent; ValueError if unusable."""
+    uri = storage.join(root, MANIFEST)
+    try:
+        manifest = json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no manifest; create shards with `python pipelines/prepare_data.py`") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{uri}: not valid JSON ({exc})") from exc
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{uri}: schema_version {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def shard_uris(root: str, manifest: dict[str, Any] | None = None, split: str = "train") -> list[str]:
+    """URIs of the shards of one split, in manifest order (paths in the manifest are relative to ``root``)."""
+    manifest = manifest if manifest is not None else read_manifest(root)
+    return [storage.join(root, s["path"]) for s in manifest["shards"] if s["split"] == split]
+
+
+def read_table(uris: list[str], columns: list[str]) -> pa.Table:
+    """Selected columns of several shards (all local or all S3) as one table, read without Ray."""
+    if not uris:
+        return pa.table({c: [] for c in columns})
+    fs, paths = storage.ray_paths(uris)
+    return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in paths])
+
+
+def mask_row(key: str, mask: np.ndarray, source: str, split: str) -> dict[str, Any]:
+    """Shard row of a binary mask (uint8 H x W, 1 = valid): compact PNG + ratio, paper bin, border flag."""
+    h, w = mask.shape
+    ratio = M.hole_ratio(mask)
+    return {"key": key, "mask": M.encode_mask_png(mask), "height": h, "width": w, "hole_ratio": ratio,
+            "bin": M.ratio_bin(ratio), "border": M.touches_border(mask, border_band(h, w)), "source": source,
+            "split": split}

@@ -1,0 +1,216 @@
+"""Per-sample work of the data pipeline, without Ray: decode, crop/flip, mask pairing, tensors, fixed val pairs.
+
+:mod:`pconv.data` runs these functions inside Ray Data tasks; :func:`pconv.data.load_val_pairs` and the benchmark run
+them in-process. Images: the short side is resized to the training size (up or down, aspect kept; JPEGs are
+decoded at a reduced scale when possible), then a random square crop (train) or the centre crop (val); random
+horizontal flip for training. Masks: a random mask of the :class:`MaskBank` with the paper's training augmentation
+(:func:`pconv.masks.augment_mask`, nearest resizing only) for training; a fixed mask, centre square and nearest
+resize for validation. Output arrays: ``image`` float32 N x 3 x S x S in [0, 1], ``mask`` float32 N x 1 x S x S
+in {0, 1} (1 = valid), optional ``masked``, plus ``skipped`` (see :mod:`pconv.data`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pconv import masks as M
+from pconv import shards
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (stable across processes, unlike ``hash()``)."""
+    digest = hashlib.sha1(repr(tuple(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask bank
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class MaskBank:
+    """All stored mask PNGs of one split in one buffer, sorted by key (index i = i-th key)."""
+
+    buf: np.ndarray        # uint8, concatenated PNG bytes
+    offsets: np.ndarray    # int64, len(keys) + 1
+    keys: list[str]
+    bins: np.ndarray       # int8 paper bin per mask (-1 outside the bins)
+    border: np.ndarray     # bool
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def png(self, i: int) -> bytes:
+        return self.buf[self.offsets[i]:self.offsets[i + 1]].tobytes()
+
+    def mask(self, i: int) -> np.ndarray:
+        """Decoded mask i, uint8 H x W, 1 = valid."""
+        return M.decode_stored_mask(self.png(i), name=self.keys[i])
+
+
+def _split_with_rows(root: str, manifest: dict[str, Any], preferred: str) -> str:
+    counts = manifest.get("counts", {})
+    if int(counts.get(preferred, 0)) > 0:
+        return preferred
+    other = "train" if preferred == "val" else "val"
+    if int(counts.get(other, 0)) > 0:
+        return other
+    raise ValueError(f"{root}: the manifest lists no rows (counts={counts})")
+
+
+def load_mask_bank(masks_uri: str, split: str = "train") -> MaskBank:
+    """Read every mask of ``split`` (falling back to the other split if it is empty) into a :class:`MaskBank`."""
+    manifest = shards.read_manifest(masks_uri)
+    if manifest.get("kind") != "masks":
+        raise ValueError(f"{masks_uri}: manifest kind is {manifest.get('kind')!r}, expected 'masks'")
+    split = _split_with_rows(masks_uri, manifest, split)
+    table = shards.read_table(shards.shard_uris(masks_uri, manifest, split), ["key", "mask", "bin", "border"])
+    table = table.sort_by("key")
+    blobs = table.column("mask").to_pylist()
+    lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+    return MaskBank(buf, offsets, table.column("key").to_pylist(), table.column("bin").to_numpy().astype(np.int8),
+                    table.column("border").to_numpy(zero_copy_only=False).astype(bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image transforms (numpy / PIL; no Ray)
+# ---------------------------------------------------------------------------------------------
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """Resize (up or down, aspect kept) so the short side is ``size``; antialiased bilinear."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) == (w, h):
+        return img
+    return img.resize((nw, nh), Image.Resampling.BILINEAR)
+
+
+def random_crop_flip(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Training view: short side -> ``size``, random ``size x size`` crop, horizontal flip with p = 0.5.
+    Returns uint8 ``size x size x 3``."""
+    img = resize_short_side(img, size)
+    w, h = img.size
+    left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+    img = img.crop((left, top, left + size, top + size))
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """Validation view: short side -> ``size``, centre ``size x size`` crop. uint8 ``size x size x 3``."""
+    img = resize_short_side(img, size)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def center_square_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Validation mask: centre square crop (if not square), nearest resize to ``size``."""
+    h, w = mask.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return M.resize_nearest(mask[top:top + side, left:left + side], size)
+
+
+def _to_tensors(images: np.ndarray, masks: np.ndarray, include_masked: bool) -> dict[str, np.ndarray]:
+    """uint8 N x S x S x 3 and N x S x S -> float32 NCHW image in [0, 1], N x 1 x S x S mask, masked."""
+    image = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)
+    image *= 1.0 / 255.0
+    mask = masks[:, None].astype(np.float32)
+    out = {"image": image, "mask": mask}
+    if include_masked:
+        out["masked"] = image * mask
+    return out
+
+
+def _skipped_column(n_out: int, skipped: int) -> np.ndarray:
+    col = np.zeros(n_out, dtype=np.int32)
+    if n_out:
+        col[0] = skipped
+    return col
+
+
+def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed: int, bank: MaskBank,
+                    include_masked: bool = True) -> dict[str, np.ndarray]:
+    """Training samples from a batch of shard rows (``key``, ``image``, ``_rand``): decode + crop + flip each
+    image, pair it with a random mask of ``bank`` augmented by :func:`pconv.masks.augment_mask`.
+
+    Row i's randomness comes only from ``(base_seed, _rand[i])``, so results do not depend on batching.
+    """
+    masks_bank = bank
+    keys, blobs, rands = batch["key"], batch["image"], batch["_rand"]
+    n = len(keys)
+    s = image_size
+    images = np.empty((n, s, s, 3), dtype=np.uint8)
+    masks_out = np.empty((n, s, s), dtype=np.uint8)
+    ids = np.empty(n, dtype=np.int64)
+    ok = skipped = 0
+    for i in range(n):
+        key = str(keys[i])
+        rng = np.random.default_rng([base_seed, int(float(rands[i]) * 2**53)])
+        try:
+            img = shards.open_image(bytes(blobs[i]), draft_size=s, name=key)
+            images[ok] = random_crop_flip(img, s, rng)
+            j = int(rng.integers(len(masks_bank)))
+            masks_out[ok] = M.augment_mask(masks_bank.mask(j), rng, s)
+        except (ValueError, OSError) as exc:
+            skipped += 1
+            log.warning("training data: skipped corrupt row %s: %s", key, exc)
+            continue
+        ids[ok] = shards.key_id(key)
+        ok += 1
+    if skipped and not ok:
+        log.warning("training data: a decode batch of %d rows was entirely corrupt (count not in 'skipped')", n)
+    order = np.random.default_rng([base_seed, int(float(rands[0]) * 2**53) if n else 0, 1]).permutation(ok)
+    out = _to_tensors(images[:ok][order], masks_out[:ok][order], include_masked)
+    out["id"] = ids[:ok][order]
+    out["skipped"] = _skipped_column(ok, skipped)
+    return out
+
+
+def val_transform(batch: dict[str, np.ndarray], *, image_size: int, bank: MaskBank, pairing: dict[str, tuple[int, int]],
+                  include_masked: bool = True) -> dict[str, np.ndarray]:
+    """Validation samples: rows whose key is in ``pairing`` (key -> (index, mask index)), centre crop, fixed mask."""
+    masks_bank = bank
+    rows = [i for i, k in enumerate(batch["key"]) if str(k) in pairing]
+    s = image_size
+    images = np.empty((len(rows), s, s, 3), dtype=np.uint8)
+    masks_out = np.empty((len(rows), s, s), dtype=np.uint8)
+    index = np.empty(len(rows), dtype=np.int64)
+    mask_index = np.empty(len(rows), dtype=np.int64)
+    ok = skipped = 0
+    for i in rows:
+        key = str(batch["key"][i])
+        try:
+            images[ok] = center_crop(shards.open_image(bytes(batch["image"][i]), draft_size=s, name=key), s)
+        except ValueError as exc:
+            skipped += 1
+            log.warning("validation data: skipped corrupt row %s: %s", key, exc)
+            continue
+        index[ok], mask_index[ok] = pairing[key]
+        masks_out[ok] = center_square_mask(masks_bank.mask(int(mask_index[ok])), s)
+        ok += 1
+    out = _to_tensors(images[:ok], masks_out[:ok], include_masked)
+    out["index"], out["mask_index"] = index[:ok], mask_index[:ok]
+    out["skipped"] = _skipped_column(ok, skipped)
+    return out
+
+
+def val_pairing(image_keys: list[str], n_masks: int, limit: int | None = None) -> dict[str, tuple[int, int]]:
+    """key -> (index, mask index): sorted keys (first ``limit``), mask ``(i * stride) mod n_masks``."""
+    keys = sorted(image_keys)[: limit if limit is not None else None]
+    if n_masks < 1:
+        raise ValueError("no masks to pair validation images with")
+    stride = max(1, n_masks // max(1, len(keys)))
+    return {k: (i, (i * stride) % n_masks) for i, k in enumerate(keys)}

@@ -1,0 +1,158 @@
+"""Shared pytest fixtures (generic: any test module may use them; add new fixtures below).
+
+- ``repo_root`` / ``datasets_dir``: paths; ``datasets_dir`` skips with a reason when ../shared/datasets is absent.
+- ``s3_server`` (session): a REAL moto S3 server process on 127.0.0.1, reached over HTTP like AWS. While it runs,
+  ``os.environ`` carries AWS_ENDPOINT_URL + test credentials + region (restored afterwards), so code under test
+  finds it through the standard environment only.
+- ``s3_bucket``: a fresh, empty bucket per test, yielded as ``"s3://<name>"``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASETS_DIR = REPO_ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    """../shared/datasets from the repo root (real photos and the NVIDIA test masks)."""
+    if not DATASETS_DIR.is_dir():
+        pytest.skip(f"shared datasets not found at {DATASETS_DIR} (see the project README: tests read real data "
+                    "from ../shared/datasets)")
+    return DATASETS_DIR
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+
+def start_moto_server(log_path: Path) -> S3Server:
+    """Start ``python -m moto.server`` on a free 127.0.0.1 port and wait until it answers HTTP."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_fh = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log_fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            log_fh.close()
+            raise RuntimeError(f"moto server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                break
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not answer on {endpoint} within 60 s")
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    return S3Server(endpoint=endpoint, env=env, process=proc)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real moto S3 server for the whole session; os.environ points at it while it lives."""
+    server = start_moto_server(tmp_path_factory.mktemp("moto") / "moto.log")
+    # Variables that would send clients elsewhere are removed for the session and restored afterwards.
+    names = set(server.env) | {"AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"}
+    saved = {k: os.environ.get(k) for k in names}
+    for k in names - set(server.env):
+        os.environ.pop(k, None)
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh empty bucket on the session's S3 server, as ``s3://name``."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Small real datasets (copies of subsets of ../shared/datasets) and shards built from them
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def photo_dir(datasets_dir, tmp_path_factory) -> Path:
+    """12 CBSD68 PNGs (481x321 / 321x481) under scenes/ and 4 CelebA-HQ JPEGs (1024x1024) under faces/."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "scenes").mkdir()
+    (root / "faces").mkdir()
+    for p in sorted((datasets_dir / "cbsd68").glob("*.png"))[:12]:
+        (root / "scenes" / p.name).write_bytes(p.read_bytes())
+    for p in sorted((datasets_dir / "celeba_hq_sample").glob("*.jpg"))[:4]:
+        (root / "faces" / p.name).write_bytes(p.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="session")
+def mask_zip(datasets_dir, tmp_path_factory) -> Path:
+    """60 NVIDIA test masks (WHITE = hole), every 200th file: 5 from each of the 12 bin/border blocks."""
+    import zipfile
+
+    out = tmp_path_factory.mktemp("masks") / "nvidia_subset.zip"
+    with zipfile.ZipFile(datasets_dir / "nvidia_irregular_mask_test.zip") as src, \
+            zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as dst:
+        names = sorted(n for n in src.namelist() if n.endswith(".png"))
+        for name in names[::200]:
+            dst.writestr(name, src.read(name))
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_shards(photo_dir, mask_zip, tmp_path_factory) -> dict[str, str]:
+    """Local shard roots {"images": ..., "masks": ...} built with pconv.ingest from photo_dir / mask_zip
+    (val fraction 0.25 for images so both splits exist; small shards so there are several)."""
+    from pconv import ingest
+
+    root = tmp_path_factory.mktemp("shards")
+    images, masks = str(root / "images"), str(root / "masks")
+    ingest.ingest_images(str(photo_dir), images, val_fraction=0.25, shard_size_mb=1.0, progress=False)
+    ingest.ingest_masks(str(mask_zip), masks, hole_color="white", progress=False)
+    return {"images": images, "masks": masks}

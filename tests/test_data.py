@@ -1,0 +1,210 @@
+"""pconv.data on real Ray: shards on a real moto S3 server -> decoded, cropped, masked batches; epochs, validation,
+corrupt rows, and a 2-worker Ray Train (V2) TorchTrainer consuming the dataset.
+
+Ray is started once for the module with num_cpus=2 (logical), the size of the development machine, and the
+training workers take 0.5 CPU each as pconv.train does on CPU: this is the configuration that must not stall
+(read/decode tasks request 0.5 CPU or less; Ray Data's file listing needs one free CPU for a moment).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pconv import data, shards, storage
+
+pytestmark = pytest.mark.integration
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """Started after the S3 server so Ray's worker processes inherit AWS_ENDPOINT_URL & co."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3_shards(prepared_shards, s3_server, tmp_path_factory) -> dict[str, str]:
+    """The session's local shards uploaded to a fresh bucket: {"images": s3://..., "masks": s3://...}."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="data-shards")
+    out = {}
+    for name, local in prepared_shards.items():
+        uri = f"s3://data-shards/{name}"
+        storage.upload_dir(local, uri)
+        out[name] = uri
+    return out
+
+
+def _train_keys(root: str) -> set[int]:
+    manifest = shards.read_manifest(root)
+    keys = shards.read_table(shards.shard_uris(root, manifest, "train"), ["key"]).column("key").to_pylist()
+    return {shards.key_id(k) for k in keys}
+
+
+def _epoch(ds) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
+    ids, images, masks, skipped = [], {}, {}, 0
+    for batch in ds.iter_torch_batches(batch_size=4):
+        assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.float32
+        n = len(batch["id"])
+        assert batch["image"].shape == (n, 3, SIZE, SIZE) and batch["mask"].shape == (n, 1, SIZE, SIZE)
+        assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+        assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}
+        torch.testing.assert_close(batch["masked"], batch["image"] * batch["mask"])
+        skipped += int(batch["skipped"].sum())
+        for i, id_ in enumerate(batch["id"].tolist()):
+            ids.append(id_)
+            images[id_], masks[id_] = batch["image"][i], batch["mask"][i]
+    return ids, images, masks, skipped
+
+
+def test_train_stream_from_s3_epochs_differ(ray_cluster, s3_shards):
+    ds = data.build_train_dataset(s3_shards["images"], s3_shards["masks"], SIZE, seed=5, num_cpus=0.25)
+    expected = _train_keys(s3_shards["images"])
+    ids0, img0, mask0, skipped0 = _epoch(ds)
+    ids1, img1, mask1, skipped1 = _epoch(ds)  # second pass over the SAME dataset (as Ray Train epochs do)
+    assert sorted(ids0) == sorted(ids1) == sorted(expected) and skipped0 == skipped1 == 0
+    assert ids0 != ids1, "row order must change between epochs"
+    changed = [i for i in ids0 if not torch.equal(img0[i], img1[i]) or not torch.equal(mask0[i], mask1[i])]
+    assert len(changed) == len(ids0), "crops/flips/masks must be re-drawn every epoch"
+    hole = np.array([1.0 - float(m.mean()) for m in mask0.values()])
+    assert (hole > 0.0).all() and hole.mean() < 0.8  # real holes, not all-hole masks
+
+
+
+def test_deterministic_mode_reproduces_and_epoch_argument_changes(ray_cluster, prepared_shards):
+    args = (prepared_shards["images"], prepared_shards["masks"], SIZE)
+    ids_a, img_a, mask_a, _ = _epoch(data.build_train_dataset(*args, seed=5, num_cpus=0.25, deterministic=True))
+    ids_b, img_b, mask_b, _ = _epoch(data.build_train_dataset(*args, seed=5, num_cpus=0.25, deterministic=True))
+    assert ids_a == ids_b
+    assert all(torch.equal(img_a[i], img_b[i]) and torch.equal(mask_a[i], mask_b[i]) for i in ids_a)
+    ids_c, img_c, _, _ = _epoch(data.build_train_dataset(*args, seed=5, epoch=1, num_cpus=0.25, deterministic=True))
+    assert sorted(ids_c) == sorted(ids_a) and ids_c != ids_a
+    assert any(not torch.equal(img_a[i], img_c[i]) for i in ids_a)
+
+
+def test_iter_train_batches_crosses_epochs(ray_cluster, prepared_shards):
+    n_train = shards.read_manifest(prepared_shards["images"])["counts"]["train"]
+    per_epoch = n_train // 4
+    seen = []
+    for step, (epoch, batch) in enumerate(data.iter_train_batches(prepared_shards["images"], prepared_shards["masks"],
+                                                                  SIZE, 4, seed=1, num_cpus=0.25)):
+        assert batch["image"].shape == (4, 3, SIZE, SIZE)
+        seen.append(epoch)
+        if step + 1 == per_epoch + 2:
+            break
+    assert seen == [0] * per_epoch + [1, 1]
+
+
+def _corrupt_root(prepared_shards, tmp_path) -> tuple[str, int, int]:
+    """A shard root whose single train shard holds real images plus rows that no longer decode."""
+    src = prepared_shards["images"]
+    manifest = shards.read_manifest(src)
+    table = shards.read_table(shards.shard_uris(src, manifest, "train"), ["key", "image", "height", "width",
+                                                                          "format", "split"])
+    rows = table.to_pylist()[:6]
+    good = len(rows)
+    rows.append({**rows[0], "key": "bad/truncated.jpg", "image": rows[0]["image"][:300]})
+    rows.append({**rows[1], "key": "bad/garbage.png", "image": b"\x89PNG\r\n\x1a\n" + b"\x00" * 50})
+    root = str(tmp_path / "corrupt")
+    writer = shards.ShardWriter(root, "train", shards.IMAGE_SCHEMA, 2**40, "test", "image")
+    for r in rows:
+        writer.add(r)
+    writer.flush()
+    bad_manifest = {**manifest, "shards": writer.shards, "counts": {"train": len(rows), "val": 0}}
+    storage.write_bytes_atomic(storage.join(root, "manifest.json"), json.dumps(bad_manifest).encode())
+    return root, good, len(rows) - good
+
+
+def test_corrupt_rows_are_skipped_and_counted(ray_cluster, prepared_shards, tmp_path):
+    root, good, bad = _corrupt_root(prepared_shards, tmp_path)
+    ds = data.build_train_dataset(root, prepared_shards["masks"], SIZE, seed=0, num_cpus=0.25)
+    ids, _, _, skipped = _epoch(ds)
+    assert len(ids) == good and skipped == bad == 2
+    assert shards.key_id("bad/truncated.jpg") not in ids
+
+
+def test_validation_pairs_are_fixed(ray_cluster, prepared_shards):
+    images, masks = prepared_shards["images"], prepared_shards["masks"]
+    a = data.load_val_pairs(images, masks, SIZE)
+    b = data.load_val_pairs(images, masks, SIZE)
+    n_val = shards.read_manifest(images)["counts"]["val"]
+    assert a["image"].shape == (n_val, 3, SIZE, SIZE) and a["mask"].shape == (n_val, 1, SIZE, SIZE)
+    assert a["keys"] == sorted(a["keys"]) and a["mask_keys"] == b["mask_keys"]
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["mask"], b["mask"])
+    assert set(np.unique(a["mask"])) <= {0.0, 1.0} and a["image"].min() >= 0 and a["image"].max() <= 1
+    assert len(set(a["mask_keys"])) == n_val  # spread over the mask set, not the first few
+    assert len(set(a["bin"].tolist())) > 1
+    limited = data.load_val_pairs(images, masks, SIZE, limit=2)
+    assert limited["keys"] == a["keys"][:2]
+
+    rows = data.build_val_dataset(images, masks, SIZE, num_cpus=0.25).take_all()
+    rows2 = data.build_val_dataset(images, masks, SIZE, num_cpus=0.25).take_all()
+    by_index = {int(r["index"]): r for r in rows}
+    assert sorted(by_index) == list(range(n_val))
+    assert {int(r["index"]): int(r["mask_index"]) for r in rows2} == \
+        {i: int(r["mask_index"]) for i, r in by_index.items()}
+    for i in range(n_val):  # the Ray path and the plain path build identical pairs
+        np.testing.assert_array_equal(by_index[i]["image"], a["image"][i])
+        np.testing.assert_array_equal(by_index[i]["mask"], a["mask"][i])
+
+
+def test_torch_trainer_two_workers(ray_cluster, s3_shards, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Defined here so cloudpickle ships it by value (workers cannot import this test module).
+    def _loop(config):
+        import json as _json
+
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        shard = ray.train.get_dataset_shard("train")
+        out = {"epochs": [], "shapes": None}
+        for _ in range(2):
+            ids = []
+            for batch in shard.iter_torch_batches(batch_size=2, drop_last=True):
+                out["shapes"] = {k: list(v.shape) for k, v in batch.items()}
+                ids += batch["id"].tolist()
+            out["epochs"].append(ids)
+        Path(config["out"], f"rank{rank}.json").write_text(_json.dumps(out))
+        ray.train.report({"batches": len(out["epochs"][0])})
+
+    ds = data.build_train_dataset(s3_shards["images"], s3_shards["masks"], SIZE, seed=2, num_cpus=0.25)
+    trainer = TorchTrainer(
+        _loop, train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="data-test", storage_path=str(tmp_path / "ray")),
+        datasets={"train": ds},
+    )
+    trainer.fit()
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    n_train = shards.read_manifest(s3_shards["images"])["counts"]["train"]
+    for rep in reports:
+        assert rep["shapes"]["image"] == [2, 3, SIZE, SIZE] and rep["shapes"]["mask"] == [2, 1, SIZE, SIZE]
+        assert len(rep["epochs"][0]) >= 2 and rep["epochs"][0] != rep["epochs"][1]
+    for epoch in (0, 1):
+        seen = reports[0]["epochs"][epoch] + reports[1]["epochs"][epoch]
+        assert len(seen) == len(set(seen)) and len(seen) >= n_train - 4  # disjoint shards, drop_last only
+
+
+def test_check_headroom_turns_a_hang_into_an_error():
+    data.check_headroom(cluster_cpus=2, training_cpus=1.0)  # 2 workers x 0.5 CPU: fine
+    with pytest.raises(ValueError, match="free CPU"):
+        data.check_headroom(cluster_cpus=2, training_cpus=2.0)  # 2 workers x 1 CPU: would hang
