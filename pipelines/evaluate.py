@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Evaluate a model with the paper's protocol (Liu et al., ECCV 2018, Table 1) and optionally promote it.
+
+L1 (%), PSNR and SSIM of the composite per hole-ratio bin, with and without holes near the border, on fixed
+(image, mask) pairs; the same table for a non-learned baseline; both logged to MLflow (table + bar chart).
+
+Examples:
+  python pipelines/evaluate.py --model models:/pconv-unet@candidate \\
+      --images s3://bucket/places2-val --masks s3://bucket/nvidia-test-masks --limit 200 --promote champion
+  # raw mask files instead of mask shards need their polarity:
+  python pipelines/evaluate.py --model runs/demo --images ../shared/datasets/cbsd68 \\
+      --masks ../shared/datasets/nvidia_irregular_mask_test.zip --hole-color white --image-size 256
+
+--images: image shards (manifest.json) or a folder / zip / s3:// prefix of image files.
+--masks: mask shards (with their bin/border columns) or raw mask files with --hole-color.
+--promote ALIAS moves ALIAS to this model only when its mean PSNR over the same pairs is strictly higher than
+that of the version holding ALIAS (no holder: it moves); ties and regressions leave the alias and say why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
+    p.add_argument("--images", required=True, help="evaluation images: shard root or folder/zip/s3:// of files")
+    p.add_argument("--masks", required=True, help="test masks: mask shard root, or folder/zip of files (+ --hole-color)")
+    p.add_argument("--hole-color", choices=("white", "black"), default=None,
+                   help="polarity of RAW mask files (NVIDIA test masks: white); not needed for mask shards")
+    p.add_argument("--limit", type=int, default=None, help="use at most N images (each is paired with every group)")
+    p.add_argument("--image-size", type=int, default=512, help="evaluation size in px (paper: 512)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-baseline", action="store_true", help="skip the non-learned baseline")
+    p.add_argument("--experiment", default="pconv-evaluation", help="MLflow experiment for the evaluation run")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation to MLflow")
+    p.add_argument("--promote", metavar="ALIAS", default=None,
+                   help="move ALIAS (e.g. champion) to this registered version if it beats the current holder")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pconv.evaluation import run_evaluation
+
+    try:
+        result = run_evaluation(args.model, args.images, args.masks, image_size=args.image_size, limit=args.limit,
+                                hole_color=args.hole_color, batch_size=args.batch_size, device=args.device,
+                                baseline=not args.no_baseline,
+                                experiment=None if args.no_mlflow else args.experiment,
+                                promote_alias=args.promote)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    if result.get("mlflow_run_id"):
+        print(f"logged to MLflow run {result['mlflow_run_id']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({k: v for k, v in result.items() if k != "markdown"}, fh, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Register a checkpoint's model in the MLflow registry (PyTorch flavour, pickle-free) with an alias.
+
+Example:
+  python pipelines/register.py --checkpoint s3://bucket/runs/places2/checkpoint_000042 --alias candidate
+
+The model is logged into the training run recorded in the checkpoint (meta.json), or --run-id, or the run
+named after the checkpoint's run_name in --experiment. The new version gets --alias (default: candidate);
+`champion` moves only through `pipelines/evaluate.py --promote champion`. MLFLOW_TRACKING_URI selects the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder or s3:// prefix (state.pt + config.yaml + meta.json), or a folder of "
+                        "checkpoints (the latest is used)")
+    p.add_argument("--name", default="pconv-unet", help="registered model name (default pconv-unet)")
+    p.add_argument("--alias", default="candidate", help="alias for the new version (default candidate)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the checkpoint's config)")
+    p.add_argument("--run-id", default=None, help="log into this MLflow run (default: the checkpoint's run)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pconv.inference import register_checkpoint
+
+    try:
+        version = register_checkpoint(args.checkpoint, name=args.name, alias=args.alias,
+                                      experiment=args.experiment, run_id=args.run_id)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"registered {args.name} version {version} with alias {args.alias!r}: models:/{args.name}@{args.alias}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

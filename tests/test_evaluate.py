@@ -1,0 +1,214 @@
+"""pconv.evaluation: the paper's Table-1 protocol on real CBSD68 photos with NVIDIA test masks, the non-learned
+baseline, MLflow logging through a REAL server, and promotion of `champion` only when a model is better."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
+from pconv import evaluation as E
+from pconv import masks as M
+from pconv.config import TrainConfig
+from pconv.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+LAYER_SIZE, IMAGE_SIZE, N_IMAGES = 4, 64, 3
+MASK_ZIP_DIR = "mask/testing_mask_dataset"
+
+
+@pytest.fixture(scope="module")
+def eval_data(datasets_dir, tmp_path_factory):
+    """Two NVIDIA test masks per (bin, border) block as raw PNGs and as mask shards; the CBSD68 folder."""
+    from pconv.ingest import ingest_masks
+
+    root = tmp_path_factory.mktemp("evaldata")
+    raw = root / "raw_masks"
+    raw.mkdir()
+    with zipfile.ZipFile(datasets_dir / "nvidia_irregular_mask_test.zip") as zf:
+        for block in range(12):  # block b: bin b // 2, border constraint on odd blocks (datasets README)
+            for i in range(2):
+                name = f"{block * 1000 + i:05d}.png"
+                (raw / name).write_bytes(zf.read(f"{MASK_ZIP_DIR}/{name}"))
+    ingest_masks(str(raw), str(root / "mask_shards"), hole_color="white", progress=False)
+    return {"images": str(datasets_dir / "cbsd68"), "raw": str(raw), "shards": str(root / "mask_shards")}
+
+
+@pytest.fixture(scope="module")
+def eval_set(eval_data):
+    return E.build_eval_set(eval_data["images"], eval_data["shards"], IMAGE_SIZE, limit=N_IMAGES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol pieces
+# ---------------------------------------------------------------------------------------------
+def test_fixed_pairing_covers_every_bin_and_border_group(eval_data, eval_set):
+    es = eval_set
+    assert len(es.images) == N_IMAGES and es.images[0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert es.groups == {(b, f): 2 for b in range(6) for f in (False, True)}
+    assert len(es.pairs) == 12 * N_IMAGES
+    # the NVIDIA blocks are the paper's bins: block 2k (no border) and 2k+1 (border) hold bin k
+    for _, rec in es.pairs:
+        block = int(rec.key[:5]) // 1000
+        assert (rec.bin, rec.border) == (block // 2, block % 2 == 1), rec.key
+    # deterministic: same inputs, same pairs; raw files (with explicit polarity) pair exactly like shards
+    again = E.build_eval_set(eval_data["images"], eval_data["raw"], IMAGE_SIZE, limit=N_IMAGES, hole_color="white")
+    assert [(j, r.key, r.bin, r.border) for j, r in again.pairs] == [(j, r.key, r.bin, r.border) for j, r in es.pairs]
+    for (_, a), (_, b) in zip(es.pairs[:6], again.pairs[:6]):
+        np.testing.assert_array_equal(es.mask(a), again.mask(b))
+    m = es.mask(es.pairs[0][1])
+    assert m.shape == (IMAGE_SIZE, IMAGE_SIZE) and set(np.unique(m)) <= {0, 1}
+    with pytest.raises(ValueError, match="--hole-color"):
+        E.build_eval_set(eval_data["images"], eval_data["raw"], IMAGE_SIZE, limit=1)
+
+
+def test_image_shards_are_evaluated_on_their_val_split(eval_data, tmp_path, s3_bucket):
+    import shutil
+
+    from pconv.ingest import ingest_images
+    from pconv.shards import key_hash01
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    names = sorted(os.listdir(eval_data["images"]))[:8]
+    for name in names:
+        shutil.copy(Path(eval_data["images"]) / name, src / name)
+    ingest_images(str(src), f"{s3_bucket}/img", val_fraction=0.5, max_side=96, progress=False)
+    keys, images = E.load_images(f"{s3_bucket}/img", IMAGE_SIZE)
+    expected = sorted(n for n in names if key_hash01(n) < 0.5)
+    assert 0 < len(expected) < len(names) and keys == expected
+    assert all(im.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) for im in images)
+
+
+def test_pushpull_baseline_fills_holes_sensibly():
+    h, w = 37, 50
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ramp = np.stack([xx / w, yy / h, np.full_like(xx, 0.3)], axis=-1)
+    valid = np.ones((h, w), np.float32)
+    valid[10:25, 15:40] = 0
+    filled = E.pushpull_fill(ramp, valid)
+    np.testing.assert_array_equal(filled[valid > 0], ramp[valid > 0])
+    hole = valid == 0
+    err = np.abs(filled[hole] - ramp[hole]).mean()
+    mean_fill_err = np.abs(ramp[hole] - ramp[~hole].mean(axis=0)).mean()
+    assert err < 0.3 * mean_fill_err  # a smooth field is recovered far better than by a mean fill
+    const = np.full((h, w, 3), 0.6, np.float32)
+    np.testing.assert_allclose(E.baseline_inpaint(const, valid), const, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models in the registry: a "good" one (fills holes with mid-grey) and a "bad" one (fills them with black)
+# ---------------------------------------------------------------------------------------------
+def constant_fill_model(value: float, seed: int = 0) -> torch.nn.Module:
+    """A net whose output is a constant colour: last decoder conv zeroed, its bias set to ``value``."""
+    torch.manual_seed(seed)
+    model = build_model(LAYER_SIZE).eval()
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(value)
+    image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    out, _ = model(image, torch.ones(1, 1, IMAGE_SIZE, IMAGE_SIZE))
+    assert torch.allclose(out, torch.full_like(out, value), atol=1e-5), "model no longer ends in a biased conv"
+    return model
+
+
+def register(model: torch.nn.Module, run_name: str) -> str:
+    from pconv import tracking
+    from pconv.registry import log_and_register_model
+
+    cfg = TrainConfig(images="x", masks="y", image_size=IMAGE_SIZE, layer_size=LAYER_SIZE, run_name=run_name,
+                      experiment="eval-exp", phase1_steps=1, phase2_steps=0)
+    run_id = tracking.start_or_resume_run("eval-exp", run_name)
+    return log_and_register_model(model, cfg, run_id, name="pconv-unet", alias="candidate")
+
+
+@pytest.fixture(scope="module")
+def versions(mlflow_server) -> dict[str, str]:
+    """Two registered versions: "black" (fills holes with 0) and "grey" (fills them with 0.45)."""
+    return {"black": register(constant_fill_model(0.0), "black"),
+            "grey": register(constant_fill_model(0.45, seed=1), "grey")}
+
+
+def champion(server) -> str | None:
+    from mlflow import MlflowClient
+
+    try:
+        return MlflowClient(server.url).get_model_version_by_alias("pconv-unet", "champion").version
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def test_evaluate_cli_prints_per_bin_tables_and_logs_to_mlflow(mlflow_server, versions, eval_data, tmp_path):
+    import json
+
+    from mlflow import MlflowClient
+
+    version = versions["grey"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--model", f"models:/pconv-unet/{version}",
+         "--images", eval_data["images"], "--masks", eval_data["shards"], "--limit", str(N_IMAGES),
+         "--image-size", str(IMAGE_SIZE), "--device", "cpu", "--experiment", "eval-runs",
+         "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, env={**os.environ}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "### Model: models:/pconv-unet/" in out and "### Baseline: push-pull diffusion fill" in out
+    for lo, hi in M.HOLE_RATIO_BINS:
+        label = f"| ({lo:g}, {hi:g}] |"
+        assert out.count(f"{label} no | {N_IMAGES} |") == 2 and out.count(f"{label} yes | {N_IMAGES} |") == 2
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert len(result["model"]["rows"]) == 12 and len(result["baseline"]["rows"]) == 12
+    assert result["pairs"] == 12 * N_IMAGES and result["promotion"] is None
+    # a grey fill loses to a diffusion fill on natural photos: the margin is visible and measured
+    assert result["baseline"]["overall"]["psnr"] > result["model"]["overall"]["psnr"]
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.params["pairs"] == str(12 * N_IMAGES)
+    assert abs(run.data.metrics["eval/psnr"] - result["model"]["overall"]["psnr"]) < 1e-9
+    assert "baseline/bin5_border/ssim" in run.data.metrics
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert files == {"evaluation/table.md", "evaluation/results.json", "evaluation/metrics_by_bin.png"}
+    assert champion(mlflow_server) is None  # evaluation without --promote never touches the alias
+
+
+def test_promote_moves_champion_only_when_better(mlflow_server, versions, eval_data):
+    from mlflow import MlflowClient
+
+    def evaluate(version: str) -> dict:
+        return E.run_evaluation(f"models:/pconv-unet/{version}", eval_data["images"], eval_data["shards"],
+                                IMAGE_SIZE, limit=N_IMAGES, device="cpu", baseline=False, experiment=None,
+                                promote_alias="champion")["promotion"]
+
+    black, grey = versions["black"], versions["grey"]
+    first = evaluate(black)  # nobody holds champion yet: the first candidate takes it
+    assert first["promoted"] and "no version had alias" in first["reason"]
+    assert champion(mlflow_server) == black
+
+    better = evaluate(grey)
+    assert better["promoted"] and better["candidate_psnr"] > better["champion_psnr"]
+    assert champion(mlflow_server) == grey
+
+    # the same weights as another version (a re-registration): a tie, the alias stays
+    same = MlflowClient(mlflow_server.url).copy_model_version(f"models:/pconv-unet/{grey}", "pconv-unet").version
+    assert same not in (black, grey)
+    tie = evaluate(same)
+    assert not tie["promoted"] and "ties with" in tie["reason"] and champion(mlflow_server) == grey
+
+    worse = evaluate(black)  # the old black model again: a regression
+    assert not worse["promoted"] and "is worse than" in worse["reason"] and champion(mlflow_server) == grey
+
+    again = evaluate(grey)
+    assert not again["promoted"] and "already has alias" in again["reason"]
+
+    with pytest.raises(ValueError, match="registered model"):
+        E.run_evaluation("/some/checkpoint", eval_data["images"], eval_data["shards"], IMAGE_SIZE, limit=1,
+                         experiment=None, promote_alias="champion")

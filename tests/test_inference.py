@@ -1,0 +1,277 @@
+"""pconv.inference / pconv.registry / pconv.batch: loading from every kind of URI, exact composites at any
+size, registry round trip through a REAL mlflow server (artifacts in the moto S3 server), the inpaint CLI, and
+Ray Data batch inference writing to S3."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
+from pconv import checkpoint as ckpt
+from pconv import storage
+from pconv.config import TrainConfig
+from pconv.inference import Job, inpaint, inpaint_job, load_model, pair_files, register_checkpoint
+from pconv.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+LAYER_SIZE, IMAGE_SIZE = 4, 32  # tiny net: multiple of 16, trained size 32
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(LAYER_SIZE).eval()
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, step: int, run_id: str | None = None,
+                    run_name: str = "tiny") -> Path:
+    cfg = TrainConfig(images="x", masks="y", image_size=IMAGE_SIZE, layer_size=LAYER_SIZE, run_name=run_name,
+                      experiment="infer-exp", phase1_steps=step, phase2_steps=0)
+    state = {"model": model.state_dict(), "optimizer": {}, "scaler": {}, "step": step, "phase": 1, "epoch": 0,
+             "data_seed": 0}
+    return ckpt.save(directory, state, cfg.to_yaml(), {"mlflow_run_id": run_id, "step": step})
+
+
+def random_pair(h: int, w: int, seed: int = 0, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (n,) if n else ()
+    image = torch.rand(*shape, 3, h, w, generator=g)
+    mask = (torch.rand(*shape, 1, h, w, generator=g) > 0.3).float()
+    return image, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# inpaint(): exact on valid pixels, any size, tiles
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("h,w", [(70, 53), (32, 32), (5, 9)])
+def test_inpaint_keeps_valid_pixels_exactly_at_any_size(h, w):
+    model = tiny_model()
+    image, mask = random_pair(h, w)
+    image = torch.where(mask.bool(), image, torch.full_like(image, float("nan")))  # garbage in the holes
+    comp = inpaint(model, image, mask)
+    assert comp.shape == image.shape and comp.dtype == torch.float32
+    valid = mask.bool().expand_as(image)
+    assert torch.equal(comp[valid], image[valid])
+    assert torch.isfinite(comp).all() and comp.min() >= 0 and comp.max() <= 1  # hole content never leaks
+
+
+def test_inpaint_at_the_net_multiple_is_the_plain_network_composite():
+    model = tiny_model()
+    image, mask = random_pair(32, 48, n=2)
+    with torch.no_grad():
+        out, _ = model(image * mask, mask)
+    expected = mask * image + (1 - mask) * out.clamp(0, 1)
+    torch.testing.assert_close(inpaint(model, image, mask), expected, rtol=0, atol=1e-6)
+    # 3-D image + 2-D mask gives the same as the batched call for that image
+    torch.testing.assert_close(inpaint(model, image[1], mask[1, 0]), expected[1], rtol=0, atol=1e-6)
+
+
+def test_inpaint_tiles_large_images_and_rejects_bad_shapes():
+    model = tiny_model()
+    image, mask = random_pair(100, 75, seed=3)
+    mask[..., :40, :] = 1.0  # the top tiles have no holes and are skipped
+    comp = inpaint(model, image, mask, max_side=32, tile_overlap=16)
+    valid = mask.bool().expand_as(image)
+    assert torch.equal(comp[valid], image[valid]) and torch.isfinite(comp).all()
+    assert not torch.equal(comp, inpaint(model, image, mask))  # tiling really ran (different context)
+    with pytest.raises(ValueError, match="does not match"):
+        inpaint(model, image, mask[..., :50])
+    with pytest.raises(ValueError, match="3×H×W"):
+        inpaint(model, image[:1], mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_model(): checkpoints (local, folder of checkpoints, s3://)
+# ---------------------------------------------------------------------------------------------
+def _outputs(model: torch.nn.Module) -> torch.Tensor:
+    image, mask = random_pair(IMAGE_SIZE, IMAGE_SIZE, seed=7, n=2)
+    with torch.no_grad():
+        return model(image, mask)[0]
+
+
+def test_load_model_from_checkpoints(tmp_path, s3_bucket):
+    old, new = tiny_model(0), tiny_model(1)
+    save_checkpoint(tmp_path / "run" / "checkpoint_000001", old, step=10)
+    save_checkpoint(tmp_path / "run" / "checkpoint_000002", new, step=20)
+    model, info = load_model(str(tmp_path / "run" / "checkpoint_000001"))
+    assert info["kind"] == "checkpoint" and info["layer_size"] == LAYER_SIZE and info["image_size"] == IMAGE_SIZE
+    assert info["step"] == 10 and not model.training
+    assert torch.equal(_outputs(model), _outputs(old))
+    latest, info = load_model(str(tmp_path / "run"))  # a folder of checkpoints -> the highest step
+    assert info["step"] == 20 and torch.equal(_outputs(latest), _outputs(new))
+
+    storage.upload_dir(str(tmp_path / "run"), f"{s3_bucket}/runs/tiny")
+    remote, info = load_model(f"{s3_bucket}/runs/tiny/checkpoint_000001")
+    assert info["source"] == f"{s3_bucket}/runs/tiny/checkpoint_000001"
+    assert torch.equal(_outputs(remote), _outputs(old))
+    assert load_model(f"{s3_bucket}/runs/tiny")[1]["step"] == 20
+
+    (tmp_path / "run" / "checkpoint_000002" / "meta.json").unlink()  # incomplete: ignored
+    assert load_model(str(tmp_path / "run"))[1]["step"] == 10
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_model(f"{s3_bucket}/empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry round trip through the real server
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def registered(mlflow_server, tmp_path_factory):
+    """A checkpoint logged into its training run and registered as pconv-unet (alias candidate)."""
+    from pconv import tracking
+
+    run_id = tracking.start_or_resume_run("infer-exp", "tiny")
+    tracking.Tracker(run_id).set_terminated("FINISHED")
+    model = tiny_model(5)
+    directory = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000003", model, step=3,
+                                run_id=run_id)
+    version = register_checkpoint(str(directory))
+    return {"model": model, "version": version, "run_id": run_id, "dir": directory}
+
+
+def test_register_checkpoint_sets_candidate_and_loads_identically(registered, mlflow_server, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    # registering used MLflow's fluent API but left no process-wide state behind (URIs, env)
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_server.url and "MLFLOW_REGISTRY_URI" not in os.environ
+    client = MlflowClient(mlflow_server.url)
+    mv = client.get_model_version_by_alias("pconv-unet", "candidate")
+    assert mv.version == registered["version"] == "1"
+    assert mv.run_id == registered["run_id"]  # logged into the training run recorded in meta.json
+    assert client.get_run(registered["run_id"]).info.status == "FINISHED"  # registration did not reopen it
+    assert mv.tags["pconv.layer_size"] == str(LAYER_SIZE) and mv.tags["pconv.step"] == "3"
+    assert mv.tags["pconv.serialization"] == "pt2"
+
+    model, info = load_model("models:/pconv-unet@candidate")
+    assert info["kind"] == "registry" and info["version"] == "1" and info["image_size"] == IMAGE_SIZE
+    assert torch.equal(_outputs(model), _outputs(registered["model"]))
+    assert torch.equal(_outputs(load_model("models:/pconv-unet/1")[0]), _outputs(registered["model"]))
+
+    # the pt2 (torch.export) flavour loads without pickle and computes the same thing at the trained size
+    exported = mlflow.pytorch.load_model("models:/pconv-unet@candidate")
+    image, mask = random_pair(IMAGE_SIZE, IMAGE_SIZE, seed=7, n=3)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(image, mask)[0], registered["model"](image, mask)[0])
+
+    # the LoggedModel's artifacts went through the server's proxy into the S3 bucket, with the model card
+    s3 = boto3.client("s3", endpoint_url=mlflow_server.s3_endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=mlflow_server.bucket, Prefix="mlflow/")["Contents"]]
+    assert any(k.endswith("extra_files/state_dict.pt") for k in keys)
+    assert any(k.endswith("data/model.pt2") for k in keys)
+    card = client.download_artifacts(registered["run_id"], "model_card.md", str(tmp_path))
+    text = Path(card).read_text()
+    assert "1 = valid" in text and "Partial Convolutions" in text and f"{IMAGE_SIZE} px" in text
+
+
+def test_register_rejects_non_checkpoints(registered, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        register_checkpoint(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI and folders
+# ---------------------------------------------------------------------------------------------
+def _write_pair(folder_img: Path, folder_mask: Path, stem: str, h: int, w: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB PNG and its mask PNG (white = hole); returns (image uint8, hole map)."""
+    rng = np.random.default_rng(seed)
+    img = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    holes = np.zeros((h, w), bool)
+    holes[h // 4:h // 2, w // 3:w // 2 + 3] = True
+    (folder_img / stem).parent.mkdir(parents=True, exist_ok=True)
+    (folder_mask / stem).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(folder_img / f"{stem}.png")
+    Image.fromarray((holes * 255).astype(np.uint8)).save(folder_mask / f"{stem}.png")  # white = hole
+    return img, holes
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "pipelines" / "inpaint.py"), *args], capture_output=True,
+                          text=True, env={**os.environ}, timeout=300)
+
+
+def test_inpaint_cli_pulls_candidate_and_keeps_valid_pixels(registered, tmp_path):
+    expected = {stem: _write_pair(tmp_path / "in", tmp_path / "masks", stem, h, w, i)
+                for i, (stem, h, w) in enumerate([("odd", 70, 53), ("square", 48, 48)])}
+    proc = _cli("--model", "models:/pconv-unet@candidate", "--image", str(tmp_path / "in"), "--mask",
+                str(tmp_path / "masks"), "--out", str(tmp_path / "out"), "--hole-color", "white", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    for stem, (img, holes) in expected.items():
+        out = np.asarray(Image.open(tmp_path / "out" / f"{stem}.png"))
+        assert out.shape == img.shape
+        np.testing.assert_array_equal(out[~holes], img[~holes])  # valid pixels bit-exact after the PNG round trip
+        assert not np.array_equal(out[holes], img[holes])
+
+    # a single file works too, and the wrong polarity is a different (still exact) result
+    proc = _cli("--model", "models:/pconv-unet@candidate", "--image", str(tmp_path / "in" / "odd.png"), "--mask",
+                str(tmp_path / "masks" / "odd.png"), "--out", str(tmp_path / "single.png"), "--hole-color", "black")
+    assert proc.returncode == 0, proc.stderr
+    img, holes = expected["odd"]
+    out = np.asarray(Image.open(tmp_path / "single.png"))
+    np.testing.assert_array_equal(out[holes], img[holes])  # "black = hole": the white region is now valid
+
+
+def test_inpaint_cli_errors_are_clear(registered, tmp_path):
+    _write_pair(tmp_path / "in", tmp_path / "masks", "a", 20, 20, 0)
+    _write_pair(tmp_path / "in", tmp_path / "other", "b", 20, 20, 1)
+    proc = _cli("--model", "models:/pconv-unet@candidate", "--image", str(tmp_path / "in"), "--mask",
+                str(tmp_path / "masks"), "--out", str(tmp_path / "out"), "--hole-color", "white")
+    assert proc.returncode == 2 and "1 image(s) without a mask: b" in proc.stderr
+    proc = _cli("--model", "models:/pconv-unet@candidate", "--image", str(tmp_path / "in"), "--mask",
+                str(tmp_path / "masks"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "--hole-color" in proc.stderr  # polarity is never guessed
+    Image.new("L", (10, 20)).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="must match their image"):
+        inpaint_job(registered["model"], Job(str(tmp_path / "in" / "a.png"), str(tmp_path / "small.png"),
+                                             str(tmp_path / "x.png")), "white")
+
+
+def test_pair_files_by_relative_stem(tmp_path):
+    for sub in ("x/a", "x/b", "y/a"):
+        _write_pair(tmp_path / "img", tmp_path / "msk", sub, 8, 8, 0)
+    jobs = pair_files(str(tmp_path / "img"), str(tmp_path / "msk"), str(tmp_path / "o"))
+    assert [Path(j.out).relative_to(tmp_path / "o").as_posix() for j in jobs] == ["x/a.png", "x/b.png", "y/a.png"]
+    with pytest.raises(ValueError, match="both as folders"):
+        pair_files(str(tmp_path / "img" / "x" / "a.png"), str(tmp_path / "msk"), str(tmp_path / "o"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data batch inference into S3
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_batch_inpaint_with_ray_writes_to_s3(registered, s3_bucket, tmp_path):
+    import ray
+
+    from pconv.batch import batch_inpaint
+
+    pairs = {stem: _write_pair(tmp_path / "in", tmp_path / "masks", stem, 40 + 3 * i, 37, i)
+             for i, stem in enumerate(["p0", "p1", "p2"])}
+    (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
+    Image.new("L", (8, 8)).save(tmp_path / "masks" / "broken.png")
+    storage.upload_dir(str(tmp_path / "in"), f"{s3_bucket}/in")
+    storage.upload_dir(str(tmp_path / "masks"), f"{s3_bucket}/masks")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        summary = batch_inpaint("models:/pconv-unet@candidate", f"{s3_bucket}/in", f"{s3_bucket}/masks",
+                                f"{s3_bucket}/out", hole_color="white", batch_size=2, num_actors=1)
+    finally:
+        ray.shutdown()
+    assert summary["total"] == 4 and summary["written"] == 3 and summary["skipped"] == 1
+    assert summary["errors"][0][0].endswith("broken.png") and "ValueError" in summary["errors"][0][1]
+    assert storage.list_files(f"{s3_bucket}/out") == [f"{s3_bucket}/out/{s}.png" for s in ("p0", "p1", "p2")]
+    for stem, (img, holes) in pairs.items():
+        out = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{s3_bucket}/out/{stem}.png"))))
+        np.testing.assert_array_equal(out[~holes], img[~holes])

@@ -1,0 +1,162 @@
+"""pconv.tracking against a REAL mlflow server (artifacts proxied to the moto S3 server) and a dead port."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import free_port
+from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
+from pconv import tracking
+from pconv.config import TrainConfig
+
+pytestmark = pytest.mark.integration
+
+FAST = tracking.RetryPolicy(attempts=3, initial_s=0.05, max_s=0.1, max_total_s=2.0, cooldown_s=30.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs and grids (no server)
+# ---------------------------------------------------------------------------------------------
+def test_resolve_tracking_uri_defaults_to_absolute_sqlite(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = tracking.resolve_tracking_uri()
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.default_artifact_location(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///sub/x.db")
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'sub' / 'x.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.default_artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_sample_grid_layout():
+    n, h, w = 3, 8, 10
+    rng = np.random.default_rng(0)
+    gt = rng.random((n, 3, h, w)).astype(np.float32)
+    mask = np.ones((n, 1, h, w), np.float32)
+    mask[:, :, 2:5, 3:7] = 0
+    out = np.zeros_like(gt)
+    comp = gt * mask + out * (1 - mask)
+    grid = tracking.make_sample_grid(gt * mask, mask, out, comp, gt, border=2)
+    assert grid.shape == (n * h + (n + 1) * 2, 5 * w + 6 * 2, 3) and grid.dtype == np.uint8
+    # row 1, column 4 (ground truth) holds gt[1]; column 1 (mask) is white where valid, black in the hole
+    y, x_gt, x_mask = 2 + (h + 2), 2 + 4 * (w + 2), 2 + (w + 2)
+    np.testing.assert_array_equal(grid[y:y + h, x_gt:x_gt + w], (gt[1].transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8))
+    assert grid[y + 3, x_mask + 4].tolist() == [0, 0, 0] and grid[y, x_mask].tolist() == [255, 255, 255]
+    with pytest.raises(ValueError, match="disagree"):
+        tracking.make_sample_grid(gt, mask[:, :, :4], out, comp, gt)
+
+
+def test_embedded_sqlite_puts_artifacts_next_to_the_db(monkeypatch, tmp_path):
+    """The Ray trap: with sqlite, artifacts must not land relative to the (temporary) working dir."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = tracking.resolve_tracking_uri()
+    elsewhere = tmp_path / "ray-session-copy"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a worker in another working dir, given the driver's resolved URI
+    run_id = tracking.start_or_resume_run("exp", "local-run", tracking_uri=uri, policy=FAST)
+    assert run_id
+    tracking.Tracker(run_id, uri, FAST).log_text("hello", "notes/hello.txt")
+    hits = list((tmp_path / "mlartifacts").rglob("hello.txt"))
+    assert len(hits) == 1 and hits[0].read_text() == "hello"
+    assert not list(elsewhere.rglob("hello.txt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real server
+# ---------------------------------------------------------------------------------------------
+def test_start_or_resume_run_never_creates_a_second_run(mlflow_server):
+    from mlflow import MlflowClient
+
+    first = tracking.start_or_resume_run("resume-exp", "run-a", tags={"purpose": "test"}, policy=FAST)
+    assert first
+    assert tracking.start_or_resume_run("resume-exp", "run-a", policy=FAST) == first
+    assert tracking.start_or_resume_run("resume-exp", "run-a", run_id=first, policy=FAST) == first
+    # a stale run id (e.g. a checkpoint from another server) falls back to the name, not to a new run
+    assert tracking.start_or_resume_run("resume-exp", "run-a", run_id="0" * 32, policy=FAST) == first
+    other = tracking.start_or_resume_run("resume-exp", "run-b", policy=FAST)
+    assert other and other != first
+
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("resume-exp")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["run-a", "run-b"]
+    assert client.get_run(first).data.tags["purpose"] == "test"
+
+    # a finished run that is resumed (worker restart / re-run) is RUNNING again
+    tracking.Tracker(first, policy=FAST).set_terminated("FINISHED")
+    assert client.get_run(first).info.status == "FINISHED"
+    assert tracking.start_or_resume_run("resume-exp", "run-a", run_id=first, policy=FAST) == first
+    assert client.get_run(first).info.status == "RUNNING"
+
+
+def test_tracker_logs_params_metrics_and_sample_grids(mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    run_id = tracking.start_or_resume_run("track-exp", "short-run", policy=FAST)
+    tracker = tracking.Tracker(run_id, policy=FAST)
+    cfg = TrainConfig(images="s3://b/img", masks="s3://b/masks", image_size=64, phase1_steps=3, phase2_steps=1)
+    tracker.log_params(tracking.run_params(cfg, {"cluster": {"workers": 2, "gpu": "none"}}))
+    for step in range(3):
+        tracker.log_metrics({"loss/total": 1.0 / (step + 1), "lr": 2e-4, "phase": 1}, step=step)
+    n, h, w = 2, 16, 16
+    rng = np.random.default_rng(1)
+    gt = rng.random((n, 3, h, w)).astype(np.float32)
+    mask = np.ones((n, 1, h, w), np.float32)
+    mask[:, :, 4:12, 4:12] = 0
+    tracker.log_sample_grid(gt * mask, mask, gt * 0.5, gt, gt, step=2)
+    tracker.log_params({"image_size": 128, "new_key": "x"})  # a resumed run with a changed value
+    assert tracker.failures == 0
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(run_id)
+    params = run.data.params
+    assert params["image_size"] == "64" and params["layer_size"] == "5" and params["new_key"] == "x"
+    assert params["versions.torch"] and params["versions.mlflow"] and params["git_commit"]
+    assert params["cluster.workers"] == "2" and params["cluster.gpu"] == "none"
+    assert run.data.tags["param_changed.image_size"] == "128"
+    history = client.get_metric_history(run_id, "loss/total")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, 1.0), (1, 0.5), (2, round(1 / 3, 6))]
+
+    files = [f.path for f in client.list_artifacts(run_id, "samples")]
+    assert files == ["samples/step_000002.png"]
+    local = client.download_artifacts(run_id, "samples/step_000002.png", str(tmp_path))
+    grid = np.asarray(Image.open(local))
+    assert grid.shape == (n * h + (n + 1) * 2, 5 * w + 6 * 2, 3)
+    # the artifact really went through the proxy into the S3 bucket
+    s3 = boto3.client("s3", endpoint_url=mlflow_server.s3_endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=mlflow_server.bucket, Prefix="mlflow/")["Contents"]]
+    assert any(k.endswith(f"{run_id}/artifacts/samples/step_000002.png") for k in keys), keys
+    png = s3.get_object(Bucket=mlflow_server.bucket, Key=next(k for k in keys if k.endswith("step_000002.png")))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png["Body"].read()))), grid)
+
+
+def test_unreachable_server_never_raises(caplog, monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    caplog.set_level(logging.WARNING, logger="pconv.tracking")
+    assert tracking.start_or_resume_run("exp", "run", tracking_uri=dead, policy=FAST) is None
+    assert "WITHOUT tracking" in caplog.text
+
+    tracker = tracking.Tracker("0" * 32, dead, FAST)
+    tracker.log_metrics({"loss/total": 1.0}, step=1)
+    assert tracker.failures == 1 and "log_metrics failed" in caplog.text
+    # during the cooldown, calls are dropped without touching the network (and still never raise)
+    tracker.log_params({"a": 1})
+    tracker.log_sample_grid(np.zeros((1, 3, 4, 4)), np.ones((1, 1, 4, 4)), np.zeros((1, 3, 4, 4)),
+                            np.zeros((1, 3, 4, 4)), np.zeros((1, 3, 4, 4)), step=1)
+    tracker.set_terminated("FAILED")
+    assert tracker.failures == 1 and tracker.dropped == 3
+    assert "dropped" in caplog.text
+
+    off = tracking.Tracker.disabled()
+    assert not off and off.log_metrics({"x": 1}, step=0) is None and off.failures == 0
