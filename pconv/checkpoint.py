@@ -36,7 +36,7 @@ def versions() -> dict[str, str]:
     import platform
     from importlib import metadata
 
-    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for pkg in ("torchvision", "ray", "mlflow", "pconv"):
         try:
             out[pkg] = metadata.version(pkg)

@@ -11,6 +11,7 @@ bookkeeping: AMP settings, optimiser per phase, checkpoint save/restore, validat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -408,8 +409,11 @@ def _run_config(cfg: TrainConfig):
                      checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep), **kwargs)
 
 
-def run(cfg: TrainConfig) -> TrainSummary:
-    """Train (or resume) the run described by ``cfg`` on the current Ray cluster; register the final model."""
+def run(cfg: TrainConfig, *, local_mode: bool = False) -> TrainSummary:
+    """Train (or resume) the run described by ``cfg`` on the current Ray cluster; register the final model.
+
+    ``local_mode`` runs the worker loop in this process (Ray Train's ``num_workers=0``): for fast tests.
+    """
     import ray
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -417,6 +421,11 @@ def run(cfg: TrainConfig) -> TrainSummary:
     from pconv import data, tracking
 
     cfg = cfg.validate()
+    # Workers run in other directories (and on other nodes): make local paths absolute once, here.
+    cfg = dataclasses.replace(cfg, images=_storage_uri(cfg.images), masks=_storage_uri(cfg.masks),
+                              storage=_storage_uri(cfg.storage),
+                              init_from=_storage_uri(cfg.init_from) if cfg.init_from and Path(cfg.init_from).exists()
+                              else cfg.init_from)
     check_inputs(cfg)
     latest = latest_checkpoint(cfg)
     if latest and latest[1].get("step", 0) >= cfg.total_steps:
@@ -433,6 +442,11 @@ def run(cfg: TrainConfig) -> TrainSummary:
     if use_gpu and gpus < 1:
         raise ConfigError("--use-gpu was given but the Ray cluster has no GPUs")
     cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else 0.5)
+    # Ray Data needs CPUs beyond the training workers' or the read tasks never schedule (a hang, not an error).
+    try:
+        data.check_headroom(ray.cluster_resources().get("CPU", 0), 0 if local_mode else cfg.workers * cpus_per_worker)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     tracking_uri = tracking.resolve_tracking_uri()
     run_id = tracking.start_or_resume_run(cfg.experiment, cfg.run_name,
@@ -442,12 +456,14 @@ def run(cfg: TrainConfig) -> TrainSummary:
                                                  "cluster/gpu_type": _gpu_type(use_gpu),
                                                  "cluster/cpus_per_worker": cpus_per_worker}))
 
-    datasets = {"train": data.build_train_dataset(cfg.images, cfg.masks, cfg.image_size, seed=cfg.seed)}
+    datasets = {"train": data.build_train_dataset(cfg.images, cfg.masks, cfg.image_size, seed=cfg.seed,
+                                                  include_masked=False)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=0) if local_mode else ScalingConfig(
+            num_workers=cfg.workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=_run_config(cfg),
         datasets=datasets,
     )
@@ -460,25 +476,16 @@ def run(cfg: TrainConfig) -> TrainSummary:
     summary = TrainSummary(cfg.run_name, "finished", int(final[1]["step"]) if final else cfg.total_steps,
                            final[0] if final else (result.checkpoint.path if result.checkpoint else None), run_id)
     if cfg.register_as and run_id and final:
-        summary.model_version = register_checkpoint(final[0], cfg.register_as, run_id)
+        from pconv.inference import register_checkpoint
+
+        try:
+            summary.model_version = register_checkpoint(final[0], cfg.register_as, "candidate", cfg.experiment,
+                                                        run_id, tracking_uri)
+        except Exception as exc:  # noqa: BLE001 - the trained checkpoint is safe; registration can be redone
+            log.error("registration failed (%s); the checkpoint is intact, register it later with "
+                      "`python pipelines/register.py --checkpoint %s`", exc, final[0])
     tracker.set_terminated("FINISHED")
     return summary
-
-
-def register_checkpoint(checkpoint_uri: str, name: str, run_id: str | None, alias: str = "candidate") -> str | None:
-    """Log the checkpoint's model with MLflow's PyTorch flavour and register it with ``alias``."""
-    from pconv import tracking
-
-    with tempfile.TemporaryDirectory(prefix="pconv-register-") as tmp:
-        local = checkpoint_uri
-        if storage.is_remote(checkpoint_uri):
-            storage.download_dir(checkpoint_uri, tmp)
-            local = tmp
-        cfg = TrainConfig.from_dict(ckpt.load_config_dict(local), source=f"{checkpoint_uri}/config.yaml")
-        model = build_model(cfg.resolved().layer_size)
-        model.load_state_dict(ckpt.load_state(local)["model"])
-        return tracking.log_and_register_model(model.eval(), cfg, run_id, name=name, alias=alias,
-                                               checkpoint_dir=local)
 
 
 def _gpu_type(use_gpu: bool) -> str:
