@@ -65,7 +65,8 @@ def start_mlflow_server(workdir: Path, s3_endpoint: str, s3_env: dict[str, str])
     port = free_port()
     backend = f"sqlite:///{workdir / 'mlflow-server.db'}"
     destination = f"s3://{bucket}/mlflow"
-    env = {**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    env = {**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background huey workers on 2 cores
     env.pop("MLFLOW_TRACKING_URI", None)
     log_path = workdir / "mlflow-server.log"
     log_fh = open(log_path, "wb")  # noqa: SIM115 - owned by the process

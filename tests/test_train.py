@@ -1,0 +1,162 @@
+"""The training loop and driver in-process: Ray Train local mode for speed, then real workers on a local Ray.
+
+What is asserted: both phases run with the paper's learning rates, metrics reach MLflow with steps, non-finite
+losses are skipped/counted and stop the run without a checkpoint, phase 2 freezes encoder BN completely
+(statistics and affine parameters identical across phase-2 checkpoints while decoder BN changes), and a run
+re-run by name continues from its latest checkpoint (or does nothing when finished).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pconv import checkpoint as ckpt
+from pconv.config import ConfigError, TrainConfig
+from pconv.model import build_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def sqlite_tracking(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def tiny_config(shards: dict[str, str], storage: Path, **kw) -> TrainConfig:
+    base = dict(images=shards["images"], masks=shards["masks"], image_size=32, batch_size=2, phase1_steps=2,
+                phase2_steps=2, checkpoint_every=2, val_every=2, sample_every=2, log_every=1, val_size=3,
+                vgg_weights="random", storage=str(storage), run_name="t", register_as="", workers=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(tracking_uri).get_metric_history(run_id, key))
+
+
+def checkpoints(storage: Path, run_name: str) -> dict[int, Path]:
+    out = {}
+    for meta in (storage / run_name).glob("checkpoint_*/meta.json"):
+        out[json.loads(meta.read_text())["step"]] = meta.parent
+    return dict(sorted(out.items()))
+
+
+def bn_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(encoder BN tensors, decoder BN tensors) of a checkpoint: running stats and affine parameters."""
+    state = ckpt.load_state(directory)["model"]
+    model = build_model(ckpt.load_config_dict(directory)["layer_size"])
+    enc_bn = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+              and any(m is e for e in model.encoder_batch_norms())}
+    dec_bn = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)} - enc_bn
+    assert enc_bn and dec_bn
+
+    def pick(names):
+        return {k: v for k, v in state.items() if k.rsplit(".", 1)[0] in names and not k.endswith("num_batches_tracked")}
+
+    return pick(enc_bn), pick(dec_bn)
+
+
+def test_local_mode_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_path, sqlite_tracking, ray_local):
+    from pconv.train import run
+
+    summary = run(tiny_config(prepared_shards, tmp_path / "runs", phase2_steps=3), local_mode=True)
+    assert summary.status == "finished" and summary.step == 5 and summary.mlflow_run_id
+    lr = metric_history(sqlite_tracking, summary.mlflow_run_id, "lr")
+    phase = metric_history(sqlite_tracking, summary.mlflow_run_id, "phase")
+    assert [v for _, v in lr] == pytest.approx([2e-4, 2e-4, 5e-5, 5e-5, 5e-5])
+    assert [v for _, v in phase] == [1, 1, 2, 2, 2]
+    for key in ("loss/valid", "loss/hole", "loss/perceptual", "loss/style_out", "loss/style_comp", "loss/tv",
+                "loss/total", "throughput/images_per_s", "data/wait_fraction", "data/skipped", "train/nan_steps"):
+        assert [s for s, _ in metric_history(sqlite_tracking, summary.mlflow_run_id, key)] == [1, 2, 3, 4, 5], key
+    psnr = metric_history(sqlite_tracking, summary.mlflow_run_id, "val/psnr")
+    assert [s for s, _ in psnr] == [2, 4, 5] and all(v > 0 for _, v in psnr)
+    from mlflow.tracking import MlflowClient
+
+    samples = [a.path for a in MlflowClient(sqlite_tracking).list_artifacts(summary.mlflow_run_id, "samples")]
+    assert "samples/step_000002.png" in samples and "samples/step_000005.png" in samples
+
+
+def test_nan_losses_are_skipped_counted_and_stop_the_run(prepared_shards, tmp_path, sqlite_tracking, ray_local,
+                                                         monkeypatch):
+    from pconv.losses import InpaintingLoss
+    from pconv.train import run
+
+    real_forward = InpaintingLoss.forward
+
+    def nan_forward(self, mask, output, gt):
+        terms = real_forward(self, mask, output, gt)
+        terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(InpaintingLoss, "forward", nan_forward)
+    with pytest.raises(Exception, match="3 consecutive non-finite losses"):
+        run(tiny_config(prepared_shards, tmp_path / "runs", max_nan_steps=3, phase1_steps=4, checkpoint_every=1,
+                        log_every=1), local_mode=True)
+    assert not checkpoints(tmp_path / "runs", "t")
+
+
+def test_fail_fast_on_missing_or_empty_data(prepared_shards, tmp_path, ray_local):
+    from pconv.train import run
+
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        run(tiny_config({**prepared_shards, "images": str(tmp_path / "nothing")}, tmp_path / "runs"))
+    with pytest.raises(ConfigError, match="cannot fill one global batch"):
+        run(tiny_config(prepared_shards, tmp_path / "runs", batch_size=64))
+    with pytest.raises(ConfigError, match="free CPU"):
+        run(tiny_config(prepared_shards, tmp_path / "runs", workers=2, cpus_per_worker=1.0))
+
+
+@pytest.mark.slow
+def test_two_workers_freeze_encoder_bn_and_resume_by_name(prepared_shards, tmp_path, sqlite_tracking, ray_local):
+    from pconv.train import run
+
+    storage = tmp_path / "runs"
+    cfg = tiny_config(prepared_shards, storage, workers=2, batch_size=4, phase1_steps=2, phase2_steps=4,
+                      register_as="pconv-unet")
+    first = run(cfg)
+    assert first.status == "finished" and first.step == 6 and first.model_version == "1"
+    found = checkpoints(storage, "t")
+    assert list(found) == [2, 4, 6]
+    for step, directory in found.items():
+        meta = ckpt.load_meta(directory)
+        assert meta["mlflow_run_id"] == first.mlflow_run_id and meta["phase"] == (1 if step <= 2 else 2)
+        assert ckpt.load_state(directory)["phase"] == meta["phase"]
+    # Phase 2 froze encoder BN completely: statistics AND affine parameters equal across phase-2 checkpoints
+    # (and equal to the end of phase 1); decoder BN kept training.
+    enc2, dec2 = bn_state(found[2])
+    enc4, dec4 = bn_state(found[4])
+    enc6, dec6 = bn_state(found[6])
+    for k in enc2:
+        assert torch.equal(enc2[k], enc4[k]) and torch.equal(enc4[k], enc6[k]), k
+    assert any(not torch.equal(dec4[k], dec6[k]) for k in dec4 if "running_mean" in k)
+    assert any(not torch.equal(dec4[k], dec6[k]) for k in dec4 if k.endswith("weight"))
+
+    # Re-running the finished run is a no-op that says so.
+    again = run(cfg)
+    assert again.status == "already-finished" and again.step == 6 and again.mlflow_run_id == first.mlflow_run_id
+    assert list(checkpoints(storage, "t")) == [2, 4, 6]
+
+    # The same run name with more phase-2 steps continues from step 6 (not from 0), in the same MLflow run.
+    longer = run(tiny_config(prepared_shards, storage, workers=2, batch_size=4, phase1_steps=2, phase2_steps=6,
+                             register_as=""))
+    assert longer.status == "finished" and longer.step == 8 and longer.mlflow_run_id == first.mlflow_run_id
+    assert 8 in checkpoints(storage, "t")
+    steps = [s for s, _ in metric_history(sqlite_tracking, first.mlflow_run_id, "loss/total")]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # no step logged twice: training resumed at 7
