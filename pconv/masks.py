@@ -19,7 +19,7 @@ import zipfile
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 #: Hole-to-image area ratio bins (lo, hi] of the paper's evaluation (Sec. 4.1, Table 1).
 HOLE_RATIO_BINS: tuple[tuple[float, float], ...] = (
@@ -308,6 +308,44 @@ def generate_mask(size: int, rng: np.random.Generator, bin_index: int | None = N
 # ---------------------------------------------------------------------------------------------- augmentation
 
 
+def _max_filter_1d(a: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """Running OR of a bool array over a window of ``2k+1`` along ``axis``; pixels outside the array count
+    as False (for a max filter this equals PIL's edge replication)."""
+    n = a.shape[axis]
+    k = min(k, n - 1)
+    if k <= 0:
+        return a.copy()
+    if k <= 16:  # O(k) vectorised shifted ORs, slicing along ``axis`` in place (keeps memory order)
+        def sl(start, stop):
+            return (slice(None),) * axis + (slice(start, stop),)
+        out = a.copy()
+        for s in range(1, k + 1):
+            out[sl(s, None)] |= a[sl(None, -s)]
+            out[sl(None, -s)] |= a[sl(s, None)]
+        return out
+    # large k: window sums from a cumulative sum, O(1) per pixel
+    a = np.moveaxis(a, axis, 0)
+    c = np.zeros((n + 1,) + a.shape[1:], dtype=np.int64)
+    np.cumsum(a, axis=0, out=c[1:])
+    idx = np.arange(n)
+    out = (c[np.minimum(idx + k + 1, n)] - c[np.maximum(idx - k, 0)]) > 0
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+
+
+def dilate_holes(hole: np.ndarray, k: int) -> np.ndarray:
+    """Square ``(2k+1) x (2k+1)`` max filter of a bool ``H x W`` hole map (True = hole).
+
+    Bit-for-bit equal to PIL's ``ImageFilter.MaxFilter(2k+1)`` on the 0/255 image: separable (rows, then
+    columns), and out-of-image pixels never add holes. ``k = 0`` returns a copy.
+    """
+    h = np.asarray(hole, dtype=bool)
+    if h.ndim != 2:
+        raise ValueError(f"dilate_holes expects an H x W map, got shape {h.shape}")
+    if k < 0:
+        raise ValueError(f"dilate_holes: k must be >= 0, got {k}")
+    return _max_filter_1d(_max_filter_1d(h, k, 1), k, 0)
+
+
 def augment_mask(mask: np.ndarray, rng: np.random.Generator, out_size: int) -> np.ndarray:
     """The paper's training-mask augmentation (Sec. 4.1): random dilation, rotation, flips, translation/crop.
 
@@ -317,12 +355,11 @@ def augment_mask(mask: np.ndarray, rng: np.random.Generator, out_size: int) -> n
     nearest neighbour. Returns ``uint8 out_size x out_size`` {0, 1}, 1 = valid.
     """
     m = _check_binary_2d(mask, "augment_mask")
-    hole = Image.fromarray((~m).astype(np.uint8) * 255)  # 255 = hole while transforming
     h, w = m.shape
     k_max = max(1, min(h, w) // 128)
     k = int(rng.integers(0, k_max + 1))
-    if k > 0:
-        hole = hole.filter(ImageFilter.MaxFilter(2 * k + 1))
+    hole_map = dilate_holes(~m, k) if k > 0 else ~m
+    hole = Image.fromarray(hole_map.astype(np.uint8) * 255)  # 255 = hole while transforming
     angle = float(rng.uniform(0.0, 360.0))
     hole = hole.rotate(angle, resample=Image.Resampling.NEAREST, expand=False, fillcolor=0)
     if rng.random() < 0.5:

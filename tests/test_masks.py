@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from pconv import masks
 from pconv.masks import (
@@ -18,6 +18,7 @@ from pconv.masks import (
     HOLE_RATIO_BINS,
     augment_mask,
     decode_mask,
+    dilate_holes,
     decode_stored_mask,
     encode_mask_png,
     generate_mask,
@@ -263,6 +264,73 @@ def test_augment_mask_varies_and_keeps_a_hole():
         seen.add(out.tobytes())
         assert (out == 0).sum() > 0, seed
     assert len(seen) == 30
+
+
+def _pil_max_filter(hole: np.ndarray, k: int) -> np.ndarray:
+    """Oracle: the former PIL dilation of a bool hole map (0/255 image, MaxFilter(2k+1))."""
+    img = Image.fromarray(hole.astype(np.uint8) * 255)
+    if k > 0:
+        img = img.filter(ImageFilter.MaxFilter(2 * k + 1))
+    return np.asarray(img) >= 128
+
+
+def _augment_mask_pil_oracle(mask: np.ndarray, rng: np.random.Generator, out_size: int) -> np.ndarray:
+    """Verbatim copy of augment_mask before the numpy dilation (PIL MaxFilter), kept as the oracle."""
+    m = masks._check_binary_2d(mask, "augment_mask")
+    hole = Image.fromarray((~m).astype(np.uint8) * 255)
+    h, w = m.shape
+    k_max = max(1, min(h, w) // 128)
+    k = int(rng.integers(0, k_max + 1))
+    if k > 0:
+        hole = hole.filter(ImageFilter.MaxFilter(2 * k + 1))
+    angle = float(rng.uniform(0.0, 360.0))
+    hole = hole.rotate(angle, resample=Image.Resampling.NEAREST, expand=False, fillcolor=0)
+    if rng.random() < 0.5:
+        hole = hole.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if rng.random() < 0.5:
+        hole = hole.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    arr = np.asarray(hole) >= 128
+    side = max(1, int(round(rng.uniform(0.75, 1.0) * min(h, w))))
+    top = int(rng.integers(0, h - side + 1))
+    left = int(rng.integers(0, w - side + 1))
+    crop = arr[top:top + side, left:left + side]
+    return resize_nearest((~crop).astype(np.uint8), out_size)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (7, 3), (20, 20), (33, 47), (128, 96)])
+def test_dilate_holes_matches_pil_max_filter(shape):
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    n = max(shape)
+    # k = 0, small k (shifted-OR path), k > 16 (cumulative-sum path), k near and beyond the image size
+    ks = sorted({0, 1, 2, 3, 4, 7, 17, max(n - 2, 0), max(n - 1, 0), n, n + 3})
+    for density in (0.002, 0.03, 0.3):
+        hole = rng.random(shape) < density
+        hole[rng.integers(shape[0]), rng.integers(shape[1])] = True  # at least one hole
+        for k in ks:
+            got = dilate_holes(hole, k)
+            assert got.dtype == bool and got.shape == hole.shape
+            assert np.array_equal(got, _pil_max_filter(hole, k)), (shape, density, k)
+    for k in (0, 3, 20):  # no holes stays no holes (out-of-image pixels never add holes)
+        assert not dilate_holes(np.zeros(shape, dtype=bool), k).any()
+    edge = np.zeros(shape, dtype=bool)
+    edge[0, 0] = True
+    for k in (1, 5):
+        assert np.array_equal(dilate_holes(edge, k), _pil_max_filter(edge, k))
+
+
+def test_augment_mask_unchanged_versus_pil_oracle():
+    """Seeded outputs (and the RNG stream left behind) equal those of the former PIL-based implementation."""
+    cases = [(64, 64), (130, 130), (257, 300), (512, 512)]  # k_max = 1, 1, 2, 4
+    for h, w in cases:
+        src = generate_mask(min(h, w), np.random.default_rng(h + w), bin_index=3)
+        src = resize_nearest(src, (h, w))
+        for seed in range(12 if h < 512 else 6):
+            rng_new, rng_old = np.random.default_rng(seed), np.random.default_rng(seed)
+            for out_size in (48, 256):
+                new = augment_mask(src, rng_new, out_size)
+                old = _augment_mask_pil_oracle(src, rng_old, out_size)
+                assert new.dtype == old.dtype and np.array_equal(new, old), (h, w, seed, out_size)
+            assert rng_new.integers(1 << 62) == rng_old.integers(1 << 62)
 
 
 def test_resize_nearest_matches_torch_nearest_exact_and_stays_binary():
