@@ -67,8 +67,10 @@ def step_loop(config: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     ips = b * world * config["steps"] / (time.perf_counter() - t0)
-    if in_ray:
-        ray.train.report({"images_per_s": ips})
+    if in_ray and ray.train.get_context().get_world_rank() == 0:
+        # Ray Train V2 attaches metrics to checkpoints only; hand the figure back through a file.
+        with open(config["result_file"], "w") as fh:
+            fh.write(str(ips))
     return {"images_per_s": ips}
 
 
@@ -78,11 +80,14 @@ def through_ray(config: dict, workers: int, use_gpu: bool) -> float:
     import tempfile
 
     cpus = max(1, torch.get_num_threads() // workers) if not use_gpu else 2
-    trainer = TorchTrainer(step_loop, train_loop_config={**config, "ray": True},
+    result_file = tempfile.mktemp(prefix="bench-ips-")
+    trainer = TorchTrainer(step_loop, train_loop_config={**config, "ray": True, "result_file": result_file},
                            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                         resources_per_worker={"CPU": cpus}),
                            run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-")))
-    return float(trainer.fit().metrics["images_per_s"])
+    trainer.fit()
+    with open(result_file) as fh:
+        return float(fh.read())
 
 
 def main() -> None:
