@@ -160,3 +160,54 @@ def test_two_workers_freeze_encoder_bn_and_resume_by_name(prepared_shards, tmp_p
     assert 8 in checkpoints(storage, "t")
     steps = [s for s, _ in metric_history(sqlite_tracking, first.mlflow_run_id, "loss/total")]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # no step logged twice: training resumed at 7
+
+
+def test_finetune_only_from_a_checkpoint_runs_phase_two(prepared_shards, tmp_path, sqlite_tracking, ray_local,
+                                                        caplog, monkeypatch):
+    """--phase1-steps 0 --init-from CHECKPOINT: starts from those weights, encoder BN frozen, lr 5e-5 throughout."""
+    import logging
+
+    from pconv import train
+    from pconv.train import run
+
+    caplog.set_level(logging.INFO, logger="pconv.train")
+    loaded = []
+    real_restore = train._restore
+
+    def spy_restore(model, cfg):
+        out = real_restore(model, cfg)
+        loaded.append({k: v.clone() for k, v in model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(train, "_restore", spy_restore)
+
+    source = build_model(4)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01)
+    init = ckpt.save(tmp_path / "init", {"model": source.state_dict(), "optimizer": {}, "scaler": {}, "step": 7,
+                                         "phase": 1, "epoch": 0, "data_seed": 0},
+                     tiny_config(prepared_shards, tmp_path, layer_size=4).to_yaml(), {"mlflow_run_id": None})
+    summary = run(tiny_config(prepared_shards, tmp_path / "runs", phase1_steps=0, phase2_steps=2,
+                              init_from=str(init), run_name="ft"), local_mode=True)
+    assert summary.status == "finished" and summary.step == 2
+    assert [v for _, v in metric_history(sqlite_tracking, summary.mlflow_run_id, "lr")] == pytest.approx([5e-5, 5e-5])
+    assert [v for _, v in metric_history(sqlite_tracking, summary.mlflow_run_id, "phase")] == [2, 2]
+    assert any("initialised weights from" in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(loaded[0][k], v) for k, v in source.state_dict().items())
+
+
+def test_unreachable_tracking_server_does_not_stop_training(prepared_shards, tmp_path, ray_local, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("PCONV_MLFLOW_RETRY", "2,0.05,1,5")
+    from pconv.train import run
+
+    summary = run(tiny_config(prepared_shards, tmp_path / "runs", register_as="pconv-unet"), local_mode=True)
+    assert summary.status == "finished" and summary.step == 4
+    assert summary.mlflow_run_id is None and summary.model_version is None
