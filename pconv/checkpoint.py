@@ -16,13 +16,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+
+from pconv import storage
 
 log = logging.getLogger(__name__)
 
@@ -56,29 +56,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(directory: str | Path, state: dict[str, Any], config_yaml: str, meta: dict[str, Any]) -> Path:
     """Write a complete checkpoint directory (each file atomically, ``meta.json`` last)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
-    _atomic_write(directory / STATE_FILE, buf.getvalue())
-    _atomic_write(directory / CONFIG_FILE, config_yaml.encode())
+    storage.write_bytes_atomic(str(directory / STATE_FILE), buf.getvalue())
+    storage.write_bytes_atomic(str(directory / CONFIG_FILE), config_yaml.encode())
     meta = {"versions": versions(), **meta}
-    _atomic_write(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+    storage.write_bytes_atomic(str(directory / META_FILE), json.dumps(meta, indent=2, sort_keys=True).encode())
     return directory
 
 
