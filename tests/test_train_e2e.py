@@ -33,6 +33,31 @@ BIN = Path(sys.executable).parent
 TOTAL_STEPS = 60
 
 
+class JobsCli:
+    """`ray job status/logs/list` against one cluster's job API."""
+
+    def __init__(self, address: str, env: dict[str, str]) -> None:
+        self.address, self.env = address, env
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), "job", *args, "--address", self.address], capture_output=True,
+                              text=True, env=self.env, timeout=120)
+
+    def ready(self) -> bool:
+        return self._run("list").returncode == 0
+
+    def get_job_status(self, job_id: str) -> str:
+        out = self._run("status", job_id)
+        text = out.stdout + out.stderr
+        for word, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
+            if f"Job '{job_id}' {word}" in text:
+                return status
+        return "RUNNING" if out.returncode == 0 else f"UNKNOWN: {text[-500:]}"
+
+    def get_job_logs(self, job_id: str) -> str:
+        return self._run("logs", job_id).stdout
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
     """`ray start --head --block` in its own process group; stopped by killing that group (only ours)."""
@@ -58,17 +83,13 @@ def ray_cluster(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
          "--temp-dir", tempfile.mkdtemp(prefix="pconv-ray-", dir="/tmp"), "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
-    from ray.job_submission import JobSubmissionClient
-
+    # The job CLI in subprocesses, like a user: the in-process SDK caches the first auth token it ever loaded.
+    client = JobsCli(address, env)
     deadline = time.monotonic() + 120
-    client = None
-    while client is None:
-        try:
-            client = JobSubmissionClient(address)
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not come up: {(tmp / 'ray-head.log').read_text()[-3000:]}")
-            time.sleep(1)
+    while not client.ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"ray head did not come up: {(tmp / 'ray-head.log').read_text()[-3000:]}")
+        time.sleep(1)
     yield {"address": address, "client": client, "env": env}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -133,7 +154,7 @@ def wait_for_job(client, submission_id: str, timeout: float = 600) -> str:
         status = str(client.get_job_status(submission_id))
         if status.endswith(("SUCCEEDED", "FAILED", "STOPPED")):
             return status
-        time.sleep(1)
+        time.sleep(2)
     raise AssertionError(f"job {submission_id} did not finish in {timeout} s:\n{client.get_job_logs(submission_id)[-4000:]}")
 
 
