@@ -92,3 +92,29 @@ def load_config_dict(directory: str | Path) -> dict[str, Any]:
 
 def load_meta(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / META_FILE).read_text())
+
+
+def latest(root: str) -> tuple[str, dict[str, Any]] | None:
+    """(URI, meta) of the COMPLETE checkpoint with the highest step under ``root`` (local or s3://), or None.
+
+    Directories missing ``state.pt`` or ``config.yaml``, or whose ``meta.json`` does not parse, are skipped: a
+    half-written checkpoint never becomes the latest.
+    """
+    try:
+        metas = storage.list_files(root, suffixes=(META_FILE,))
+    except FileNotFoundError:
+        return None
+    best: tuple[int, str, dict[str, Any]] | None = None
+    for meta_uri in metas:
+        base = meta_uri[: -len(META_FILE)].rstrip("/")
+        if not all(storage.exists(storage.join(base, f)) for f in (STATE_FILE, CONFIG_FILE)):
+            continue
+        try:
+            meta = json.loads(storage.read_bytes(meta_uri))
+            step = int(meta.get("step") or 0)
+        except (ValueError, TypeError, AttributeError):
+            log.warning("skipping %s: unreadable meta.json", base)
+            continue
+        if best is None or step > best[0]:
+            best = (step, base, meta)
+    return (best[1], best[2]) if best else None

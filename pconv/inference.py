@@ -95,22 +95,9 @@ def _load_model_dir(directory: Path, source: str) -> tuple[torch.nn.Module, dict
     return model, info
 
 
-def _latest_checkpoint(uri: str) -> str | None:
-    """The complete checkpoint with the highest step under ``uri`` (local or s3), or None."""
-    import json
-
-    best: tuple[int, str] | None = None
-    for meta_uri in storage.list_files(uri, suffixes=(ckpt.META_FILE,)):
-        base = meta_uri[: -len(ckpt.META_FILE)].rstrip("/")
-        if not all(storage.exists(storage.join(base, f)) for f in (ckpt.STATE_FILE, ckpt.CONFIG_FILE)):
-            continue
-        try:
-            step = int(json.loads(storage.read_bytes(meta_uri)).get("step") or 0)
-        except (ValueError, TypeError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, base)
-    return best[1] if best else None
+def _latest_checkpoint_uri(uri: str) -> str | None:
+    found = ckpt.latest(uri)
+    return found[0] if found else None
 
 
 def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -162,7 +149,7 @@ def load_model(uri: str, device: str | torch.device = "cpu", tracking_uri: str |
     elif storage.is_remote(uri):
         base = uri.rstrip("/")
         if not storage.exists(storage.join(base, ckpt.STATE_FILE)):
-            base = _latest_checkpoint(base) or ""
+            base = _latest_checkpoint_uri(base) or ""
             if not base:
                 raise FileNotFoundError(f"{uri}: no complete checkpoint (state.pt + config.yaml + meta.json) there")
         with tempfile.TemporaryDirectory(prefix="pconv-ckpt-") as tmp:
@@ -181,7 +168,7 @@ def load_model(uri: str, device: str | torch.device = "cpu", tracking_uri: str |
         elif (path / "MLmodel").is_file() or (path / "state_dict.pt").is_file():
             model, info = _load_model_dir(path, str(path))
         else:
-            latest = _latest_checkpoint(str(path))
+            latest = _latest_checkpoint_uri(str(path))
             if latest is None:
                 raise FileNotFoundError(f"{uri}: neither a checkpoint (state.pt + config.yaml + meta.json), an "
                                         "MLflow model folder, nor a folder holding checkpoints")

@@ -347,22 +347,7 @@ def run_dir(cfg: TrainConfig) -> str:
 
 def latest_checkpoint(cfg: TrainConfig) -> tuple[str, dict[str, Any]] | None:
     """(URI, meta) of the newest COMPLETE checkpoint of this run in storage, or None."""
-    root = run_dir(cfg)
-    try:
-        metas = storage.list_files(root, suffixes=(ckpt.META_FILE,))
-    except FileNotFoundError:
-        return None
-    best: tuple[int, str, dict[str, Any]] | None = None
-    for meta_uri in metas:
-        directory = meta_uri[: -len(ckpt.META_FILE) - 1]
-        if not Path(directory).name.startswith("checkpoint_"):
-            continue
-        meta = json.loads(storage.read_bytes(meta_uri))
-        if not storage.exists(storage.join(directory, ckpt.STATE_FILE)):
-            continue
-        if best is None or int(meta.get("step", -1)) > best[0]:
-            best = (int(meta.get("step", -1)), directory, meta)
-    return (best[1], best[2]) if best else None
+    return ckpt.latest(run_dir(cfg))
 
 
 def check_inputs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
