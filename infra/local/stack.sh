@@ -188,6 +188,27 @@ wait_for() {
     done
 }
 
+# The dashboard answers before the head has reported its resources; until then `ray status` prints
+# "No cluster status" and jobs may queue. Return only once the cluster reports its CPUs.
+wait_for_ray_resources() {
+    local deadline=$(( SECONDS + ${STACK_TIMEOUT:-180} )) out
+    while true; do
+        out="$(RAY_AUTH_MODE="$STACK_RAY_AUTH" "$(bin ray)" status --address "127.0.0.1:$RAY_PORT" 2>&1)" || true
+        [[ "$out" == *CPU* ]] && return 0
+        if ! recorded_pid ray >/dev/null; then
+            echo "stack.sh: ray exited during start-up; last lines of $LOGS/ray.log:" >&2
+            tail -n 30 "$LOGS/ray.log" >&2 || true
+            return 1
+        fi
+        if (( SECONDS > deadline )); then
+            echo "stack.sh: ray did not report its resources within ${STACK_TIMEOUT:-180} s; last answer:" >&2
+            echo "$out" | tail -n 10 >&2
+            return 1
+        fi
+        sleep 1
+    done
+}
+
 load_conf() {
     [[ -f "$DIR/stack.conf" ]] || return 1
     # shellcheck disable=SC1091
@@ -371,6 +392,7 @@ EOF
     local token=""
     [[ "$STACK_RAY_AUTH" == token ]] && token="$DIR/auth_token"
     wait_for ray "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" "$token"
+    wait_for_ray_resources
     trap - EXIT
     write_env
 }
