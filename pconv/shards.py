@@ -16,7 +16,9 @@ Mask rows: ``key``, ``mask`` (compact 1-bit PNG in the internal polarity, white 
 ``hole_ratio``, ``bin`` (paper bin 0..5, -1 outside), ``border`` (holes within the border band), ``source``, ``split``.
 
 ``manifest.json``: ``schema_version``, ``kind`` (images|masks), ``source``, ``created``, ``run_id``, ``counts``
-per split, ``total_bytes``, ``columns``, ``shards`` ([{path relative to DST, split, rows, bytes}]),
+per split, ``total_bytes``, ``columns``, ``shards`` ([{path relative to DST, split, rows, bytes, row_groups}];
+``row_groups`` lists the rows of each Parquet row group, the unit that :mod:`pconv.data` reads and decodes in
+one task — optional, readers fall back to the Parquet footer),
 ``skipped_count``, ``skipped`` ([{key, reason}]), ``options``; mask manifests add ``bins`` (counts per bin and
 border flag).
 
@@ -57,7 +59,11 @@ MASK_SCHEMA = pa.schema([
     ("hole_ratio", pa.float32()), ("bin", pa.int8()), ("border", pa.bool_()), ("source", pa.string()),
     ("split", pa.string()),
 ])
-_ROW_GROUP_BYTES = 16 * 2**20  # ~16 MB row groups: readers stream a shard in pieces, not all at once
+# Row groups are the unit of work of the training stream (one read + decode task each): ~4 MB (one efficient
+# S3 ranged GET, ~20-40 full-size photos) and at most 256 rows (~2-4 s of decoding), so a dataset of any image
+# size splits into enough similar-sized tasks to keep every data CPU busy.
+_ROW_GROUP_BYTES = 4 * 2**20
+_ROW_GROUP_MAX_ROWS = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +159,8 @@ class ShardWriter:
         if not self.rows:
             return
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        rows_per_group = max(1, min(len(self.rows), int(_ROW_GROUP_BYTES / max(1, self.buffered / len(self.rows)))))
+        rows_per_group = max(1, min(len(self.rows), _ROW_GROUP_MAX_ROWS,
+                                    int(_ROW_GROUP_BYTES / max(1, self.buffered / len(self.rows)))))
         buf = io.BytesIO()
         # Payload bytes are already compressed (JPEG/PNG/WebP): store them as-is; metadata columns get zstd.
         compression = {name: ("NONE" if name == self.payload else "ZSTD") for name in self.schema.names}
@@ -162,7 +169,9 @@ class ShardWriter:
         data = buf.getvalue()
         rel = f"{self.split}/{shard_name(len(self.shards), self.run_id)}"
         storage.write_bytes_atomic(storage.join(self.dst, rel), data)
-        self.shards.append({"path": rel, "split": self.split, "rows": len(self.rows), "bytes": len(data)})
+        groups = [min(rows_per_group, len(self.rows) - i) for i in range(0, len(self.rows), rows_per_group)]
+        self.shards.append({"path": rel, "split": self.split, "rows": len(self.rows), "bytes": len(data),
+                            "row_groups": groups})
         log.debug("wrote %s (%d rows, %d bytes)", rel, len(self.rows), len(data))
         self.rows, self.buffered = [], 0
 
@@ -193,6 +202,31 @@ def read_table(uris: list[str], columns: list[str]) -> pa.Table:
         return pa.table({c: [] for c in columns})
     fs, paths = storage.ray_paths(uris)
     return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in paths])
+
+
+def row_groups(uri: str, entry: dict[str, Any] | None = None) -> list[int]:
+    """Rows per Parquet row group of one shard: from its manifest ``entry`` when recorded, else the footer."""
+    if entry is not None and entry.get("row_groups"):
+        return [int(n) for n in entry["row_groups"]]
+    fs, path = storage.get_filesystem(uri)
+    meta = pq.read_metadata(path, filesystem=fs)
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def read_row_group(uri: str, index: int, columns: list[str]) -> pa.Table:
+    """Selected columns of row group ``index`` of one shard (one ranged read; local or S3)."""
+    fs, path = storage.get_filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            if not 0 <= index < parquet.num_row_groups:
+                raise ValueError(f"{uri}: no row group {index} (the shard has {parquet.num_row_groups}); "
+                                 "the manifest does not match the shard")
+            return parquet.read_row_group(index, columns=columns)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{uri}: shard listed in the manifest is missing") from exc
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"{uri}: not a readable Parquet shard ({exc})") from exc
 
 
 def mask_row(key: str, mask: np.ndarray, source: str, split: str) -> dict[str, Any]:
