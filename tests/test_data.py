@@ -58,7 +58,7 @@ def _train_keys(root: str) -> set[int]:
 
 def _epoch(ds) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
     ids, images, masks, skipped = [], {}, {}, 0
-    for batch in ds.iter_torch_batches(batch_size=4):
+    for batch in data.iter_batches(ds, 4, include_masked=True):
         assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.float32
         n = len(batch["id"])
         assert batch["image"].shape == (n, 3, SIZE, SIZE) and batch["mask"].shape == (n, 1, SIZE, SIZE)
@@ -159,9 +159,10 @@ def test_validation_pairs_are_fixed(ray_cluster, prepared_shards):
     assert sorted(by_index) == list(range(n_val))
     assert {int(r["index"]): int(r["mask_index"]) for r in rows2} == \
         {i: int(r["mask_index"]) for i, r in by_index.items()}
-    for i in range(n_val):  # the Ray path and the plain path build identical pairs
-        np.testing.assert_array_equal(by_index[i]["image"], a["image"][i])
-        np.testing.assert_array_equal(by_index[i]["mask"], a["mask"][i])
+    for i in range(n_val):  # the Ray path and the plain path build identical pairs (compact uint8 rows)
+        assert by_index[i]["image"].dtype == np.uint8 and by_index[i]["mask"].dtype == np.uint8
+        np.testing.assert_allclose(by_index[i]["image"].astype(np.float32) / 255, a["image"][i], rtol=1e-6)
+        np.testing.assert_array_equal(by_index[i]["mask"].astype(np.float32), a["mask"][i])
 
 
 def test_torch_trainer_two_workers(ray_cluster, s3_shards, tmp_path):
@@ -208,3 +209,44 @@ def test_check_headroom_turns_a_hang_into_an_error():
     data.check_headroom(cluster_cpus=2, training_cpus=1.0)  # 2 workers x 0.5 CPU: fine
     with pytest.raises(ValueError, match="free CPU"):
         data.check_headroom(cluster_cpus=2, training_cpus=2.0)  # 2 workers x 1 CPU: would hang
+
+
+def test_read_units_cover_every_row_with_or_without_recorded_row_groups(prepared_shards, tmp_path):
+    root = prepared_shards["images"]
+    manifest = shards.read_manifest(root)
+    units = data.read_units(root, "train", manifest)
+    assert sum(u["rows"] for u in units) == manifest["counts"]["train"]
+    assert all(e.get("row_groups") for e in manifest["shards"])  # written by ingestion
+    # An older manifest without row-group sizes: the same units, from the shards' Parquet footers.
+    legacy = {**manifest, "shards": [{k: v for k, v in e.items() if k != "row_groups"} for e in manifest["shards"]]}
+    assert data.read_units(root, "train", legacy) == units
+    rows = sum(shards.read_row_group(u["uri"], u["row_group"], ["key"]).num_rows for u in units)
+    assert rows == manifest["counts"]["train"]
+
+
+def test_a_missing_or_mismatched_shard_is_a_clear_error(prepared_shards, tmp_path):
+    root = prepared_shards["images"]
+    unit = data.read_units(root, "train")[0]
+    with pytest.raises(ValueError, match="no row group 999"):
+        shards.read_row_group(unit["uri"], 999, ["key"])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        shards.read_row_group(str(tmp_path / "gone.parquet"), 0, ["key"])
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="junk.parquet: not a readable Parquet shard"):
+        shards.read_row_group(str(tmp_path / "junk.parquet"), 0, ["key"])
+
+
+def test_rows_are_compact_uint8_and_float_batches_follow_the_contract(ray_cluster, prepared_shards):
+    def build():
+        return data.build_train_dataset(prepared_shards["images"], prepared_shards["masks"], SIZE, seed=3,
+                                        num_cpus=0.25, deterministic=True)
+
+    raw = next(iter(build().iter_torch_batches(batch_size=4)))
+    assert raw["image"].dtype == torch.uint8 and raw["mask"].dtype == torch.uint8
+    assert set(torch.unique(raw["mask"]).tolist()) <= {0, 1}
+    batch = data.to_float_batch(raw, include_masked=True)
+    torch.testing.assert_close(batch["image"] * 255, raw["image"].float(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(batch["masked"], batch["image"] * raw["mask"].float())
+    same = next(data.iter_batches(build(), 4))  # the collate path gives the same floats
+    torch.testing.assert_close(same["image"], batch["image"])
+    assert torch.equal(same["id"], raw["id"])
