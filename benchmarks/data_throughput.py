@@ -3,13 +3,14 @@
 
 Measured, all producing float32 image / mask / masked batches of IMAGE_SIZE x IMAGE_SIZE:
 
-  raydata      pconv.data.build_train_dataset(...).iter_torch_batches() over image shards in S3 (a moto S3 server
-               this script starts on 127.0.0.1, or --images/--masks URIs), Ray started with --cpus CPUs.
+  raydata      pconv.data.iter_batches(pconv.data.build_train_dataset(...)) over image shards in S3 (a moto S3
+               server this script starts on 127.0.0.1, or --images/--masks URIs), Ray started with --cpus CPUs:
+               uint8 rows from the read+decode tasks, float32 batches made by the consumer's collate function.
   dataloader   torchvision ImageFolder + torch DataLoader (num_workers = --cpus) over the SAME images as files on
                local disk, with the same per-image work (resize short side, random crop, flip, a random augmented
                mask from the same mask set).
   floor        a plain single-process loop over the same encoded bytes doing the same per-image work as the
-               pipeline's map function (decode, crop, flip, mask augmentation, tensors): the decode floor.
+               pipeline's map function (decode, crop, flip, mask augmentation, float tensors): the decode floor.
                Also reported: a decode+crop-only floor (no mask work), for reference.
 
 Printed ratios (the targets of issue 3: >= 1.0 and >= 0.8):
@@ -20,6 +21,12 @@ By default the images are CBSD68 + the CelebA-HQ sample from ../shared/datasets,
 distinct keys so an epoch is long enough to measure, and the masks are a subset of the NVIDIA test masks.
 The machine should be otherwise idle; all three measurements use the same number of CPUs. Epochs of the two
 loaders are interleaved and medians reported, so background load hits both alike.
+
+Output format (--batch-dtype): every loader delivers the same batches. uint8 (default) is what the training loop
+consumes (it converts to float on its device, where that is free); float32 makes each loader convert on the CPU
+(the Ray pipeline in its consumer's collate function, the DataLoader in its workers with ToTensor).
+On a small machine the driver and the local S3 server share the CPUs with the decode tasks; --cpus N below the
+core count gives them the rest, which separates per-task efficiency from co-location overhead.
 """
 
 from __future__ import annotations
@@ -53,6 +60,11 @@ def _args() -> argparse.Namespace:
                    help="CPUs for Ray (num_cpus) and DataLoader workers; the floor is scaled by it (default: all)")
     p.add_argument("--task-cpus", type=float, default=0.5,
                    help="CPU request of each Ray read/decode task (default 0.5, as in training)")
+    p.add_argument("--batch-dtype", choices=("uint8", "float32"), default="uint8",
+                   help="what every loader delivers: uint8 image/mask/masked (default; what the training loop "
+                        "consumes, converting on its device) or float32 (converted on the CPU by each loader)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="max concurrent Ray read/decode tasks (default: pconv.data.default_concurrency)")
     p.add_argument("--repeat", type=int, default=8, help="copies of each default image (default 8: 992 images)")
     p.add_argument("--n-masks", type=int, default=600, help="NVIDIA masks to use by default (default 600)")
     p.add_argument("--epochs", type=int, default=3,
@@ -114,11 +126,18 @@ class RayLoader:
 
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        self.ds = data.build_train_dataset(images, masks, args.image_size, seed=0, num_cpus=args.task_cpus)
+        self.ds = data.build_train_dataset(images, masks, args.image_size, seed=0, num_cpus=args.task_cpus,
+                                           concurrency=args.concurrency)
         self.batch_size = args.batch_size
 
+        self.float32 = args.batch_dtype == "float32"
+
     def __iter__(self):
-        return iter(self.ds.iter_torch_batches(batch_size=self.batch_size))
+        from pconv import data
+
+        if self.float32:  # converted in Ray's prefetch threads by the collate function
+            return data.iter_batches(self.ds, self.batch_size, include_masked=True)
+        return (dict(b, masked=b["image"] * b["mask"]) for b in self.ds.iter_torch_batches(batch_size=self.batch_size))
 
     def close(self) -> None:
         import ray
@@ -157,8 +176,12 @@ def bench_floor(images: str, masks: str, args) -> tuple[float, float]:
     bs = data.rows_per_block(args.image_size)
     t0 = time.perf_counter()
     for i in range(0, len(rows), bs):
-        T.train_transform({"key": keys[i:i + bs], "image": blobs[i:i + bs], "_rand": rands[i:i + bs]},
-                          image_size=args.image_size, base_seed=0, bank=bank)
+        out = T.train_transform({"key": keys[i:i + bs], "image": blobs[i:i + bs], "_rand": rands[i:i + bs]},
+                                image_size=args.image_size, base_seed=0, bank=bank)
+        if args.batch_dtype == "float32":
+            T.to_float(out["image"], out["mask"], include_masked=True)
+        else:
+            out["image"] * out["mask"]  # noqa: B018 - the masked input, as the loaders deliver it
     full = len(rows) / (time.perf_counter() - t0)
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
@@ -171,13 +194,13 @@ def bench_floor(images: str, masks: str, args) -> tuple[float, float]:
 class _MaskedFolder:
     """ImageFolder + a random augmented mask per image: the same work as the Ray pipeline, torch style."""
 
-    def __init__(self, root: str, bank, size: int):
+    def __init__(self, root: str, bank, size: int, float32: bool):
         from torchvision import datasets, transforms
 
-        self.size, self.bank = size, bank
+        self.size, self.bank, self.float32 = size, bank, float32
         self.folder = datasets.ImageFolder(root, transform=transforms.Compose([
             transforms.Resize(size), transforms.RandomCrop(size), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor()]))
+            transforms.ToTensor() if float32 else transforms.PILToTensor()]))
         self.rng = np.random.default_rng()
 
     def __len__(self) -> int:
@@ -190,7 +213,7 @@ class _MaskedFolder:
 
         image, _ = self.folder[i]
         mask = M.augment_mask(self.bank.mask(int(self.rng.integers(len(self.bank)))), self.rng, self.size)
-        mask = torch.from_numpy(mask[None].astype(np.float32))
+        mask = torch.from_numpy(mask[None].astype(np.float32 if self.float32 else np.uint8))
         return {"image": image, "mask": mask, "masked": image * mask}
 
 
@@ -209,7 +232,7 @@ def make_dataloader(folder: str, masks: str, args):
 
     from pconv import transforms as T
 
-    ds = _MaskedFolder(folder, T.load_mask_bank(masks), args.image_size)
+    ds = _MaskedFolder(folder, T.load_mask_bank(masks), args.image_size, args.batch_dtype == "float32")
     return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.cpus,
                                        worker_init_fn=_worker_init, persistent_workers=True, prefetch_factor=4)
 
@@ -235,7 +258,8 @@ def main() -> int:
             print(f"moto S3 server {endpoint}; images {shards.read_manifest(images)['counts']}, masks "
                   f"{shards.read_manifest(masks)['counts']}")
         n_files = sum(1 for _ in Path(folder).rglob("*.*"))
-        print(f"cpus {args.cpus}, image size {args.image_size}, batch {args.batch_size}, {n_files} images, "
+        print(f"cpus {args.cpus}, image size {args.image_size}, batch {args.batch_size} ({args.batch_dtype}), "
+              f"{n_files} images, "
               f"ray task cpus {args.task_cpus}")
         full, crop_only = bench_floor(images, masks, args)
         print(f"floor (same work, 1 process): {full:.1f} images/s; decode+crop only: {crop_only:.1f} images/s")
