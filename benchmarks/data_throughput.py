@@ -10,7 +10,7 @@ Measured, all producing float32 image / mask / masked batches of IMAGE_SIZE x IM
                local disk, with the same per-image work (resize short side, random crop, flip, a random augmented
                mask from the same mask set).
   floor        a plain single-process loop over the same encoded bytes doing the same per-image work as the
-               pipeline's map function (decode, crop, flip, mask augmentation, float tensors): the decode floor.
+               pipeline's map function (decode, crop, flip, mask augmentation; output as --batch-dtype): the floor.
                Also reported: a decode+crop-only floor (no mask work), for reference.
 
 Printed ratios (the targets of issue 3: >= 1.0 and >= 0.8):
