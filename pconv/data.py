@@ -210,6 +210,8 @@ def _units_dataset(images_uri: str, split: str, *, shuffle_seed: int | None, con
     units = read_units(images_uri, split, manifest)
     if not units:
         raise ValueError(f"{images_uri}: no {split} shards (counts={manifest.get('counts')})")
+    if shuffle_seed is not None:  # blocks mix row groups of different shards (the grouping is fixed per dataset)
+        units = [units[i] for i in np.random.default_rng(shuffle_seed).permutation(len(units))]
     # A few units per input block (= per task): the task reads the next unit while decoding one, and still
     # about 4 blocks per concurrent task keep the load balanced to the end of the epoch.
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 4 * concurrency, _MAX_INPUT_BLOCKS)))
