@@ -203,7 +203,8 @@ def default_concurrency(num_cpus: float) -> int:
 
 
 def _units_dataset(images_uri: str, split: str, *, shuffle_seed: int | None, concurrency: int):
-    """Dataset of read units in ~4 blocks per concurrent task; a new seeded block order per execution."""
+    """(dataset of read units in ~4 blocks per concurrent task, number of blocks); a new seeded block order per
+    execution."""
     import ray.data
 
     manifest = _image_manifest(images_uri)
@@ -214,10 +215,11 @@ def _units_dataset(images_uri: str, split: str, *, shuffle_seed: int | None, con
         units = [units[i] for i in np.random.default_rng(shuffle_seed).permutation(len(units))]
     # A few units per input block (= per task): the task reads the next unit while decoding one, and still
     # about 4 blocks per concurrent task keep the load balanced to the end of the epoch.
-    ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 4 * concurrency, _MAX_INPUT_BLOCKS)))
+    n_blocks = max(1, min(len(units), 4 * concurrency, _MAX_INPUT_BLOCKS))
+    ds = ray.data.from_items(units, override_num_blocks=n_blocks)
     if shuffle_seed is not None:
         ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
-    return ds, manifest
+    return ds, n_blocks
 
 
 def build_train_dataset(images_uri: str, masks_uri: str, image_size: int, seed: int = 0, epoch: int = 0, *,
@@ -246,8 +248,8 @@ def build_train_dataset(images_uri: str, masks_uri: str, image_size: int, seed: 
         ray.init()
     concurrency = concurrency or default_concurrency(num_cpus)
     base = derive_seed("train", seed, epoch)
-    ds, _ = _units_dataset(images_uri, "train", shuffle_seed=base % 2**31, concurrency=concurrency)
-    compute = ray.data.TaskPoolStrategy(size=concurrency)
+    ds, n_blocks = _units_dataset(images_uri, "train", shuffle_seed=base % 2**31, concurrency=concurrency)
+    compute = ray.data.TaskPoolStrategy(size=min(concurrency, n_blocks))  # a tiny dataset has fewer blocks
     ds = ds.with_column("_rand", rand_expr(seed=(base >> 1) % 2**31, reseed_after_execution=True),
                         num_cpus=num_cpus, compute=compute)
     ds = ds.map_batches(
@@ -277,10 +279,10 @@ def build_val_dataset(images_uri: str, masks_uri: str, image_size: int, limit: i
     ref = _bank_ref(masks_uri, "val")
     n_masks = len(ray.get(ref))
     pairing = val_pairing(keys, n_masks, limit)
-    ds, _ = _units_dataset(images_uri, "val", shuffle_seed=None, concurrency=concurrency)
+    ds, n_blocks = _units_dataset(images_uri, "val", shuffle_seed=None, concurrency=concurrency)
     ds = ds.map_batches(_val_units_udf, batch_size=1, batch_format="numpy",
                         fn_kwargs={"image_size": image_size, "bank": [ref], "pairing": pairing},
-                        num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=concurrency))
+                        num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=min(concurrency, n_blocks)))
     ds.context.target_max_block_size = int(DEFAULT_BLOCK_MB * 2**20)
     return ds
 
