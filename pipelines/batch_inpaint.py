@@ -13,8 +13,9 @@ relative names. Unreadable pairs are skipped and listed (exit code 1 if any were
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from pconv import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", type=int, default=None,
                    help="actor pool size (default: number of GPUs, or half the CPUs without GPUs)")
     p.add_argument("--cpu", action="store_true", help="use CPU actors even if the cluster has GPUs")
-    p.add_argument("--log-level", default="INFO")
+    cli.add_log_level(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     from pconv.batch import batch_inpaint
 
     try:

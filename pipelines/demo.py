@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
+from pconv import cli  # noqa: E402
 from pconv.config import ConfigError  # noqa: E402
 from pconv.demo import DemoError, DemoSettings, run_demo  # noqa: E402
 
@@ -38,13 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3", action="store_true", default=os.environ.get("DEMO_S3", "") not in ("", "0"),
                    help="shards + checkpoints in a local S3 server (moto); default from DEMO_S3=1")
     p.add_argument("--run-name", help="run name (default: demo-<UTC timestamp>, new each time)")
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    cli.add_log_level(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     for noisy in ("urllib3", "botocore", "alembic", "mlflow", "ray", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     kwargs = dict(out=args.out, datasets=args.datasets, config=args.config, s3=args.s3, run_name=args.run_name)

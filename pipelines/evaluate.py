@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
+
+from pconv import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,13 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--promote", metavar="ALIAS", default=None,
                    help="move ALIAS (e.g. champion) to this registered version if it beats the current holder")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
-    p.add_argument("--log-level", default="INFO")
+    cli.add_log_level(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     from pconv.evaluation import run_evaluation
 
     try:

@@ -16,8 +16,9 @@ works: the image is padded to the network's multiple and cropped back, or tiled 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from pconv import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grey level (0-1] at or above which a mask pixel counts as white (default 0.5)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--max-side", type=int, default=2048, help="tile images whose longer side exceeds this (px)")
-    p.add_argument("--log-level", default="INFO")
+    cli.add_log_level(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     from pconv.inference import inpaint_files
 
     try:

@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from pconv import ingest
+from pconv import cli, ingest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,8 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(logging.WARNING if args.quiet else logging.INFO)
     progress = not args.quiet
     try:
         if args.command == "images":

@@ -12,8 +12,9 @@ named after the checkpoint's run_name in --experiment. The new version gets --al
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from pconv import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,13 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="candidate", help="alias for the new version (default candidate)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the checkpoint's config)")
     p.add_argument("--run-id", default=None, help="log into this MLflow run (default: the checkpoint's run)")
-    p.add_argument("--log-level", default="INFO")
+    cli.add_log_level(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     from pconv.inference import register_checkpoint
 
     try:

@@ -16,10 +16,10 @@ re-running a finished run does nothing and says so.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import fields
 
+from pconv import cli
 from pconv.config import ConfigError, TrainConfig, merge
 
 HELP = {
@@ -57,7 +57,7 @@ HELP = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with the same keys as these flags; flags override it")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    cli.add_log_level(parser)
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    logging.basicConfig(level=args.pop("log_level").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.pop("log_level"))
     config_file = args.pop("config", None)
     try:
         base = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
