@@ -81,26 +81,27 @@ def start_moto_server(log_path: Path) -> S3Server:
 def s3_server(tmp_path_factory):
     """A real moto S3 server for the whole session; os.environ points at it while it lives."""
     server = start_moto_server(tmp_path_factory.mktemp("moto") / "moto.log")
-    # Variables that would send clients elsewhere are removed for the session and restored afterwards.
-    names = set(server.env) | {"AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"}
-    saved = {k: os.environ.get(k) for k in names}
-    for k in names - set(server.env):
-        os.environ.pop(k, None)
-    os.environ.update(server.env)
     try:
-        yield server
+        with pytest.MonkeyPatch.context() as env:  # restores os.environ when the session ends
+            # Variables that would send clients elsewhere are removed for the session.
+            for k in {"AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"} - set(server.env):
+                env.delenv(k, raising=False)
+            for k, v in server.env.items():
+                env.setenv(k, v)
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.process.terminate()
+        stop_process(server.process, timeout=10)
+
+
+def stop_process(process: subprocess.Popen, timeout: float) -> None:
+    """TERM a server process, KILL it if it has not exited within ``timeout`` seconds."""
+    if process.poll() is None:
+        process.terminate()
         try:
-            server.process.wait(timeout=10)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, stop_process
 
 MLFLOW_BIN = Path(sys.executable).with_name("mlflow")
 START_TIMEOUT_S = 180  # the server imports a lot; two busy cores can take a while
@@ -45,13 +45,7 @@ class MlflowServer:
             return ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=15)
 
 
 def start_mlflow_server(workdir: Path, s3_endpoint: str, s3_env: dict[str, str]) -> MlflowServer:
@@ -97,17 +91,11 @@ def start_mlflow_server(workdir: Path, s3_endpoint: str, s3_env: dict[str, str])
 def mlflow_server(s3_server, tmp_path_factory):
     """A real MLflow tracking server for this test module; MLFLOW_TRACKING_URI points at it meanwhile."""
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), s3_server.endpoint, s3_server.env)
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                                              "PCONV_MLFLOW_RETRY")}
-    os.environ["MLFLOW_TRACKING_URI"] = server.url
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
-    os.environ["PCONV_MLFLOW_RETRY"] = "3,0.05,2,1"
     try:
-        yield server
+        with pytest.MonkeyPatch.context() as env:  # restores os.environ when the module ends
+            env.setenv("MLFLOW_TRACKING_URI", server.url)
+            env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            env.setenv("PCONV_MLFLOW_RETRY", "3,0.05,2,1")
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conv_recorder import ConvRecorder
 from pconv.layers import MaskedInput, PartialConv2d, cat_masked
 
 
@@ -180,22 +180,6 @@ def test_no_state_kept_between_calls():
     assert set(vars(layer)) == before_attrs
     assert dict(layer.named_buffers()).keys() == before_buffers.keys()
     assert dict(layer.named_parameters()).keys() == before_params.keys()
-
-
-class ConvRecorder(TorchDispatchMode):
-    """Records the weight shape of every aten convolution (forward and backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.forward: list[tuple[int, ...]] = []
-        self.backward: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket == torch.ops.aten.convolution:
-            self.forward.append(tuple(args[1].shape))
-        elif func.overloadpacket == torch.ops.aten.convolution_backward:
-            self.backward.append(tuple(args[2].shape))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("mask_channels", [1, 16])

@@ -7,27 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conv_recorder import ConvRecorder
 from pconv.layers import MaskedInput
 from pconv.model import (PAPER_ENCODER, PConvUNet, build_model, decoder_spec, default_layer_size, encoder_spec,
                          min_image_size)
-
-
-class ConvRecorder(TorchDispatchMode):
-    """Weight shapes of every aten convolution run in forward and in backward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.forward: list[tuple[int, ...]] = []
-        self.backward: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket == torch.ops.aten.convolution:
-            self.forward.append(tuple(args[1].shape))
-        elif func.overloadpacket == torch.ops.aten.convolution_backward:
-            self.backward.append(tuple(args[2].shape))
-        return func(*args, **(kwargs or {}))
 
 
 def make_mask(n: int, size: int, seed: int, channels: int = 1) -> torch.Tensor:

@@ -67,41 +67,38 @@ def ray_cluster(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
     dash = free_port()
     # Token authentication on, as in production (Ray 2.60): the cluster, the CLI and the SDK share the token.
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    saved = {k: os.environ.get(k) for k in auth}
-    os.environ.update(auth)
-    env = {**os.environ, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.url,
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
-    log = open(tmp / "ray-head.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
-         # free ports for every agent (defaults may be taken by another Ray on this machine) and a short temp
-         # dir (Ray's unix socket paths must stay under the OS limit).
-         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-         "--ray-client-server-port", str(free_port()),
-         "--temp-dir", tempfile.mkdtemp(prefix="pconv-ray-", dir="/tmp"), "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    # The job CLI in subprocesses, like a user: the in-process SDK caches the first auth token it ever loaded.
-    client = JobsCli(address, env)
-    deadline = time.monotonic() + 120
-    while not client.ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"ray head did not come up: {(tmp / 'ray-head.log').read_text()[-3000:]}")
-        time.sleep(1)
-    yield {"address": address, "client": client, "env": env}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:  # restores os.environ afterwards, also when the head fails to start
+        for k, v in auth.items():
+            mp.setenv(k, v)
+        env = {**os.environ, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.url,
+               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+        log = open(tmp / "ray-head.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+             "--num-cpus", "3",
+             # free ports for every agent (defaults may be taken by another Ray on this machine) and a short temp
+             # dir (Ray's unix socket paths must stay under the OS limit).
+             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+             "--ray-client-server-port", str(free_port()),
+             "--temp-dir", tempfile.mkdtemp(prefix="pconv-ray-", dir="/tmp"), "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        address = f"http://127.0.0.1:{dash}"
+        # The job CLI in subprocesses, like a user: the in-process SDK caches the first auth token it ever loaded.
+        client = JobsCli(address, env)
+        deadline = time.monotonic() + 120
+        while not client.ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray head did not come up: {(tmp / 'ray-head.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"address": address, "client": client, "env": env}
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 @pytest.fixture(scope="module")
