@@ -99,12 +99,14 @@ def rows_per_block(image_size: int) -> int:
     return int(max(1, min(64, _DECODE_BYTES // (4 * image_size * image_size))))
 
 
-def _unit_rows(unit_uri: str, group: int, unit_rand: float, base_seed: int, split: str) -> tuple[np.ndarray, ...]:
-    """(keys, blobs, per-row random numbers) of one row group, rows in a seeded order (per unit and epoch)."""
+def _unit_rows(unit_uri: str, group: int, unit_rand: float, base_seed: int,
+               shuffle: bool) -> tuple[np.ndarray, ...]:
+    """(keys, blobs, per-row random numbers) of one row group; with ``shuffle`` the rows come in a seeded order
+    (per unit and epoch), without it in file order with zeros as random numbers."""
     table = shards.read_row_group(unit_uri, group, ["key", "image"])
     keys = np.array(table.column("key").to_pylist(), dtype=object)
     blobs = np.array(table.column("image").to_pylist(), dtype=object)
-    if split != "train":
+    if not shuffle:
         return keys, blobs, np.zeros(len(keys))
     rng = np.random.default_rng([base_seed, int(float(unit_rand) * 2**53)])
     order = rng.permutation(len(keys))
@@ -123,11 +125,11 @@ def _train_units_udf(units: dict[str, np.ndarray], *, bank: list, image_size: in
     todo = [(str(units["uri"][i]), int(units["row_group"][i]), float(units["_rand"][i]))
             for i in np.argsort(units["_rand"], kind="stable")]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pconv-read") as reader:
-        pending = reader.submit(_unit_rows, *todo[0], base_seed, "train") if todo else None
+        pending = reader.submit(_unit_rows, *todo[0], base_seed, True) if todo else None
         for j, (uri, group, _) in enumerate(todo):
             keys, blobs, rands = pending.result()
             if j + 1 < len(todo):
-                pending = reader.submit(_unit_rows, *todo[j + 1], base_seed, "train")
+                pending = reader.submit(_unit_rows, *todo[j + 1], base_seed, True)
             carry = 0  # corrupt rows not yet reported on a surviving row
             for s in range(0, len(keys), step):
                 out = T.train_transform(
@@ -149,7 +151,7 @@ def _val_units_udf(units: dict[str, np.ndarray], *, bank: list, image_size: int,
     mask_bank = _resolve_bank(bank)
     step = rows_per_block(image_size)
     for uri, group in zip(units["uri"], units["row_group"]):
-        keys, blobs, _ = _unit_rows(str(uri), int(group), 0.0, 0, "val")
+        keys, blobs, _ = _unit_rows(str(uri), int(group), 0.0, 0, shuffle=False)
         for s in range(0, len(keys), step):
             yield T.val_transform({"key": keys[s:s + step], "image": blobs[s:s + step]}, image_size=image_size,
                                   bank=mask_bank, pairing=pairing)
@@ -202,12 +204,13 @@ def default_concurrency(num_cpus: float) -> int:
     return max(1, min(int(cpus * 0.75 / num_cpus), int(cpus)))
 
 
-def _units_dataset(images_uri: str, split: str, *, shuffle_seed: int | None, concurrency: int):
+def _units_dataset(images_uri: str, split: str, *, shuffle_seed: int | None, concurrency: int,
+                   manifest: dict[str, Any] | None = None):
     """(dataset of read units in ~4 blocks per concurrent task, number of blocks); a new seeded block order per
     execution."""
     import ray.data
 
-    manifest = _image_manifest(images_uri)
+    manifest = manifest if manifest is not None else _image_manifest(images_uri)
     units = read_units(images_uri, split, manifest)
     if not units:
         raise ValueError(f"{images_uri}: no {split} shards (counts={manifest.get('counts')})")
@@ -279,7 +282,7 @@ def build_val_dataset(images_uri: str, masks_uri: str, image_size: int, limit: i
     ref = _bank_ref(masks_uri, "val")
     n_masks = len(ray.get(ref))
     pairing = val_pairing(keys, n_masks, limit)
-    ds, n_blocks = _units_dataset(images_uri, "val", shuffle_seed=None, concurrency=concurrency)
+    ds, n_blocks = _units_dataset(images_uri, "val", shuffle_seed=None, concurrency=concurrency, manifest=manifest)
     ds = ds.map_batches(_val_units_udf, batch_size=1, batch_format="numpy",
                         fn_kwargs={"image_size": image_size, "bank": [ref], "pairing": pairing},
                         num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=min(concurrency, n_blocks)))
