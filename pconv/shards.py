@@ -28,10 +28,12 @@ on the order, the machine or the other files.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -213,12 +215,35 @@ def row_groups(uri: str, entry: dict[str, Any] | None = None) -> list[int]:
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
+_FOOTER_CACHE_SIZE = 256  # shard footers kept per process (~1 KB per row group each; shards are immutable)
+_footers: "collections.OrderedDict[tuple[str, int], pq.FileMetaData]" = collections.OrderedDict()
+_footers_lock = threading.Lock()
+
+
+def _footer(uri: str, f: pa.NativeFile) -> pq.FileMetaData:
+    """The Parquet footer of an open shard, read once per process and shard: shards are written once under
+    unique names and never modified, so (uri, size) identifies the footer. Saves one ranged GET per row group."""
+    key = (uri, f.size())
+    with _footers_lock:
+        meta = _footers.get(key)
+        if meta is not None:
+            _footers.move_to_end(key)
+            return meta
+    meta = pq.read_metadata(f)
+    with _footers_lock:
+        _footers[key] = meta
+        while len(_footers) > _FOOTER_CACHE_SIZE:
+            _footers.popitem(last=False)
+    return meta
+
+
 def read_row_group(uri: str, index: int, columns: list[str]) -> pa.Table:
-    """Selected columns of row group ``index`` of one shard (one ranged read; local or S3)."""
+    """Selected columns of row group ``index`` of one shard (local or S3). On S3: one HEAD and one coalesced
+    ranged GET per call, plus one footer GET the first time this process reads the shard."""
     fs, path = storage.get_filesystem(uri)
     try:
         with fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
+            parquet = pq.ParquetFile(f, metadata=_footer(uri, f), pre_buffer=True)
             if not 0 <= index < parquet.num_row_groups:
                 raise ValueError(f"{uri}: no row group {index} (the shard has {parquet.num_row_groups}); "
                                  "the manifest does not match the shard")

@@ -245,3 +245,27 @@ def test_errors_before_any_work(photo_dir, tmp_path, s3_server):
     with pytest.raises(ingest.IngestError, match="not a readable zip"):
         ingest.ingest_masks(str(not_zip), str(dst), hole_color="white", progress=False)
     assert not dst.exists()
+
+
+def test_row_group_reads_fetch_each_footer_once_per_shard_version(photo_dir, tmp_path, monkeypatch):
+    """A read unit costs one ranged read of its row group: the footer is read the first time a process meets a
+    shard, and again only if the file at that URI changed (re-ingested under the same name: another size)."""
+    root = str(tmp_path / "images")
+    monkeypatch.setattr(shards, "_ROW_GROUP_BYTES", 400_000)  # a few rows per group at this test's sizes
+    ingest.ingest_images(str(photo_dir), root, val_fraction=0.0, progress=False)
+    manifest = shards.read_manifest(root)
+    entry = max(manifest["shards"], key=lambda e: len(e["row_groups"]))
+    assert len(entry["row_groups"]) >= 2
+    uri = storage.join(root, entry["path"])
+    footer_reads = []
+    real = pq.read_metadata
+    monkeypatch.setattr(pq, "read_metadata", lambda *a, **k: footer_reads.append(a) or real(*a, **k))
+    monkeypatch.setattr(shards, "_footers", type(shards._footers)())  # a fresh process
+    for group, rows in enumerate(entry["row_groups"]):
+        assert shards.read_row_group(uri, group, ["key"]).num_rows == rows
+    assert len(footer_reads) == 1
+    # The same URI now holds other content (one row group of the first two): its footer is read again.
+    table = pq.read_table(uri)
+    pq.write_table(table.slice(0, 2), uri, row_group_size=1)
+    assert shards.read_row_group(uri, 1, ["key"]).column("key").to_pylist() == table.column("key").to_pylist()[1:2]
+    assert len(footer_reads) == 2
