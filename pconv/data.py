@@ -255,8 +255,8 @@ def build_train_dataset(images_uri: str, masks_uri: str, image_size: int, seed: 
     compute = ray.data.TaskPoolStrategy(size=min(concurrency, n_blocks))  # a tiny dataset has fewer blocks
     ds = ds.with_column("_rand", rand_expr(seed=(base >> 1) % 2**31, reseed_after_execution=True),
                         num_cpus=num_cpus, compute=compute)
-    ds = ds.map_batches(
-        _train_units_udf, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(  # batch_size=None: one call gets the block's units, so it can read ahead
+        _train_units_udf, batch_size=None, batch_format="numpy",
         fn_kwargs={"image_size": image_size, "base_seed": base, "bank": [_bank_ref(masks_uri, mask_split)]},
         num_cpus=num_cpus, compute=compute)
     ds.context.target_max_block_size = int(block_mb * 2**20)

@@ -250,3 +250,41 @@ def test_rows_are_compact_uint8_and_float_batches_follow_the_contract(ray_cluste
     same = next(data.iter_batches(build(), 4))  # the collate path gives the same floats
     torch.testing.assert_close(same["image"], batch["image"])
     assert torch.equal(same["id"], raw["id"])
+
+
+def test_the_next_read_unit_is_fetched_while_one_is_decoded(prepared_shards, monkeypatch):
+    """Object-storage latency hides behind decoding: while unit j is decoded, unit j + 1 is already being read.
+    (Decoding unit j waits until the read of unit j + 1 has started; a read-then-decode loop fails here.)"""
+    import threading
+
+    from pconv import transforms as T
+
+    units = data.read_units(prepared_shards["images"], "train")[:3]
+    assert len(units) == 3
+    unit_of = {k: j for j, u in enumerate(units)
+               for k in shards.read_row_group(u["uri"], u["row_group"], ["key"]).column("key").to_pylist()}
+    bank = T.load_mask_bank(prepared_shards["masks"])
+    monkeypatch.setattr(data, "_resolve_bank", lambda holder: bank)
+    reads, cond = [], threading.Condition()
+    real_rows, real_transform = data._unit_rows, T.train_transform
+
+    def rows(uri, group, *args):
+        with cond:
+            reads.append((uri, group))
+            cond.notify_all()
+        return real_rows(uri, group, *args)
+
+    def transform(batch, **kwargs):
+        j = unit_of[str(batch["key"][0])]
+        with cond:
+            assert cond.wait_for(lambda: len(reads) >= min(j + 2, len(units)), timeout=10), \
+                f"unit {j + 1} was not being read while unit {j} was decoded"
+        return real_transform(batch, **kwargs)
+
+    monkeypatch.setattr(data, "_unit_rows", rows)
+    monkeypatch.setattr(T, "train_transform", transform)
+    block = {"uri": np.array([u["uri"] for u in units]), "row_group": np.array([u["row_group"] for u in units]),
+             "_rand": np.array([0.1, 0.2, 0.3])}  # units are taken in _rand order
+    out = list(data._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=0))
+    assert reads == [(u["uri"], u["row_group"]) for u in units]
+    assert sum(len(o["id"]) for o in out) == sum(u["rows"] for u in units)
