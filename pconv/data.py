@@ -225,6 +225,26 @@ def _units_dataset(images_uri: str, split: str, *, shuffle_seed: int | None, con
     return ds, n_blocks
 
 
+def _tune_context(ctx: "ray.data.DataContext", block_mb: float) -> None:
+    """Ray Data settings of one dataset (its own DataContext copy; other datasets keep the defaults).
+
+    The pipeline is one real operator whose tasks are coarse (a block of row groups: ~100 MB of uint8 rows
+    each), which two of Ray Data's scheduling heuristics misjudge; measured with
+    ``benchmarks/data_throughput.py`` on 2 CPUs, they left a decode slot idle for 10-20 % of every epoch:
+
+    - op resource reservation held the second decode task back until the first one finished (~1 s at the
+      start of every epoch) — there is no other operator to reserve resources for;
+    - the downstream-capacity policy compares the running tasks' pending outputs with the consumer's one or two
+      batches in flight, so it stopped new decode tasks most of the time.
+
+    Memory stays bounded by Ray Data's object-store budget (its resource-budget policy) and the task
+    concurrency cap. ``block_mb`` caps the size of the output blocks.
+    """
+    ctx.target_max_block_size = int(block_mb * 2**20)
+    ctx.op_resource_reservation_enabled = False
+    ctx.downstream_capacity_backpressure_ratio = None
+
+
 def build_train_dataset(images_uri: str, masks_uri: str, image_size: int, seed: int = 0, epoch: int = 0, *,
                         num_cpus: float = DEFAULT_NUM_CPUS, concurrency: int | None = None,
                         mask_split: str = "train", deterministic: bool = False,
@@ -259,7 +279,7 @@ def build_train_dataset(images_uri: str, masks_uri: str, image_size: int, seed: 
         _train_units_udf, batch_size=None, batch_format="numpy",
         fn_kwargs={"image_size": image_size, "base_seed": base, "bank": [_bank_ref(masks_uri, mask_split)]},
         num_cpus=num_cpus, compute=compute)
-    ds.context.target_max_block_size = int(block_mb * 2**20)
+    _tune_context(ds.context, block_mb)
     if deterministic:
         ds.context.execution_options.preserve_order = True
     return ds
@@ -286,7 +306,7 @@ def build_val_dataset(images_uri: str, masks_uri: str, image_size: int, limit: i
     ds = ds.map_batches(_val_units_udf, batch_size=1, batch_format="numpy",
                         fn_kwargs={"image_size": image_size, "bank": [ref], "pairing": pairing},
                         num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=min(concurrency, n_blocks)))
-    ds.context.target_max_block_size = int(DEFAULT_BLOCK_MB * 2**20)
+    _tune_context(ds.context, DEFAULT_BLOCK_MB)
     return ds
 
 
