@@ -9,9 +9,11 @@ Measured, all producing float32 image / mask / masked batches of IMAGE_SIZE x IM
   dataloader   torchvision ImageFolder + torch DataLoader (num_workers = --cpus) over the SAME images as files on
                local disk, with the same per-image work (resize short side, random crop, flip, a random augmented
                mask from the same mask set).
-  floor        a plain single-process loop over the same encoded bytes doing the same per-image work as the
-               pipeline's map function (decode, crop, flip, mask augmentation; output as --batch-dtype): the floor.
-               Also reported: a decode+crop-only floor (no mask work), for reference.
+  floor        a plain loop in one fresh process over the same encoded bytes (a seeded sample of the epoch's
+               images) doing the same per-image work as the pipeline's map function (decode, crop, flip, mask
+               augmentation; output as --batch-dtype): the floor.
+               Also reported, for reference: a decode+crop-only floor (no mask work), and the floor loop run in
+               --cpus processes at once (how the machine's CPUs scale on this work with no pipeline at all).
 
 Printed ratios (the targets of issue 3: >= 1.0 and >= 0.8):
   ratio raydata/dataloader: X
@@ -20,13 +22,18 @@ Printed ratios (the targets of issue 3: >= 1.0 and >= 0.8):
 By default the images are CBSD68 + the CelebA-HQ sample from ../shared/datasets, repeated --repeat times under
 distinct keys so an epoch is long enough to measure, and the masks are a subset of the NVIDIA test masks.
 The machine should be otherwise idle; all three measurements use the same number of CPUs. Epochs of the two
-loaders are interleaved and medians reported, so background load hits both alike.
+loaders are interleaved, the floor is measured again after each round of epochs, and medians are reported, so
+background load (this VM's speed drifts by +-15 % over minutes) hits all three alike.
 
 Output format (--batch-dtype): every loader delivers the same batches. uint8 (default) is what the training loop
 consumes (it converts to float on its device, where that is free); float32 makes each loader convert on the CPU
 (the Ray pipeline in its consumer's collate function, the DataLoader in its workers with ToTensor).
 On a small machine the driver and the local S3 server share the CPUs with the decode tasks; --cpus N below the
 core count gives them the rest, which separates per-task efficiency from co-location overhead.
+
+CPU accounting (Linux): during each Ray epoch the script reads /proc and prints where the machine's CPU time went —
+Ray Data's decode tasks (the ray:: worker processes), the S3 server it started, this driver process, Ray's own
+services, other processes, and idle — plus the decode tasks' CPU per image relative to the floor's.
 """
 
 from __future__ import annotations
@@ -116,6 +123,48 @@ def _default_sources(tmp: Path, repeat: int, n_masks: int) -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+class CpuAccount:
+    """CPU seconds per process group between two /proc snapshots (Linux; empty elsewhere)."""
+
+    GROUPS = ("decode tasks", "S3 server", "driver", "Ray services", "other", "idle")
+
+    def __init__(self, s3_pid: int | None):
+        self.s3_pid, self.hz = s3_pid, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _group(self, pid: int, cmd: str) -> str:
+        if pid == os.getpid():
+            return "driver"
+        if pid == self.s3_pid:
+            return "S3 server"
+        if cmd.startswith("ray::") and not cmd.startswith(("ray::_", "ray::Dashboard", "ray::Runtime")):
+            return "decode tasks"  # Ray workers: ray::IDLE between tasks, ray::<op name> while running one
+        return "Ray services" if "ray" in cmd else "other"
+
+    def snapshot(self) -> dict[str, float]:
+        out = dict.fromkeys(self.GROUPS, 0.0)
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return {}
+        out["idle"] = (fields[3] + fields[4]) / self.hz
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            ticks = stat.rsplit(")", 1)[1].split()
+            out[self._group(int(entry.name), cmd)] += (int(ticks[11]) + int(ticks[12])) / self.hz
+        return out
+
+    @staticmethod
+    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {k: max(0.0, after[k] - before[k]) for k in before} if before and after else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 class RayLoader:
     """The pipeline under test: one dataset, iterated once per epoch like a Ray Train worker does."""
 
@@ -145,31 +194,35 @@ class RayLoader:
         ray.shutdown()
 
 
-def time_epoch(loader) -> float:
+def time_epoch(loader, account: CpuAccount | None = None) -> tuple[float, dict[str, float]]:
+    """(images/s, CPU seconds per process group during the epoch, plus "images" and "wall")."""
+    before = account.snapshot() if account else {}
     n, t0 = 0, time.perf_counter()
     for batch in loader:
         n += len(batch["image"])
-    return n / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    cpu = CpuAccount.delta(before, account.snapshot()) if account else {}
+    return n / wall, {**cpu, "images": n, "wall": wall} if cpu else {}
 
 
 def _rows(images: str, limit: int) -> list[bytes]:
+    """A seeded random sample of the train split's encoded images: the same mix of sources as an epoch."""
     from pconv import shards
 
     manifest = shards.read_manifest(images)
-    table = shards.read_table(shards.shard_uris(images, manifest, "train")[:8], ["image"])
-    return table.column("image").to_pylist()[:limit]
+    blobs = shards.read_table(shards.shard_uris(images, manifest, "train"), ["image"]).column("image")
+    pick = np.random.default_rng(0).permutation(len(blobs))[:limit]
+    return [blobs[int(i)].as_py() for i in pick]
 
 
-def bench_floor(images: str, masks: str, args) -> tuple[float, float]:
-    """(same work as the pipeline, decode+crop only) images/s in this single process."""
+def _floor_rate(rows: list[bytes], bank, args) -> float:
+    """Images/s of the pipeline's per-image work (the same transform, then the output format) in one thread."""
     import torch
 
-    from pconv import data, shards
+    from pconv import data
     from pconv import transforms as T
 
     torch.set_num_threads(1)
-    rows = _rows(images, args.floor_images)
-    bank = T.load_mask_bank(masks)
     keys = np.array([f"k{i}" for i in range(len(rows))], dtype=object)
     blobs = np.array(rows, dtype=object)
     rands = np.random.default_rng(0).random(len(rows))
@@ -182,13 +235,44 @@ def bench_floor(images: str, masks: str, args) -> tuple[float, float]:
             T.to_float(out["image"], out["mask"], include_masked=True)
         else:
             out["image"] * out["mask"]  # noqa: B018 - the masked input, as the loaders deliver it
-    full = len(rows) / (time.perf_counter() - t0)
+    return len(rows) / (time.perf_counter() - t0)
+
+
+def _crop_only_rate(rows: list[bytes], args) -> float:
+    from pconv import shards
+    from pconv import transforms as T
+
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     for blob in rows:
         T.random_crop_flip(shards.open_image(blob, draft_size=args.image_size), args.image_size, rng)
-    crop_only = len(rows) / (time.perf_counter() - t0)
-    return full, crop_only
+    return len(rows) / (time.perf_counter() - t0)
+
+
+def _floor_worker(rows, masks, args, barrier, results) -> None:
+    from pconv import transforms as T
+
+    bank = T.load_mask_bank(masks)
+    _floor_rate(rows[:8], bank, args)  # warm-up: imports, first allocations
+    barrier.wait()  # all processes start timing together
+    results.put((_floor_rate(rows, bank, args), _crop_only_rate(rows, args)))
+
+
+def bench_floor(rows: list[bytes], masks: str, args, processes: int = 1) -> tuple[float, float]:
+    """(same work as the pipeline, decode+crop only) images/s of the plain loop, summed over ``processes`` fresh
+    processes running it at the same time. Fresh processes, like the loaders' workers: the driver's own state
+    (the ingestion before, Ray's threads later) made in-process floors drift by 20 %."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_floor_worker, args=(rows, masks, args, barrier, results)) for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    rates = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return float(sum(r[0] for r in rates)), float(sum(r[1] for r in rates))
 
 
 class _MaskedFolder:
@@ -261,32 +345,63 @@ def main() -> int:
         print(f"cpus {args.cpus}, image size {args.image_size}, batch {args.batch_size} ({args.batch_dtype}), "
               f"{n_files} images, "
               f"ray task cpus {args.task_cpus}")
-        full, crop_only = bench_floor(images, masks, args)
-        print(f"floor (same work, 1 process): {full:.1f} images/s; decode+crop only: {crop_only:.1f} images/s")
+        rows = _rows(images, args.floor_images)
+        floors = [bench_floor(rows, masks, args)]  # measured again after every epoch round: medians count
+        print(f"floor (same work, 1 process): {floors[0][0]:.1f} images/s; decode+crop only: {floors[0][1]:.1f} "
+              "images/s")
+        parallel = bench_floor(rows, masks, args, processes=args.cpus)[0]
+        print(f"floor in {args.cpus} processes at once: {parallel:.1f} images/s", flush=True)
         loaders = {"dataloader": make_dataloader(str(folder), masks, args), "raydata": RayLoader(images, masks, args)}
         for loader in loaders.values():  # warm-up epoch: worker start-up, imports, mask bank broadcast
             time_epoch(loader)
+        account = CpuAccount(moto.pid if moto is not None else None)
         rates: dict[str, list[float]] = {name: [] for name in loaders}
+        cpu_epochs: list[dict[str, float]] = []
         for epoch in range(args.epochs):  # interleaved, so both see the same background load
             for name, loader in loaders.items():
-                rates[name].append(time_epoch(loader))
-                print(f"  epoch {epoch} {name}: {rates[name][-1]:.1f} images/s", flush=True)
+                rate, cpu = time_epoch(loader, account if name == "raydata" else None)
+                rates[name].append(rate)
+                print(f"  epoch {epoch} {name}: {rate:.1f} images/s", flush=True)
+                if cpu:
+                    cpu_epochs.append(cpu)
+            floors.append(bench_floor(rows, masks, args))  # the same background load as this round's epochs
+            print(f"  floor: {floors[-1][0]:.1f} images/s", flush=True)
         loaders["raydata"].close()
-        full2, crop_only2 = bench_floor(images, masks, args)  # again at the end; the better (less loaded) counts
-        full, crop_only = max(full, full2), max(crop_only, crop_only2)
+        parallel = max(parallel, bench_floor(rows, masks, args, processes=args.cpus)[0])
+        full, crop_only = (float(np.median([f[i] for f in floors])) for i in (0, 1))
         dl, rd = float(np.median(rates["dataloader"])), float(np.median(rates["raydata"]))
-        print(f"floor (best of 2): {full:.1f} images/s; decode+crop only: {crop_only:.1f} images/s")
+        print(f"floor (median of {len(floors)}, measured between the epochs): {full:.1f} images/s "
+              f"(range {min(f[0] for f in floors):.1f}-{max(f[0] for f in floors):.1f}); decode+crop only: "
+              f"{crop_only:.1f} images/s")
         print(f"dataloader ({args.cpus} workers, median of {args.epochs} epochs): {dl:.1f} images/s")
         print(f"raydata ({args.cpus} cpus, S3 shards, median of {args.epochs} epochs): {rd:.1f} images/s")
         print(f"ratio raydata/dataloader: {rd / dl:.2f}")
         print(f"ratio raydata/decode_floor_per_cpu: {rd / (full * args.cpus):.2f}")
         print(f"ratio raydata/decode_crop_only_floor_per_cpu: {rd / (crop_only * args.cpus):.2f}")
+        print(f"for reference: {args.cpus} floor processes at once reach {parallel:.1f} images/s "
+              f"({parallel / full:.2f}x one: with nothing else running, plain loops alone get "
+              f"{parallel / (full * args.cpus):.2f} of the per-CPU floor); ratio raydata/parallel_floor: "
+              f"{rd / parallel:.2f}")
+        _print_cpu_account(cpu_epochs, full)
     finally:
         if moto is not None:
             moto.terminate()
             moto.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _print_cpu_account(epochs: list[dict[str, float]], floor: float) -> None:
+    """Where the machine's CPU time went during the Ray epochs (sums over the measured epochs)."""
+    if not epochs:
+        return
+    total = {k: sum(e[k] for e in epochs) for k in epochs[0]}
+    machine = sum(total[g] for g in CpuAccount.GROUPS)
+    shares = ", ".join(f"{g} {100 * total[g] / machine:.0f} %" for g in CpuAccount.GROUPS)
+    print(f"machine CPU time during the raydata epochs ({os.cpu_count()} cores, {machine:.1f} CPU-s): {shares}")
+    per_image = 1000 * total["decode tasks"] / total["images"]
+    print(f"decode tasks: {per_image:.2f} CPU-ms per image = {per_image * floor / 1000:.2f}x the floor's "
+          f"{1000 / floor:.2f} ms")
 
 
 def _export_images(images: str, out: Path) -> None:

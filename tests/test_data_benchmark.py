@@ -1,0 +1,37 @@
+"""benchmarks/data_throughput.py runs end to end (its own moto S3 server, Ray, a DataLoader) at a tiny size and
+prints the issue's two ratios and a CPU account in which the decode tasks are found. Speed is not asserted."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_data_benchmark_prints_both_ratios_and_where_the_cpu_went(datasets_dir):
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONWARNINGS": "ignore"}  # its own Ray, never a test's
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(name, None)  # it starts and configures its own S3 server
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/data_throughput.py", "--image-size", "64", "--repeat", "1", "--epochs", "1",
+         "--floor-images", "16", "--n-masks", "40"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for ratio in ("raydata/dataloader", "raydata/decode_floor_per_cpu", "raydata/parallel_floor"):
+        assert re.search(rf"ratio {ratio}: \d+\.\d\d", out), out
+    assert "124 images" in out  # CBSD68 (68) + CelebA-HQ sample (56), once
+    account = re.search(r"machine CPU time during the raydata epochs .*?: (.*)", out)
+    assert account, out
+    shares = {name.strip(): int(pct) for name, pct in re.findall(r"([A-Za-z0-9 ]+?) (\d+) %", account.group(1))}
+    assert set(shares) == {"decode tasks", "S3 server", "driver", "Ray services", "other", "idle"}
+    assert 97 <= sum(shares.values()) <= 103  # rounded shares of the whole machine
+    assert shares["decode tasks"] > 0 and shares["driver"] > 0  # the processes were found, not just idle time
+    assert re.search(r"decode tasks: \d+\.\d\d CPU-ms per image = \d+\.\d\dx the floor's", out), out
