@@ -288,3 +288,19 @@ def test_the_next_read_unit_is_fetched_while_one_is_decoded(prepared_shards, mon
     out = list(data._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=0))
     assert reads == [(u["uri"], u["row_group"]) for u in units]
     assert sum(len(o["id"]) for o in out) == sum(u["rows"] for u in units)
+
+
+def test_scheduling_settings_exist_in_this_ray_and_stay_on_our_dataset(ray_cluster, prepared_shards):
+    """_tune_context sets two DataContext fields by name; a renamed field would be a silent no-op (dataclass
+    instances accept any attribute), so check they are real fields and that other datasets keep the defaults."""
+    import dataclasses
+
+    from ray.data import DataContext
+
+    fields = {f.name for f in dataclasses.fields(DataContext)}
+    assert {"op_resource_reservation_enabled", "downstream_capacity_backpressure_ratio",
+            "target_max_block_size"} <= fields
+    ds = data.build_train_dataset(prepared_shards["images"], prepared_shards["masks"], SIZE, num_cpus=0.25)
+    assert ds.context.op_resource_reservation_enabled is False
+    assert ds.context.downstream_capacity_backpressure_ratio is None
+    assert DataContext.get_current().op_resource_reservation_enabled is True  # the process default is untouched
