@@ -87,16 +87,6 @@ def load_mask_bank(masks_uri: str, split: str = "train") -> MaskBank:
 # ---------------------------------------------------------------------------------------------
 # Per-image transforms (numpy / PIL; no Ray)
 # ---------------------------------------------------------------------------------------------
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    """Resize (up or down, aspect kept) so the short side is ``size``; antialiased bilinear."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) == (w, h):
-        return img
-    return img.resize((nw, nh), Image.Resampling.BILINEAR)
-
-
 def _crop_resized(img: Image.Image, size: int, pick) -> Image.Image:
     """The ``size x size`` square at ``pick(nw, nh) -> (left, top)`` of the image resized so its short side is
     ``size`` — computed by resampling ONLY that square (``resize(box=...)``), not the whole resized image."""
