@@ -173,6 +173,7 @@ class RayLoader:
 
         from pconv import data
 
+        data.reuse_freed_memory()  # this process consumes the batches, as a training worker does (which calls it)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         self.ds = data.build_train_dataset(images, masks, args.image_size, seed=0, num_cpus=args.task_cpus,
@@ -250,8 +251,10 @@ def _crop_only_rate(rows: list[bytes], args) -> float:
 
 
 def _floor_worker(rows, masks, args, barrier, results) -> None:
+    from pconv import data
     from pconv import transforms as T
 
+    data.reuse_freed_memory()  # as the pipeline's decode tasks do
     bank = T.load_mask_bank(masks)
     _floor_rate(rows[:8], bank, args)  # warm-up: imports, first allocations
     barrier.wait()  # all processes start timing together
@@ -304,6 +307,9 @@ class _MaskedFolder:
 def _worker_init(_):
     import torch
 
+    from pconv import data
+
+    data.reuse_freed_memory()  # the same allocator settings as the Ray pipeline's processes
     torch.set_num_threads(1)
     import numpy as _np
 

@@ -100,6 +100,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = TrainConfig.from_dict(loop_config["config"]).validate()
+    data.reuse_freed_memory()  # this process consumes the batches (see the function)
     run_id: str | None = loop_config.get("mlflow_run_id")
     tracking_uri: str | None = loop_config.get("tracking_uri")
     ctx = ray.train.get_context()

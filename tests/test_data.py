@@ -290,6 +290,64 @@ def test_the_next_read_unit_is_fetched_while_one_is_decoded(prepared_shards, mon
     assert sum(len(o["id"]) for o in out) == sum(u["rows"] for u in units)
 
 
+_FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np
+from pconv import data
+applied = data.reuse_freed_memory() if sys.argv[1] == "tune" else False
+def churn():  # allocate, touch and free a 48 MB buffer (above glibc's largest adaptive mmap threshold)
+    a = np.empty(48 * 2**20, np.uint8)
+    a.fill(1)
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    churn()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="malloc tuning is glibc-only")
+def test_reuse_freed_memory_stops_page_faults_on_reallocation(tmp_path):
+    """After reuse_freed_memory() a freed large buffer is reused: allocating it again costs no page faults
+    (each fresh mmap page-faults on first touch). PCONV_MALLOC_TUNING=0 opts out."""
+    import os
+    import subprocess
+    import sys
+
+    def run(mode: str, **env: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parents[1],
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env})
+        applied, faults = out.stdout.split()
+        return applied, int(faults)
+
+    plain, tuned, opted_out = run("plain"), run("tune"), run("tune", PCONV_MALLOC_TUNING="0")
+    assert plain[0] == "False" and tuned[0] == "True" and opted_out[0] == "False"
+    assert plain[1] >= 100, plain  # 10 x 48 MB fresh mappings: >= 240 faults even with 2 MB huge pages
+    assert tuned[1] * 20 < plain[1], (tuned, plain)
+    assert opted_out[1] * 2 > plain[1], (opted_out, plain)
+
+
+def test_decode_tasks_and_training_workers_tune_malloc(prepared_shards, monkeypatch):
+    """The processes that allocate per image (read/decode tasks) and per batch (training workers) call it."""
+    import inspect
+
+    from pconv import train
+    from pconv import transforms as T
+
+    calls = []
+    monkeypatch.setattr(data, "reuse_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(data, "_resolve_bank", lambda holder: T.load_mask_bank(prepared_shards["masks"]))
+    unit = data.read_units(prepared_shards["images"], "train")[0]
+    block = {"uri": np.array([unit["uri"]]), "row_group": np.array([unit["row_group"]]), "_rand": np.array([0.5])}
+    next(data._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=0))
+    assert calls == [1]
+    next(data._val_units_udf({"uri": block["uri"], "row_group": block["row_group"]}, bank=[None],
+                             image_size=SIZE, pairing={}))
+    assert calls == [1, 1]
+    assert "data.reuse_freed_memory()" in inspect.getsource(train.train_loop_per_worker)
+
+
 def test_scheduling_settings_exist_in_this_ray_and_stay_on_our_dataset(ray_cluster, prepared_shards):
     """_tune_context sets two DataContext fields by name; a renamed field would be a silent no-op (dataclass
     instances accept any attribute), so check they are real fields and that other datasets keep the defaults."""
