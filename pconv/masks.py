@@ -118,7 +118,11 @@ def _check_binary_2d(mask: np.ndarray, what: str) -> np.ndarray:
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"{what}: expected an H x W mask, got shape {m.shape}")
-    if m.dtype != bool and not np.isin(m, (0, 1)).all():
+    if m.dtype.kind in "ui" and m.size:  # integers: a range check is enough (and 20x faster than isin)
+        binary = int(m.max()) <= 1 and (m.dtype.kind == "u" or int(m.min()) >= 0)
+    else:
+        binary = m.dtype == bool or bool(np.isin(m, (0, 1)).all())
+    if not binary:
         raise ValueError(f"{what}: mask must be binary {{0, 1}}, got values {np.unique(m)[:8].tolist()}")
     return m.astype(bool)
 
@@ -132,7 +136,19 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 
 
 def decode_stored_mask(data: bytes, name: str = "") -> np.ndarray:
-    """Inverse of :func:`encode_mask_png`: ``uint8 H x W`` {0, 1}, 1 = valid (white)."""
+    """Inverse of :func:`encode_mask_png`: ``uint8 H x W`` {0, 1}, 1 = valid (white).
+
+    Stored masks are 1-bit images, read directly (the training hot path: one per image); anything else, and
+    every error, goes through :func:`decode_mask` with ``hole_color="black"``."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.mode == "1":
+            img.load()
+            bits = np.asarray(img)  # bool, True = white = valid
+            if bits.ndim == 2 and bits.size:
+                return bits.astype(np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        pass  # decode_mask raises the error naming the mask
     return decode_mask(data, hole_color="black", threshold=0.5, name=name)
 
 
@@ -170,7 +186,7 @@ def resize_nearest(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     in_h, in_w = m.shape
     rows = np.minimum(((np.arange(out_h) + 0.5) * in_h / out_h).astype(np.int64), in_h - 1)
     cols = np.minimum(((np.arange(out_w) + 0.5) * in_w / out_w).astype(np.int64), in_w - 1)
-    return m[rows[:, None], cols[None, :]]
+    return m.take(rows, axis=0).take(cols, axis=1)  # one axis at a time: 3x faster than m[rows[:, None], cols]
 
 
 # ----------------------------------------------------------------------------------------------- generator

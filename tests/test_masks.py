@@ -130,9 +130,23 @@ def test_stored_png_round_trip_is_exact_and_compact():
     assert back.dtype == np.uint8 and np.array_equal(back, m)
 
 
+def test_decode_stored_mask_reads_other_modes_and_names_broken_data():
+    """The 1-bit fast path gives way to decode_mask for other stored modes (grey 0/255) and for errors."""
+    m = generate_mask(64, np.random.default_rng(5), bin_index=1)
+    buf = io.BytesIO()
+    Image.fromarray(m * 255).save(buf, format="PNG")  # mode "L", white = valid
+    assert np.array_equal(decode_stored_mask(buf.getvalue()), m)
+    with pytest.raises(ValueError, match="cannot decode mask 'bad.png'"):
+        decode_stored_mask(encode_mask_png(m)[:40], name="bad.png")
+
+
 def test_encode_rejects_non_binary():
     with pytest.raises(ValueError, match="binary"):
         encode_mask_png(np.array([[0, 2], [1, 1]], dtype=np.uint8))
+    for bad in (np.array([[0, -1], [1, 1]], dtype=np.int16), np.array([[0.0, 0.5], [1.0, 1.0]])):
+        with pytest.raises(ValueError, match="binary"):
+            encode_mask_png(bad)
+    assert decode_stored_mask(encode_mask_png(np.array([[0, 1], [1, 0]], dtype=np.int64))).tolist() == [[0, 1], [1, 0]]
     with pytest.raises(ValueError, match="H x W"):
         encode_mask_png(np.ones((1, 4, 4), dtype=np.uint8))
 
