@@ -173,7 +173,12 @@ class RayLoader:
 
         from pconv import data
 
-        data.reuse_freed_memory()  # this process consumes the batches, as a training worker does (which calls it)
+        import torch
+
+        # this process consumes the batches as a training worker does: its allocator settings, and one torch
+        # thread (Ray sets OMP_NUM_THREADS to a worker's CPU count: 1 per GPU worker by default)
+        data.reuse_freed_memory()
+        torch.set_num_threads(1)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         self.ds = data.build_train_dataset(images, masks, args.image_size, seed=0, num_cpus=args.task_cpus,
