@@ -144,9 +144,9 @@ def decode_stored_mask(data: bytes, name: str = "") -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         if img.mode == "1":
             img.load()
-            bits = np.asarray(img)  # bool, True = white = valid
+            bits = np.asarray(img)  # bool, True = white = valid (!= 0 also covers a Pillow giving 0/255)
             if bits.ndim == 2 and bits.size:
-                return bits.astype(np.uint8)
+                return (bits != 0).astype(np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         pass  # decode_mask raises the error naming the mask
     return decode_mask(data, hole_color="black", threshold=0.5, name=name)
