@@ -170,10 +170,9 @@ class RayLoader:
 
     def __init__(self, images: str, masks: str, args):
         import ray
+        import torch
 
         from pconv import data
-
-        import torch
 
         # this process consumes the batches as a training worker does: its allocator settings, and one torch
         # thread (Ray sets OMP_NUM_THREADS to a worker's CPU count: 1 per GPU worker by default)

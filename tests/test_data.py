@@ -307,7 +307,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="malloc tuning is glibc-only")
-def test_reuse_freed_memory_stops_page_faults_on_reallocation(tmp_path):
+def test_reuse_freed_memory_stops_page_faults_on_reallocation():
     """After reuse_freed_memory() a freed large buffer is reused: allocating it again costs no page faults
     (each fresh mmap page-faults on first touch). PCONV_MALLOC_TUNING=0 opts out."""
     import os
