@@ -392,7 +392,7 @@ def main() -> int:
               f"({parallel / full:.2f}x one: with nothing else running, plain loops alone get "
               f"{parallel / (full * args.cpus):.2f} of the per-CPU floor); ratio raydata/parallel_floor: "
               f"{rd / parallel:.2f}")
-        _print_cpu_account(cpu_epochs, full)
+        _print_cpu_account(cpu_epochs, full, args.cpus)
     finally:
         if moto is not None:
             moto.terminate()
@@ -401,17 +401,25 @@ def main() -> int:
     return 0
 
 
-def _print_cpu_account(epochs: list[dict[str, float]], floor: float) -> None:
-    """Where the machine's CPU time went during the Ray epochs (sums over the measured epochs)."""
+def _print_cpu_account(epochs: list[dict[str, float]], floor: float, cpus: int) -> None:
+    """Where the machine's CPU time went during the Ray epochs (sums over the measured epochs), and the per-CPU
+    ratio those shares allow at most: what the decode tasks could reach if they had every CPU second that the
+    other processes (S3 server, driver, Ray services, other) did not use, with no idle time."""
     if not epochs:
         return
     total = {k: sum(e[k] for e in epochs) for k in epochs[0]}
     machine = sum(total[g] for g in CpuAccount.GROUPS)
     shares = ", ".join(f"{g} {100 * total[g] / machine:.0f} %" for g in CpuAccount.GROUPS)
-    print(f"machine CPU time during the raydata epochs ({os.cpu_count()} cores, {machine:.1f} CPU-s): {shares}")
+    cores = os.cpu_count() or 1
+    print(f"machine CPU time during the raydata epochs ({cores} cores, {machine:.1f} CPU-s): {shares}")
     per_image = 1000 * total["decode tasks"] / total["images"]
-    print(f"decode tasks: {per_image:.2f} CPU-ms per image = {per_image * floor / 1000:.2f}x the floor's "
-          f"{1000 / floor:.2f} ms")
+    cost = per_image * floor / 1000  # the decode tasks' CPU per image relative to the floor's
+    print(f"decode tasks: {per_image:.2f} CPU-ms per image = {cost:.2f}x the floor's {1000 / floor:.2f} ms")
+    others = sum(total[g] for g in ("S3 server", "driver", "Ray services", "other")) / machine
+    ceiling = min(1.0, (1 - others) * cores / cpus)  # decode CPUs available, per CPU given to Ray
+    print(f"ceiling of ratio raydata/decode_floor_per_cpu on this machine: {ceiling:.2f} (the other processes "
+          f"took {100 * others:.0f} % of the {cores} cores; decode tasks with all the rest, no idle time and the "
+          f"floor's CPU per image), {ceiling / cost:.2f} at their measured {cost:.2f}x")
 
 
 def _export_images(images: str, out: Path) -> None:

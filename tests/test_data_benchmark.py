@@ -34,4 +34,13 @@ def test_data_benchmark_prints_both_ratios_and_where_the_cpu_went(datasets_dir):
     assert set(shares) == {"decode tasks", "S3 server", "driver", "Ray services", "other", "idle"}
     assert 97 <= sum(shares.values()) <= 103  # rounded shares of the whole machine
     assert shares["decode tasks"] > 0 and shares["driver"] > 0  # the processes were found, not just idle time
-    assert re.search(r"decode tasks: \d+\.\d\d CPU-ms per image = \d+\.\d\dx the floor's", out), out
+    cost = re.search(r"decode tasks: \d+\.\d\d CPU-ms per image = (\d+\.\d\d)x the floor's", out)
+    assert cost, out
+    # the ceiling follows from the printed shares: 1 - the other processes' share (--cpus defaults to every core)
+    ceiling = re.search(r"ceiling of ratio raydata/decode_floor_per_cpu on this machine: (\d\.\d\d) \(the other "
+                        r"processes took (\d+) % .*?\), (\d+\.\d\d) at their measured", out)
+    assert ceiling, out
+    others = shares["S3 server"] + shares["driver"] + shares["Ray services"] + shares["other"]
+    assert abs(int(ceiling.group(2)) - others) <= 2  # the same shares, rounded separately
+    assert abs(float(ceiling.group(1)) - (1 - int(ceiling.group(2)) / 100)) <= 0.011
+    assert float(ceiling.group(3)) == pytest.approx(float(ceiling.group(1)) / float(cost.group(1)), abs=0.011)
