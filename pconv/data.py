@@ -153,47 +153,57 @@ def _unit_rows(unit_uri: str, group: int, unit_rand: float, base_seed: int,
     return keys[order], blobs[order], rng.random(len(keys))
 
 
+def _read_ahead(todo: list[tuple[str, int, float]], base_seed: int,
+                shuffle: bool) -> Iterator[tuple[str, int, tuple[np.ndarray, ...]]]:
+    """``(uri, group, rows of _unit_rows)`` for each ``(uri, group, unit_rand)`` of ``todo``, in order; the next
+    unit is read in a background thread while the caller decodes this one (object-storage latency hidden behind
+    CPU work)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pconv-read") as reader:
+        pending = reader.submit(_unit_rows, *todo[0], base_seed, shuffle) if todo else None
+        for j, (uri, group, _) in enumerate(todo):
+            rows = pending.result()
+            if j + 1 < len(todo):
+                pending = reader.submit(_unit_rows, *todo[j + 1], base_seed, shuffle)
+            yield uri, group, rows
+
+
 def _train_units_udf(units: dict[str, np.ndarray], *, bank: list, image_size: int,
                      base_seed: int) -> Iterator[dict[str, np.ndarray]]:
     """Read + decode read units (row groups) into training rows, a few rows at a time. The units of one input
-    block are taken in a per-epoch random order, and the next one is read in a background thread while this
-    one is decoded (object-storage latency hidden behind CPU work)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    block are taken in a per-epoch random order, each read while the previous one is decoded."""
     reuse_freed_memory()
     mask_bank = _resolve_bank(bank)
     step = rows_per_block(image_size)
     todo = [(str(units["uri"][i]), int(units["row_group"][i]), float(units["_rand"][i]))
             for i in np.argsort(units["_rand"], kind="stable")]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pconv-read") as reader:
-        pending = reader.submit(_unit_rows, *todo[0], base_seed, True) if todo else None
-        for j, (uri, group, _) in enumerate(todo):
-            keys, blobs, rands = pending.result()
-            if j + 1 < len(todo):
-                pending = reader.submit(_unit_rows, *todo[j + 1], base_seed, True)
-            carry = 0  # corrupt rows not yet reported on a surviving row
-            for s in range(0, len(keys), step):
-                out = T.train_transform(
-                    {"key": keys[s:s + step], "image": blobs[s:s + step], "_rand": rands[s:s + step]},
-                    image_size=image_size, base_seed=base_seed, bank=mask_bank)
-                if len(out["id"]) == 0:
-                    carry += len(keys[s:s + step])
-                    continue
-                out["skipped"][0] += carry
-                carry = 0
-                yield out
-            if carry:
-                log.error("training data: %s row group %d: %d corrupt rows after the last good one (not counted "
-                          "in 'skipped')", uri, group, carry)
+    for uri, group, (keys, blobs, rands) in _read_ahead(todo, base_seed, shuffle=True):
+        carry = 0  # corrupt rows not yet reported on a surviving row
+        for s in range(0, len(keys), step):
+            out = T.train_transform(
+                {"key": keys[s:s + step], "image": blobs[s:s + step], "_rand": rands[s:s + step]},
+                image_size=image_size, base_seed=base_seed, bank=mask_bank)
+            if len(out["id"]) == 0:
+                carry += len(keys[s:s + step])
+                continue
+            out["skipped"][0] += carry
+            carry = 0
+            yield out
+        if carry:
+            log.error("training data: %s row group %d: %d corrupt rows after the last good one (not counted "
+                      "in 'skipped')", uri, group, carry)
 
 
 def _val_units_udf(units: dict[str, np.ndarray], *, bank: list, image_size: int,
                    pairing: dict[str, tuple[int, int]]) -> Iterator[dict[str, np.ndarray]]:
+    """Read + decode the val units of one input block in file order, each read while the previous one is
+    decoded."""
     reuse_freed_memory()
     mask_bank = _resolve_bank(bank)
     step = rows_per_block(image_size)
-    for uri, group in zip(units["uri"], units["row_group"]):
-        keys, blobs, _ = _unit_rows(str(uri), int(group), 0.0, 0, shuffle=False)
+    todo = [(str(uri), int(group), 0.0) for uri, group in zip(units["uri"], units["row_group"])]
+    for _, _, (keys, blobs, _) in _read_ahead(todo, 0, shuffle=False):
         for s in range(0, len(keys), step):
             yield T.val_transform({"key": keys[s:s + step], "image": blobs[s:s + step]}, image_size=image_size,
                                   bank=mask_bank, pairing=pairing)
@@ -345,7 +355,7 @@ def build_val_dataset(images_uri: str, masks_uri: str, image_size: int, limit: i
     n_masks = len(ray.get(ref))
     pairing = val_pairing(keys, n_masks, limit)
     ds, n_blocks = _units_dataset(images_uri, "val", shuffle_seed=None, concurrency=concurrency, manifest=manifest)
-    ds = ds.map_batches(_val_units_udf, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(_val_units_udf, batch_size=None, batch_format="numpy",  # the block's units: read-ahead
                         fn_kwargs={"image_size": image_size, "bank": [ref], "pairing": pairing},
                         num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=min(concurrency, n_blocks)))
     _tune_context(ds.context, DEFAULT_BLOCK_MB)

@@ -350,6 +350,31 @@ def test_decode_tasks_and_training_workers_tune_malloc(prepared_shards, monkeypa
     assert "data.reuse_freed_memory()" in inspect.getsource(train.train_loop_per_worker)
 
 
+def test_read_ahead_reads_the_next_unit_while_the_caller_decodes_this_one(monkeypatch):
+    """Train and val decode tasks read unit j + 1 in a background thread while decoding unit j: units come back
+    in order, each read once, with its own shuffle flag, and unit 1's read starts before unit 0 is released."""
+    import threading
+
+    started = {i: threading.Event() for i in range(3)}
+    reads = []
+
+    def fake_rows(uri, group, unit_rand, base_seed, shuffle):
+        reads.append((uri, group, base_seed, shuffle, threading.current_thread().name))
+        started[group].set()
+        return (np.array([f"{uri}/{group}"], dtype=object),) * 3
+
+    monkeypatch.setattr(data, "_unit_rows", fake_rows)
+    todo = [("s3://b/a.parquet", g, 0.1 * g) for g in range(3)]
+    units = data._read_ahead(todo, 7, shuffle=False)
+    uri, group, (keys, _, _) = next(units)
+    assert (uri, group, keys[0]) == ("s3://b/a.parquet", 0, "s3://b/a.parquet/0")
+    assert started[1].wait(timeout=10), "unit 1 was not read while unit 0 was being decoded"
+    assert [g for _, g, _ in units] == [1, 2]
+    assert [(r[1], r[2], r[3]) for r in reads] == [(0, 7, False), (1, 7, False), (2, 7, False)]
+    assert all(r[4].startswith("pconv-read") for r in reads)
+    assert list(data._read_ahead([], 0, shuffle=True)) == []
+
+
 def test_scheduling_settings_exist_in_this_ray_and_stay_on_our_dataset(ray_cluster, prepared_shards):
     """_tune_context sets two DataContext fields by name; a renamed field would be a silent no-op (dataclass
     instances accept any attribute), so check they are real fields and that other datasets keep the defaults."""
