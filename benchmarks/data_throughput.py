@@ -33,7 +33,9 @@ core count gives them the rest, which separates per-task efficiency from co-loca
 
 CPU accounting (Linux): during each Ray epoch the script reads /proc and prints where the machine's CPU time went —
 Ray Data's decode tasks (the ray:: worker processes), the S3 server it started, this driver process, Ray's own
-services, other processes, and idle — plus the decode tasks' CPU per image relative to the floor's.
+services, other processes, idle, and processes that exited during the epoch (their time is in /proc/stat but no longer
+per process) — plus the decode tasks' CPU per image relative to the floor's, and the ceiling those shares put on the
+per-CPU ratio.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def _default_sources(tmp: Path, repeat: int, n_masks: int) -> tuple[Path, Path]:
 class CpuAccount:
     """CPU seconds per process group between two /proc snapshots (Linux; empty elsewhere)."""
 
-    GROUPS = ("decode tasks", "S3 server", "driver", "Ray services", "other", "idle")
+    GROUPS = ("decode tasks", "S3 server", "driver", "Ray services", "other", "idle", "exited processes")
 
     def __init__(self, s3_pid: int | None):
         self.s3_pid, self.hz = s3_pid, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -140,13 +142,13 @@ class CpuAccount:
             return "decode tasks"  # Ray workers: ray::IDLE between tasks, ray::<op name> while running one
         return "Ray services" if "ray" in cmd else "other"
 
-    def snapshot(self) -> dict[str, float]:
-        out = dict.fromkeys(self.GROUPS, 0.0)
+    def snapshot(self) -> dict:
+        """Machine idle and busy seconds (/proc/stat) and each live process's (group, CPU seconds)."""
         try:
             fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         except OSError:
             return {}
-        out["idle"] = (fields[3] + fields[4]) / self.hz
+        procs: dict[tuple[int, int], tuple[str, float]] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -155,13 +157,26 @@ class CpuAccount:
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            ticks = stat.rsplit(")", 1)[1].split()
-            out[self._group(int(entry.name), cmd)] += (int(ticks[11]) + int(ticks[12])) / self.hz
-        return out
+            ticks = stat.rsplit(")", 1)[1].split()  # fields 3.. of proc(5): utime 14, stime 15, starttime 22
+            procs[(int(entry.name), int(ticks[19]))] = (self._group(int(entry.name), cmd),
+                                                         (int(ticks[11]) + int(ticks[12])) / self.hz)
+        return {"idle": (fields[3] + fields[4]) / self.hz,
+                "busy": (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / self.hz, "procs": procs}
 
     @staticmethod
-    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        return {k: max(0.0, after[k] - before[k]) for k in before} if before and after else {}
+    def delta(before: dict, after: dict) -> dict[str, float]:
+        """CPU seconds per group between two snapshots. A process that exited in between is no longer in /proc:
+        its CPU time in the interval is unknown per process but is in the machine's busy time, so it is shown as
+        "exited processes" (busy time not found in the live processes)."""
+        if not before or not after:
+            return {}
+        out = dict.fromkeys(CpuAccount.GROUPS, 0.0)
+        out["idle"] = after["idle"] - before["idle"]
+        for key, (group, cpu) in after["procs"].items():
+            out[group] += cpu - before["procs"].get(key, (group, 0.0))[1]  # a new process: all its CPU time
+        seen = sum(out[g] for g in CpuAccount.GROUPS if g != "idle")
+        out["exited processes"] = max(0.0, after["busy"] - before["busy"] - seen)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """benchmarks/data_throughput.py runs end to end (its own moto S3 server, Ray, a DataLoader) at a tiny size and
-prints the issue's two ratios and a CPU account in which the decode tasks are found. Speed is not asserted."""
+prints the issue's two ratios and a CPU account in which the decode tasks are found. Speed is not asserted.
+The account's bookkeeping is also checked on its own, with processes of known CPU time."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_data_benchmark_prints_both_ratios_and_where_the_cpu_went(datasets_dir):
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONWARNINGS": "ignore"}  # its own Ray, never a test's
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -31,7 +34,8 @@ def test_data_benchmark_prints_both_ratios_and_where_the_cpu_went(datasets_dir):
     account = re.search(r"machine CPU time during the raydata epochs .*?: (.*)", out)
     assert account, out
     shares = {name.strip(): int(pct) for name, pct in re.findall(r"([A-Za-z0-9 ]+?) (\d+) %", account.group(1))}
-    assert set(shares) == {"decode tasks", "S3 server", "driver", "Ray services", "other", "idle"}
+    assert set(shares) == {"decode tasks", "S3 server", "driver", "Ray services", "other", "idle",
+                           "exited processes"}
     assert 97 <= sum(shares.values()) <= 103  # rounded shares of the whole machine
     assert shares["decode tasks"] > 0 and shares["driver"] > 0  # the processes were found, not just idle time
     cost = re.search(r"decode tasks: \d+\.\d\d CPU-ms per image = (\d+\.\d\d)x the floor's", out)
@@ -44,3 +48,36 @@ def test_data_benchmark_prints_both_ratios_and_where_the_cpu_went(datasets_dir):
     assert abs(int(ceiling.group(2)) - others) <= 2  # the same shares, rounded separately
     assert abs(float(ceiling.group(1)) - (1 - int(ceiling.group(2)) / 100)) <= 0.011
     assert float(ceiling.group(3)) == pytest.approx(float(ceiling.group(1)) / float(cost.group(1)), abs=0.011)
+
+
+def _load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_throughput", REPO_ROOT / "benchmarks" / "data_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the CPU account reads Linux /proc")
+def test_cpu_account_keeps_the_time_of_processes_that_exit_mid_interval():
+    """CPU burnt between two snapshots by a process that has exited by the second one is shown as "exited
+    processes" (not lost, not subtracted from its group); a process alive at both is in its group."""
+    bench = _load_benchmark()
+    account = bench.CpuAccount(s3_pid=None)
+    alive = subprocess.Popen([sys.executable, "-c", _BURN.format(s=0.6) + "time.sleep(60)"])
+    try:
+        before = account.snapshot()
+        subprocess.run([sys.executable, "-c", _BURN.format(s=0.8)], check=True)  # starts and exits in between
+        time.sleep(0.8)  # let the live one finish its burn
+        cpu = bench.CpuAccount.delta(before, account.snapshot())
+    finally:
+        alive.kill()
+        alive.wait()
+    assert set(cpu) == set(bench.CpuAccount.GROUPS)
+    assert cpu["exited processes"] >= 0.6, cpu  # the 0.8 s burn (10 ms ticks, plus interpreter start-up)
+    assert cpu["other"] >= 0.3, cpu  # the live process's burn inside the interval
+    assert all(v >= 0 for v in cpu.values()), cpu
