@@ -5,6 +5,7 @@
   ``os.environ`` carries AWS_ENDPOINT_URL + test credentials + region (restored afterwards), so code under test
   finds it through the standard environment only.
 - ``s3_bucket``: a fresh, empty bucket per test, yielded as ``"s3://<name>"``.
+- ``load_benchmark(name)`` (a function: ``from conftest import load_benchmark``): a script of benchmarks/ as a module.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ def datasets_dir() -> Path:
         pytest.skip(f"shared datasets not found at {DATASETS_DIR} (see the project README: tests read real data "
                     "from ../shared/datasets)")
     return DATASETS_DIR
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` (a folder of scripts, not a package) imported as module ``name``. It is
+    registered in ``sys.modules`` (dataclasses look their module up there); pop it when done if that matters."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

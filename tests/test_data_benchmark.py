@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,15 +52,6 @@ def test_data_benchmark_prints_both_ratios_and_where_the_cpu_went(datasets_dir):
     assert float(ceiling.group(3)) == pytest.approx(float(ceiling.group(1)) / float(cost.group(1)), abs=0.011)
 
 
-def _load_benchmark():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("data_throughput", REPO_ROOT / "benchmarks" / "data_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 _BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
 
 
@@ -66,7 +59,7 @@ _BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {
 def test_cpu_account_keeps_the_time_of_processes_that_exit_mid_interval():
     """CPU burnt between two snapshots by a process that has exited by the second one is shown as "exited
     processes" (not lost, not subtracted from its group); a process alive at both is in its group."""
-    bench = _load_benchmark()
+    bench = load_benchmark("data_throughput")
     account = bench.CpuAccount(s3_pid=None)
     alive = subprocess.Popen([sys.executable, "-c", _BURN.format(s=0.6) + "time.sleep(60)"])
     try:

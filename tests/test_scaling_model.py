@@ -4,22 +4,16 @@ basic laws (no super-linear scaling, efficiency falling with the node count, ban
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sm():
-    spec = importlib.util.spec_from_file_location("scaling_model", REPO_ROOT / "benchmarks" / "scaling_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scaling_model"] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    yield module
+    yield load_benchmark("scaling_model")
     sys.modules.pop("scaling_model", None)
 
 
