@@ -259,13 +259,13 @@ def _floor_rate(rows: list[bytes], bank, args) -> float:
 
 
 def _crop_only_rate(rows: list[bytes], args) -> float:
-    from pconv import shards
+    from pconv import images
     from pconv import transforms as T
 
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     for blob in rows:
-        T.random_crop_flip(shards.open_image(blob, draft_size=args.image_size), args.image_size, rng)
+        T.random_crop_flip(images.open_image(blob, draft_size=args.image_size), args.image_size, rng)
     return len(rows) / (time.perf_counter() - t0)
 
 

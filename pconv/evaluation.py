@@ -9,8 +9,8 @@ Protocol:
 - FIXED pairing: images sorted by key; masks of each (bin, border) group sorted by key; image ``j`` is paired
   with mask ``j mod len(group)`` of EVERY group, so each image is evaluated once per group and two models
   evaluated on the same inputs see exactly the same pairs;
-- each image is resized (shorter side to ``image_size``, bicubic) and centre-cropped to ``image_size``²; masks
-  are resized with nearest neighbour only;
+- each image is resized (shorter side to ``image_size``) and centre-cropped to ``image_size``² by
+  :func:`pconv.images.center_crop`, the same view as training validation; masks are resized nearest only;
 - metrics (``pconv.metrics``: L1 %, PSNR, SSIM) are computed on the COMPOSITE (valid pixels from the input)
   against the ground truth, and averaged per (bin, border) cell with ``BinnedMetrics``.
 
@@ -67,7 +67,7 @@ def _shard_rows(root: str, columns: list[str], prefer_val: bool = False) -> list
 
 
 def _raw_items(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, Callable[[], bytes]]]:
-    from pconv.ingest import Source
+    from pconv.sources import Source
 
     with Source(uri) as src:
         items = [(it.key, it.read) for it in src.items() if it.key.lower().endswith(suffixes)]
@@ -77,17 +77,10 @@ def _raw_items(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, Callable[
 
 
 def square_crop(data: bytes, size: int, name: str) -> np.ndarray:
-    """Decode, resize the shorter side to ``size`` (bicubic) and centre-crop: uint8 size×size×3."""
-    from PIL import Image
+    """Decode and cut the centre view (:func:`pconv.images.center_crop`, the same as training validation)."""
+    from pconv import images
 
-    from pconv.shards import open_image
-
-    img = open_image(data, draft_size=size, name=name)
-    scale = size / min(img.width, img.height)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return images.center_crop(images.open_image(data, draft_size=size, name=name), size)
 
 
 @dataclass
@@ -123,7 +116,7 @@ class EvalSet:
 def load_images(uri: str, image_size: int, limit: int | None = None) -> tuple[list[str], list[np.ndarray]]:
     """Eval images from a shard root (manifest.json; its ``val`` split if it has one) or a folder / zip /
     s3:// prefix of image files; sorted by key, the first ``limit``; unreadable files skipped and counted."""
-    from pconv.shards import IMAGE_SUFFIXES
+    from pconv.images import IMAGE_SUFFIXES
 
     if _is_shard_root(uri):
         rows = sorted(_shard_rows(uri, ["key", "image"], prefer_val=True), key=lambda r: r["key"])
@@ -150,7 +143,8 @@ def load_images(uri: str, image_size: int, limit: int | None = None) -> tuple[li
 
 def load_masks(uri: str, hole_color: str | None = None, threshold: float = 0.5) -> list[MaskRecord]:
     """Masks with their (bin, border) labels from mask shards, or from raw files (``hole_color`` required)."""
-    from pconv.shards import MASK_SUFFIXES, border_band
+    from pconv.masks import MASK_SUFFIXES
+    from pconv.shards import border_band
 
     if _is_shard_root(uri):
         rows = _shard_rows(uri, ["key", "mask", "bin", "border"])

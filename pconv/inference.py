@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 from pconv import checkpoint as ckpt
 from pconv import storage
+from pconv.images import IMAGE_SUFFIXES, open_image
+from pconv.masks import MASK_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_MAX_SIDE = 2048
 DEFAULT_TILE_OVERLAP = 128
 
@@ -307,8 +307,6 @@ def inpaint(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, dev
 # ---------------------------------------------------------------------------------------------
 def read_image(uri: str) -> torch.Tensor:
     """An image file (local or s3) as float32 3×H×W in [0, 1] (EXIF orientation applied; any mode -> RGB)."""
-    from pconv.shards import open_image
-
     arr = np.asarray(open_image(storage.read_bytes(uri), name=uri), dtype=np.float32) / 255.0
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 

@@ -24,9 +24,7 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 import time
-import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,8 +38,11 @@ from PIL import Image
 
 from pconv import masks as M
 from pconv import storage
-from pconv.shards import (IMAGE_SCHEMA, IMAGE_SUFFIXES, MANIFEST, MASK_SCHEMA, MASK_SUFFIXES, SCHEMA_VERSION, SPLITS,
-                          ShardWriter, border_band, key_hash01, mask_row, open_image_with_format, split_of)
+from pconv.images import IMAGE_SUFFIXES, open_image_with_format
+from pconv.masks import MASK_SUFFIXES
+from pconv.sources import Source, SourceError, SourceItem
+from pconv.shards import (IMAGE_SCHEMA, MANIFEST, MASK_SCHEMA, SCHEMA_VERSION, SPLITS,
+                          ShardWriter, border_band, key_hash01, mask_row, split_of)
 
 log = logging.getLogger(__name__)
 
@@ -50,92 +51,12 @@ class IngestError(RuntimeError):
     """A problem found BEFORE any work (missing source, unwritable destination, bad option)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Sources: folder (recursive), zip (local or s3://...zip), s3:// prefix
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class SourceItem:
-    key: str
-    read: Callable[[], bytes]
-
-
-class Source:
-    """Enumerates ``(key, reader)`` items of a folder, zip or S3 prefix; raises IngestError if SRC is missing."""
-
-    def __init__(self, uri: str):
-        self.uri = str(uri)
-        self._zip: zipfile.ZipFile | None = None
-        self._tmp: str | None = None
-        self.kind = self._open()
-
-    def _open(self) -> str:
-        uri = self.uri
-        if uri.lower().endswith(".zip"):
-            if storage.is_remote(uri):
-                try:
-                    present = storage.exists(uri)
-                except Exception as exc:  # noqa: BLE001
-                    raise IngestError(f"source {uri} cannot be read: {exc}") from exc
-                if not present:
-                    raise IngestError(f"source {uri} does not exist")
-                return "zip"  # downloaded in items(), after the destination check
-            path = str(Path(uri).expanduser())
-            if not Path(path).is_file():
-                raise IngestError(f"source {uri} does not exist (expected a .zip file)")
-            self._open_zip(path)
-            return "zip"
-        if storage.is_remote(uri):
-            try:
-                present = storage.exists(uri)
-            except Exception as exc:  # noqa: BLE001 - credentials, endpoint, permissions: say which SRC
-                raise IngestError(f"source {uri} cannot be listed: {exc}") from exc
-            if not present:
-                raise IngestError(f"source {uri} does not exist (no objects under that prefix)")
-            return "s3"
-        path = Path(uri).expanduser()
-        if not path.exists():
-            raise IngestError(f"source {uri} does not exist")
-        if not path.is_dir():
-            raise IngestError(f"source {uri} is neither a directory, a .zip file nor an s3:// prefix")
-        return "dir"
-
-    def _open_zip(self, path: str) -> None:
-        try:
-            self._zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise IngestError(f"source {self.uri} is not a readable zip archive: {exc}") from exc
-
-    def items(self) -> list[SourceItem]:
-        """Every file of the source (directories and zip directory entries excluded), sorted by key."""
-        if self.kind == "zip":
-            if self._zip is None:  # s3://...zip: fetch once into a temporary file
-                fd, self._tmp = tempfile.mkstemp(suffix=".zip", prefix="pconv-src-")
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(storage.read_bytes(self.uri))
-                self._open_zip(self._tmp)
-            zf = self._zip
-            names = sorted(i.filename for i in zf.infolist() if not i.is_dir())
-            return [SourceItem(n, (lambda n=n: zf.read(n))) for n in names]
-        files = storage.list_files(self.uri)
-        if self.kind == "s3":
-            base = self.uri.rstrip("/") + "/"
-            return [SourceItem(f[len(base):], (lambda f=f: storage.read_bytes(f))) for f in files]
-        base_path = Path(self.uri).expanduser()
-        return [SourceItem(Path(f).relative_to(base_path).as_posix(), (lambda f=f: Path(f).read_bytes()))
-                for f in files]
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-        if self._tmp:
-            os.unlink(self._tmp)
-            self._tmp = None
-
-    def __enter__(self) -> "Source":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def open_source(uri: str) -> Source:
+    """:class:`pconv.sources.Source` with its problems (missing, unreadable, not a zip) as :class:`IngestError`."""
+    try:
+        return Source(uri)
+    except SourceError as exc:
+        raise IngestError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +247,7 @@ def ingest_images(src: str, dst: str, *, val_fraction: float = 0.01, shard_size_
     _check_common(val_fraction, shard_size_mb)
     if max_side is not None and max_side < 8:
         raise IngestError(f"--max-side must be at least 8 pixels, got {max_side}")
-    with Source(src) as source:
+    with open_source(src) as source:
         check_writable(dst)
         work = []
         for item in source.items():
@@ -365,7 +286,7 @@ def ingest_masks(src: str, dst: str, *, hole_color: str, threshold: float = 0.5,
     if not 0.0 < threshold <= 1.0:
         raise IngestError(f"--threshold must be in (0, 1], got {threshold}")
     _check_common(val_fraction, shard_size_mb)
-    with Source(src) as source:
+    with open_source(src) as source:
         check_writable(dst)
 
         def process(item: SourceItem) -> dict:

@@ -34,7 +34,7 @@ HOLE_RATIO_BINS: tuple[tuple[float, float], ...] = (
 BORDER_BAND = 50
 
 HOLE_COLORS = ("white", "black")
-MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # every mask file suffix the project reads
 
 # Generator limits: candidate shapes per attempt and attempts before giving up on a bin.
 _MAX_CANDIDATES = 600

@@ -32,6 +32,12 @@ from pconv.tracking import DEFAULT_EXPERIMENT, client_for, resolve_tracking_uri,
 
 log = logging.getLogger(__name__)
 
+# Registered model names and aliases: the one list (../shared/ARCHITECTURE.md, "Contracts").
+INPAINTING_MODEL = "pconv-unet"    # default registered name of inpainting models
+SR_MODEL = "pconv-sr"              # default registered name of super-resolution models
+CANDIDATE = "candidate"            # every new version gets it
+CHAMPION = "champion"              # moves only through evaluation (evaluate.py --promote champion)
+
 MODEL_NAME = "model"               # the LoggedModel name inside the run
 STATE_DICT_FILE = "state_dict.pt"
 CONFIG_FILE = "config.yaml"

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pconv import masks as M
 from pconv import storage
@@ -49,8 +48,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 IMAGE_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.binary()), ("height", pa.int32()), ("width", pa.int32()),
@@ -89,48 +86,6 @@ def split_of(key: str, val_fraction: float) -> str:
 def border_band(height: int, width: int) -> int:
     """The paper's 50-px border band (defined for 512 x 512), scaled to the mask's short side."""
     return max(1, round(M.BORDER_BAND * min(height, width) / 512))
-
-
-def open_image(data: bytes, draft_size: int | None = None, name: str = "") -> Image.Image:
-    """See :func:`open_image_with_format`; returns only the image."""
-    return open_image_with_format(data, draft_size, name)[0]
-
-
-def open_image_with_format(data: bytes, draft_size: int | None = None, name: str = "") -> tuple[Image.Image, str]:
-    """Decode encoded image bytes to an RGB PIL image with EXIF orientation applied.
-
-    ``draft_size``: JPEG only, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as both sides stay
-    >= draft_size — much cheaper when training at a fraction of the stored resolution. Any mode becomes RGB
-    (16-bit greys are scaled, not clipped; alpha is dropped). Returns (image, lower-case format name such as
-    "jpeg"). Raises ValueError naming ``name`` on bad input.
-    """
-    if not data:
-        raise ValueError(f"{name or 'image'}: empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
-        fmt = (img.format or "unknown").lower()
-        if draft_size and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-            img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
-        elif img.mode in ("I", "F"):
-            arr = np.asarray(img, dtype=np.float64)
-            hi = arr.max() if arr.size and arr.max() > 0 else 1.0
-            img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"{name or 'image'}: refused, too many pixels ({exc})") from exc
-    except UnidentifiedImageError as exc:
-        raise ValueError(f"{name or 'image'}: not a readable image (unknown format or corrupt header)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        kind = "truncated image" if "truncated" in str(exc) else "cannot decode image"
-        raise ValueError(f"{name or 'image'}: {kind} ({type(exc).__name__}: {exc})") from exc
-    if img.width < 1 or img.height < 1:
-        raise ValueError(f"{name or 'image'}: decoded to an empty image")
-    return img, fmt
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pconv import images
 from pconv import masks as M
 from pconv import shards
 
@@ -87,33 +88,14 @@ def load_mask_bank(masks_uri: str, split: str = "train") -> MaskBank:
 # ---------------------------------------------------------------------------------------------
 # Per-image transforms (numpy / PIL; no Ray)
 # ---------------------------------------------------------------------------------------------
-def _crop_resized(img: Image.Image, size: int, pick) -> Image.Image:
-    """The ``size x size`` square at ``pick(nw, nh) -> (left, top)`` of the image resized so its short side is
-    ``size`` — computed by resampling ONLY that square (``resize(box=...)``), not the whole resized image."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    left, top = pick(nw, nh)
-    if (nw, nh) == (w, h):
-        return img.crop((left, top, left + size, top + size))
-    sx, sy = w / nw, h / nh
-    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
-
-
 def random_crop_flip(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
     """Training view: short side -> ``size``, random ``size x size`` crop, horizontal flip with p = 0.5.
     Returns uint8 ``size x size x 3``."""
-    img = _crop_resized(img, size, lambda nw, nh: (int(rng.integers(0, nw - size + 1)),
+    img = images.crop_resized(img, size, lambda nw, nh: (int(rng.integers(0, nw - size + 1)),
                                                      int(rng.integers(0, nh - size + 1))))
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(img, dtype=np.uint8)
-
-
-def center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Validation view: short side -> ``size``, centre ``size x size`` crop. uint8 ``size x size x 3``."""
-    return np.asarray(_crop_resized(img, size, lambda nw, nh: ((nw - size) // 2, (nh - size) // 2)), dtype=np.uint8)
 
 
 def center_square_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -166,7 +148,7 @@ def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed:
         key = str(keys[i])
         rng = np.random.default_rng([base_seed, int(float(rands[i]) * 2**53)])
         try:
-            img = shards.open_image(bytes(blobs[i]), draft_size=s, name=key)
+            img = images.open_image(bytes(blobs[i]), draft_size=s, name=key)
             images[ok] = random_crop_flip(img, s, rng)
             j = int(rng.integers(len(masks_bank)))
             masks_out[ok] = M.augment_mask(masks_bank.mask(j), rng, s)
@@ -199,7 +181,7 @@ def val_transform(batch: dict[str, np.ndarray], *, image_size: int, bank: MaskBa
     for i in rows:
         key = str(batch["key"][i])
         try:
-            images[ok] = center_crop(shards.open_image(bytes(batch["image"][i]), draft_size=s, name=key), s)
+            images[ok] = images.center_crop(images.open_image(bytes(batch["image"][i]), draft_size=s, name=key), s)
         except ValueError as exc:
             skipped += 1
             log.warning("validation data: skipped corrupt row %s: %s", key, exc)

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pconv import masks as M
-from pconv import ingest, shards, storage
+from pconv import images, ingest, shards, storage
 
 BROKEN = {  # file name -> substring expected in its skip reason
     "broken/truncated.jpg": "truncated",
@@ -94,13 +94,13 @@ def test_ingest_images_with_broken_files(where, photo_dir, tmp_path, request):
         assert any(s["path"].startswith(row["split"] + "/") for s in manifest["shards"])
         if not row["key"].startswith("odd/"):  # stored bytes are the ORIGINAL file
             assert row["image"] == (src / row["key"]).read_bytes()
-        img = shards.open_image(row["image"])
+        img = images.open_image(row["image"])
         assert img.mode == "RGB" and (img.width, img.height) == (row["width"], row["height"])
     by_key = {r["key"]: r for r in rows}
     assert (by_key["odd/rotated.jpg"]["width"], by_key["odd/rotated.jpg"]["height"]) == (20, 40)  # EXIF applied
     assert by_key["faces/" + sorted(os.listdir(src / "faces"))[0]]["format"] == "jpeg"
     assert by_key["odd/grey16.png"]["format"] == "png"
-    grey = np.asarray(shards.open_image(by_key["odd/grey16.png"]["image"]))
+    grey = np.asarray(images.open_image(by_key["odd/grey16.png"]["image"]))
     assert grey.shape == (10, 12, 3) and int(grey[0, 0, 0]) == 40000 >> 8  # scaled, not clipped to 255
     assert {r["width"] for r in rows if r["key"].startswith("scenes/")} <= {481, 321}
 
@@ -112,7 +112,7 @@ def test_max_side_reencodes_only_large_images(photo_dir, tmp_path):
     assert manifest["counts"] == {"train": 16, "val": 0} and manifest["options"]["max_side"] == 300
     for row in _read_rows(dst, manifest):
         assert max(row["width"], row["height"]) == 300
-        img = shards.open_image(row["image"])
+        img = images.open_image(row["image"])
         assert (img.width, img.height) == (row["width"], row["height"])
         assert row["format"] == ("jpeg" if row["key"].startswith("faces/") else "png")
         assert row["image"] != (photo_dir / row["key"]).read_bytes()
