@@ -28,3 +28,23 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Prebuilt node image (Dockerfile) for ray_cluster.yaml and infra/k8s/rayjob.yaml, in ECR:
+#   make image AWS_ACCOUNT=123456789012 [AWS_REGION=us-east-1]     # docker build
+#   make push-image AWS_ACCOUNT=123456789012                        # build, ECR login, push
+# IMAGE_TAG defaults to infra/docker/image_ref.py's tag (version + hash of the pins and the Dockerfile), the tag the
+# cluster files name; the repository pconv-ray is created once (infra/aws/README.md).
+AWS_REGION ?= us-east-1
+IMAGE_TAG  ?= $(shell $(PYTHON) infra/docker/image_ref.py --tag)
+REGISTRY    = $(AWS_ACCOUNT).dkr.ecr.$(AWS_REGION).amazonaws.com
+IMAGE       = $(REGISTRY)/pconv-ray:$(IMAGE_TAG)
+
+.PHONY: image push-image
+
+image:
+	@test -n "$(AWS_ACCOUNT)" || { echo "set AWS_ACCOUNT=<12-digit AWS account id>" >&2; exit 2; }
+	docker build --platform linux/amd64 -t $(IMAGE) .
+
+push-image: image
+	aws ecr get-login-password --region $(AWS_REGION) | docker login --username AWS --password-stdin $(REGISTRY)
+	docker push $(IMAGE)

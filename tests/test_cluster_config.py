@@ -1,15 +1,20 @@
-"""ray_cluster.yaml, infra/k8s/rayjob.yaml and the IAM policies: validated offline so they cannot rot.
+"""ray_cluster.yaml, infra/k8s/rayjob.yaml, the node image (Dockerfile) and the IAM policies: validated offline.
 
 ray_cluster.yaml goes through Ray's own cluster-config preparation and JSON-schema check (``prepare_config`` +
 ``validate_config`` of the pinned Ray); on top, the facts the cluster's security and the V100 setup depend on are
-asserted. The GPU driver check of the worker node types is executed against fake ``nvidia-smi`` binaries.
+asserted. The GPU driver check of the worker node types is executed against fake ``nvidia-smi`` binaries. Docker
+cannot run here: the image is checked through its Dockerfile (pins = pyproject.toml's), the reference both cluster
+files use (infra/docker/image_ref.py) and ``make -n``. The pip route without the image is documented as a
+fallback (docs/operations.md, infra/k8s/README.md); those snippets are parsed and checked like the config itself.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -23,10 +28,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO_ROOT / "ray_cluster.yaml"
 RAYJOB_YAML = REPO_ROOT / "infra" / "k8s" / "rayjob.yaml"
 AWS_DIR = REPO_ROOT / "infra" / "aws"
-IMAGE = "rayproject/ray:2.60.0-py311-gpu"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+OPERATIONS_MD = REPO_ROOT / "docs" / "operations.md"
+K8S_README = REPO_ROOT / "infra" / "k8s" / "README.md"
+BASE_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 CU126_INDEX = "https://download.pytorch.org/whl/cu126"
-V100_TYPES = {"p3.2xlarge": 1, "p3.8xlarge": 4, "p3.16xlarge": 8}
-VCPUS = {"p3.2xlarge": 8, "p3.8xlarge": 32, "p3.16xlarge": 64}
+V100_TYPES = {"p3.2xlarge": 1, "p3.8xlarge": 4, "p3.16xlarge": 8, "p3dn.24xlarge": 8}
+VCPUS = {"p3.2xlarge": 8, "p3.8xlarge": 32, "p3.16xlarge": 64, "p3dn.24xlarge": 96}
 PROFILE_ARN = re.compile(r"^arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+$")
 
 
@@ -42,6 +50,39 @@ def pyproject_pins() -> dict[str, str]:
 
 def start_commands(cfg: dict) -> list[str]:
     return [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+
+
+def image_ref_module():
+    spec = importlib.util.spec_from_file_location("image_ref", REPO_ROOT / "infra" / "docker" / "image_ref.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def expected_image(cfg: dict) -> str:
+    """The ECR reference of the image built from today's Dockerfile and pins (placeholder account)."""
+    return image_ref_module().image_ref("123456789012", cfg["provider"]["region"])
+
+
+def gpu_node_types(cfg: dict) -> dict[str, dict]:
+    return {n: t for n, t in cfg["available_node_types"].items() if t["resources"].get("GPU", 0) > 0}
+
+
+def fallback_yaml(path: Path, name: str) -> dict:
+    """The YAML block after ``<!-- pip-fallback: NAME -->`` in a markdown file."""
+    match = re.search(rf"<!-- pip-fallback: {re.escape(name)} -->\s*```yaml\n(.*?)```", path.read_text(), re.S)
+    assert match, f"{path.name} lacks the pip fallback block for {name}"
+    return yaml.safe_load(match.group(1))
+
+
+def cluster_with_pip_fallback() -> dict:
+    """ray_cluster.yaml with docs/operations.md's "Without the prebuilt image" changes applied."""
+    cfg, change = load_cluster(), fallback_yaml(OPERATIONS_MD, "ray_cluster.yaml")
+    cfg["docker"].update(change.pop("docker"))
+    cfg.update(change)
+    for node_type in gpu_node_types(cfg).values():  # the doc says: drop the ECR login from the GPU types
+        node_type["initialization_commands"] = [c for c in node_type["initialization_commands"] if "ecr" not in c]
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------- ray_cluster.yaml
@@ -75,10 +116,12 @@ def test_image_and_pinned_ray_match():
     import ray
 
     cfg = load_cluster()
-    assert cfg["docker"]["image"] == IMAGE
+    assert cfg["docker"]["image"] == expected_image(cfg), "rebuild/push the image and update the tag (make image)"
     for node_type in cfg["available_node_types"].values():
         assert "docker" not in node_type, "no per-node-type image override"
-    assert IMAGE.split(":")[1].startswith(ray.__version__ + "-py311"), "image tag must match the pinned Ray"
+    (base,) = re.findall(r"^FROM\s+(\S+)", DOCKERFILE.read_text(), re.M)
+    assert base == BASE_IMAGE
+    assert base.split(":")[1].startswith(ray.__version__ + "-py311"), "image tag must match the pinned Ray"
     assert "ray-ml" not in CLUSTER_YAML.read_text()
 
 
@@ -89,7 +132,8 @@ def test_node_types_head_cpu_and_v100_workers_with_autoscaling():
     assert head["node_config"]["InstanceType"].startswith("m5.")
     assert head["resources"]["GPU"] == 0 and head["resources"]["CPU"] >= 1
     workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
-    by_instance = {t["node_config"]["InstanceType"]: t for t in workers.values()}
+    gpu_workers = gpu_node_types(cfg)
+    by_instance = {t["node_config"]["InstanceType"]: t for t in gpu_workers.values()}
     assert set(by_instance) == set(V100_TYPES)
     for instance, gpus in V100_TYPES.items():
         node = by_instance[instance]
@@ -127,7 +171,8 @@ def test_token_auth_everywhere():
 
 
 def test_torch_comes_from_the_cuda126_index_before_the_project():
-    cfg = load_cluster()
+    """The pip route (docs/operations.md's fallback without the image), applied to the config."""
+    cfg = cluster_with_pip_fallback()
     setup = cfg["setup_commands"]
     torch_cmd = next(i for i, c in enumerate(setup) if "torch==" in c)
     project_cmd = next(i for i, c in enumerate(setup) if "-e ~/pconv" in c)
@@ -179,8 +224,8 @@ def test_file_mounts_exist_in_the_repository():
                                         ("550.54.15", False), ("595.58.03", False), ("", False)])
 def test_gpu_driver_check_accepts_only_the_560_to_580_branches(tmp_path, driver, ok):
     cfg = load_cluster()
-    commands = {tuple(t["initialization_commands"]) for name, t in cfg["available_node_types"].items()
-                if name != cfg["head_node_type"]}
+    commands = {tuple(c for c in t["initialization_commands"] if "nvidia-smi" in c)
+                for t in gpu_node_types(cfg).values()}
     assert len(commands) == 1, "every GPU node type runs the same check"
     (check,) = commands.pop()
     fake = tmp_path / "nvidia-smi"
@@ -283,8 +328,8 @@ def test_rayjob_has_the_required_fields():
     assert int(flags["--workers"]) == gpus, "one training worker per requested GPU"
     assert int(flags["--batch-size"]) % int(flags["--workers"]) == 0
     for container in ray_containers(job):
-        assert container["image"] == IMAGE
-    assert spec["rayClusterSpec"]["rayVersion"] == IMAGE.split(":")[1].split("-")[0]
+        assert container["image"] == expected_image(load_cluster()), "same image as ray_cluster.yaml"
+    assert spec["rayClusterSpec"]["rayVersion"] == BASE_IMAGE.split(":")[1].split("-")[0]
 
 
 def test_rayjob_token_auth_secrets_and_irsa():
@@ -309,8 +354,8 @@ def test_rayjob_token_auth_secrets_and_irsa():
 
 
 def test_rayjob_installs_cuda126_torch_and_the_project_pins():
-    job, _ = load_rayjob()
-    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    """The pip route (infra/k8s/README.md's fallback without the image)."""
+    runtime_env = yaml.safe_load(fallback_yaml(K8S_README, "rayjob.yaml")["runtimeEnvYAML"])
     packages = runtime_env["pip"]["packages"]
     options = runtime_env["pip"]["pip_install_options"]
     assert CU126_INDEX in options
@@ -374,3 +419,196 @@ def test_head_and_mlflow_server_policies_are_scoped():
             assert resource == "arn:aws:s3:::pconv-data" or resource.startswith("arn:aws:s3:::pconv-data/mlflow/")
     assert json.loads((AWS_DIR / "ec2-trust-policy.json").read_text())["Statement"][0]["Principal"] == {
         "Service": "ec2.amazonaws.com"}
+
+
+# ---------------------------------------------------------------------------------------- node image, packaging
+def dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)", DOCKERFILE.read_text(), re.M))
+
+
+def test_dockerfile_pins_equal_pyproject():
+    pins, args = pyproject_pins(), dockerfile_args()
+    assert pins["torch"].replace(" ", "") == f"torch=={args['TORCH_VERSION']}"
+    assert pins["torchvision"].replace(" ", "") == f"torchvision=={args['TORCHVISION_VERSION']}"
+    assert args["TORCH_INDEX_URL"] == CU126_INDEX, "V100 needs the CUDA 12.x builds"
+    ray_version = pins["ray"].split("==")[1]
+    assert BASE_IMAGE == f"rayproject/ray:{ray_version}-py311-gpu"
+    text = DOCKERFILE.read_text()
+    install = next(line for line in text.splitlines() if line.startswith("RUN pip install") and "torch" in line)
+    assert '"torch==${TORCH_VERSION}"' in install and '"torchvision==${TORCHVISION_VERSION}"' in install
+    # the project (and with it every other pin of pyproject.toml) is installed after torch, from pyproject.toml
+    assert text.index("${TORCH_INDEX_URL}") < text.index("pip install --no-cache-dir /tmp/pconv-src")
+    assert f"ray.__version__ == '{ray_version}'" in text and "startswith('12.6')" in text
+    assert "whl/cu13" not in text
+
+
+def test_docker_build_context_holds_what_the_dockerfile_copies():
+    rules = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*", "allow-list: nothing enters the context unless named"
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    for line in re.findall(r"^COPY\s+(.+)$", DOCKERFILE.read_text(), re.M):
+        sources = [s for s in line.split()[:-1] if not s.startswith("--")]
+        for source in sources:
+            assert source in allowed and (REPO_ROOT / source).exists(), source
+    assert not {".venv", ".git", "runs", "data"} & allowed
+
+
+def test_image_tag_follows_the_pins_and_the_dockerfile(tmp_path):
+    module = image_ref_module()
+    for name in ("pyproject.toml", "Dockerfile"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    tag = module.image_tag(tmp_path)
+    assert tag == module.image_tag(REPO_ROOT)
+    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert tag.startswith(version + "-")
+    (tmp_path / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text().replace(
+        '"mlflow==3.17.2"', '"mlflow==3.17.1"'))
+    assert module.image_tag(tmp_path) != tag, "a changed pin must give a new tag"
+    shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "Dockerfile").write_text(DOCKERFILE.read_text() + "\nRUN true\n")
+    assert module.image_tag(tmp_path) != tag, "a changed Dockerfile must give a new tag"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_targets_build_and_push_the_image_the_cluster_files_name():
+    cfg = load_cluster()
+    image = cfg["docker"]["image"]
+    region = cfg["provider"]["region"]
+    res = subprocess.run(["make", "-n", "push-image", "AWS_ACCOUNT=123456789012", f"AWS_REGION={region}",
+                          f"PYTHON={sys.executable}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("docker build") and line.endswith(f"-t {image} .") for line in lines), res.stdout
+    login = next(line for line in lines if "get-login-password" in line)
+    assert f"aws ecr get-login-password --region {region} | docker login --username AWS --password-stdin " \
+           f"123456789012.dkr.ecr.{region}.amazonaws.com" == login
+    assert f"docker push {image}" in lines
+    assert lines.index(login) < lines.index(f"docker push {image}")
+    missing = subprocess.run(["make", "image", f"PYTHON={sys.executable}"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode != 0 and "AWS_ACCOUNT" in missing.stderr
+
+
+def test_nodes_log_in_to_ecr_before_the_pull_and_check_the_image(tmp_path):
+    cfg = load_cluster()
+    registry = cfg["docker"]["image"].split("/")[0]
+    login = f"docker login --username AWS --password-stdin {registry}"
+    region = cfg["provider"]["region"]
+    for name, node_type in cfg["available_node_types"].items():
+        init = node_type.get("initialization_commands", cfg["initialization_commands"])
+        assert any(login in c and f"get-login-password --region {region}" in c for c in init), name
+    # The setup check passes on an image with the cu126 torch and the project, and fails on anything else.
+    (check,) = [c for c in cfg["setup_commands"] if "import pconv, torch" in c]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+
+    def run_check(cuda: str | None, with_pconv: bool = True) -> subprocess.CompletedProcess:
+        site = tmp_path / f"site-{cuda}-{with_pconv}"
+        (site / "torch").mkdir(parents=True)
+        (site / "torch" / "__init__.py").write_text(
+            f"__version__ = '2.14.1'\nclass version:\n    cuda = {cuda!r}\n")
+        if with_pconv:
+            (site / "pconv.py").write_text("")
+        return subprocess.run(["bash", "-c", check], capture_output=True, text=True, timeout=60,
+                              env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(site)}, cwd=tmp_path)
+
+    assert run_check("12.6").returncode == 0
+    assert run_check(None).returncode != 0          # CPU build
+    assert "cu126" in run_check("13.0").stderr      # default CUDA 13 wheel: no sm_70 kernels
+    assert run_check("12.6", with_pconv=False).returncode != 0
+
+
+def test_pip_fallback_is_a_valid_cluster_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = cluster_with_pip_fallback()
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+    assert cfg["docker"]["image"] == BASE_IMAGE
+    for remote, local in cfg["file_mounts"].items():
+        if not local.startswith("~"):
+            assert (REPO_ROOT / local).exists(), remote
+    assert cfg["file_mounts"]["~/pconv/pconv"] == "./pconv"
+    assert not any("ecr" in c for c in cfg["initialization_commands"])
+
+
+def test_ecr_pull_policy_is_scoped_to_the_image_repository():
+    stmts = statements("ecr-pull-policy.json")
+    cfg = load_cluster()
+    repo = cfg["docker"]["image"].split("/", 1)[1].split(":")[0]
+    region = cfg["provider"]["region"]
+    for st in stmts:
+        actions, resources = as_list(st["Action"]), as_list(st["Resource"])
+        assert all(a.startswith("ecr:") for a in actions)
+        if resources == ["*"]:
+            assert actions == ["ecr:GetAuthorizationToken"], "only the login lacks resource scoping"
+        else:
+            assert resources == [f"arn:aws:ecr:{region}:123456789012:repository/{repo}"]
+            assert not any(a.startswith(("ecr:Put", "ecr:Delete", "ecr:Upload", "ecr:Complete", "ecr:Initiate"))
+                           for a in actions), "nodes pull, never push"
+    actions = {a for st in stmts for a in as_list(st["Action"])}
+    assert {"ecr:GetAuthorizationToken", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"} <= actions
+
+
+def test_build_backend_supports_the_spdx_license_field():
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert isinstance(pyproject["project"]["license"], str), "PEP 639 SPDX expression"
+    (setuptools_req,) = [r for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    minimum = re.fullmatch(r"setuptools>=(\d+)(?:\.\d+)*", setuptools_req.replace(" ", ""))
+    assert minimum and int(minimum.group(1)) >= 77, "license = \"...\" needs setuptools >= 77.0.0 (PEP 639)"
+
+
+# ---------------------------------------------------------------------------------------- node types, autoscaling
+def test_p3dn_and_cpu_data_workers_are_on_demand_types():
+    from conftest import load_benchmark
+
+    cfg = load_cluster()
+    types = cfg["available_node_types"]
+    p3dn = types["gpu.p3dn.24xlarge"]
+    assert p3dn["node_config"]["InstanceType"] == "p3dn.24xlarge"
+    assert p3dn["resources"] == {"CPU": 96, "GPU": 8}
+    cpu = [t for n, t in types.items() if n != cfg["head_node_type"] and t["resources"].get("GPU", 0) == 0]
+    assert len(cpu) == 1, "one CPU worker type for data work"
+    (cpu_type,) = cpu
+    assert cpu_type["resources"]["CPU"] >= 16 and "initialization_commands" not in cpu_type, "no GPU driver check"
+    assert not cpu_type["node_config"]["InstanceType"].startswith(("p", "g"))
+    assert cpu_type["node_config"]["IamInstanceProfile"]["Arn"].endswith("/pconv-ray-worker")
+    for node_type in (p3dn, cpu_type):
+        assert node_type["min_workers"] == 0 < node_type["max_workers"] <= cfg["max_workers"]
+    # every GPU type offered is one the scaling model (docs/scaling.md) has numbers for
+    model = load_benchmark("scaling_model")
+    for node_type in gpu_node_types(cfg).values():
+        spec = model.NODE_TYPES[node_type["node_config"]["InstanceType"]]
+        assert node_type["resources"]["GPU"] == spec.gpus and node_type["resources"]["CPU"] <= spec.vcpus
+
+
+def test_job_start_timeout_covers_a_cold_gpu_node():
+    head_start = " ".join(" ".join(load_cluster()["head_start_ray_commands"]).split())
+    match = re.search(r"RAY_JOB_START_TIMEOUT_SECONDS=(\d+) RAY_AUTH_MODE=token ray start --head", head_start)
+    assert match and 900 < int(match.group(1)) <= 3600, "above Ray's 900 s default, bounded"
+
+
+# ---------------------------------------------------------------------------------------- KubeRay cost guards
+def test_rayjob_cost_guards_are_present_and_sane():
+    job, _ = load_rayjob()
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert 0 < spec["ttlSecondsAfterFinished"] <= 300, "GPU pods bill until the TTL deletes the cluster"
+    assert spec["backoffLimit"] == 0, "KubeRay retries every failure on a fresh cluster, config errors included"
+    pre_running, active = spec["preRunningDeadlineSeconds"], spec["activeDeadlineSeconds"]
+    assert isinstance(pre_running, int) and 600 <= pre_running <= 7200, "longer than a cold start, bounded"
+    entry = spec["entrypoint"].split()
+    steps = sum(int(entry[entry.index(f) + 1]) for f in ("--phase1-steps", "--phase2-steps"))
+    # 0.187 s/step: the scaling model's 16-V100 step (docs/scaling.md, section 4); 2x for its uncertainty.
+    assert isinstance(active, int) and pre_running + 2 * 0.187 * steps <= active <= 7 * 86400
+
+
+def test_docs_state_the_kuberay_release_that_has_auth_options_secret_name():
+    for path in (RAYJOB_YAML, K8S_README, OPERATIONS_MD):
+        text = path.read_text()
+        assert "1.6.0" in text, path.name
+        assert not re.search(r"(>=|≥)\s*1\.5\.1", text), f"{path.name}: secretName is not in KubeRay 1.5.x"
+    readme = K8S_README.read_text()
+    for field in ("ttlSecondsAfterFinished", "backoffLimit", "preRunningDeadlineSeconds", "activeDeadlineSeconds"):
+        assert field in readme, field

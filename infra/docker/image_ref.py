@@ -1,0 +1,46 @@
+"""The node image's reference in ECR, derived from what goes into the image.
+
+Tag = ``<project version>-<first 12 hex of sha256(dependencies + Dockerfile)>``: any change to a pin in
+pyproject.toml or to the Dockerfile gives a new tag, so ray_cluster.yaml and infra/k8s/rayjob.yaml (which
+tests/test_cluster_config.py compares with this function) cannot keep naming an image built from other pins.
+``make image`` / ``make push-image`` print and use the same reference. Standard library only.
+
+    python infra/docker/image_ref.py --tag
+    python infra/docker/image_ref.py --account 123456789012 --region us-east-1
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import tomllib
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY = "pconv-ray"  # the ECR repository (infra/aws/README.md creates it)
+
+
+def image_tag(root: Path = REPO_ROOT) -> str:
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    digest = hashlib.sha256()
+    for line in [project["requires-python"], *project["dependencies"]]:
+        digest.update(line.replace(" ", "").encode() + b"\n")
+    digest.update((root / "Dockerfile").read_bytes())
+    return f"{project['version']}-{digest.hexdigest()[:12]}"
+
+
+def image_ref(account: str, region: str, root: Path = REPO_ROOT) -> str:
+    return f"{account}.dkr.ecr.{region}.amazonaws.com/{REPOSITORY}:{image_tag(root)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tag", action="store_true", help="print only the tag")
+    parser.add_argument("--account", default="123456789012", help="12-digit AWS account id")
+    parser.add_argument("--region", default="us-east-1")
+    args = parser.parse_args()
+    print(image_tag() if args.tag else image_ref(args.account, args.region))
+
+
+if __name__ == "__main__":
+    main()
