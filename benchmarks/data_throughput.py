@@ -3,9 +3,10 @@
 
 Measured, all producing float32 image / mask / masked batches of IMAGE_SIZE x IMAGE_SIZE:
 
-  raydata      pconv.data.iter_batches(pconv.data.build_train_dataset(...)) over image shards in S3 (a moto S3
-               server this script starts on 127.0.0.1, or --images/--masks URIs), Ray started with --cpus CPUs:
-               uint8 rows from the read+decode tasks, float32 batches made by the consumer's collate function.
+  raydata      pconv.model_inputs.iter_batches(pconv.data.build_train_dataset(...)) over image shards in S3 (the
+               local S3 server of pconv.apps.local_s3, started by this script, or --images/--masks URIs), Ray
+               started with --cpus CPUs: uint8 rows from the read+decode tasks, float32 batches made by the
+               consumer's collate function.
   dataloader   torchvision ImageFolder + torch DataLoader (num_workers = --cpus) over the SAME images as files on
                local disk, with the same per-image work (resize short side, random crop, flip, a random augmented
                mask from the same mask set).
@@ -31,27 +32,27 @@ consumes (it converts to float on its device, where that is free); float32 makes
 On a small machine the driver and the local S3 server share the CPUs with the decode tasks; --cpus N below the
 core count gives them the rest, which separates per-task efficiency from co-location overhead.
 
-CPU accounting (Linux): during each Ray epoch the script reads /proc and prints where the machine's CPU time went —
-Ray Data's decode tasks (the ray:: worker processes), the S3 server it started, this driver process, Ray's own
-services, other processes, idle, and processes that exited during the epoch (their time is in /proc/stat but no longer
-per process) — plus the decode tasks' CPU per image relative to the floor's, and the ceiling those shares put on the
+CPU accounting (Linux, benchmarks/cpu_account.py): during each Ray epoch the script reads /proc and prints where the
+machine's CPU time went — Ray Data's decode tasks (the ray:: worker processes), the S3 server it started, this driver
+process, Ray's own services, other processes, idle, and processes that exited during the epoch (their time is in
+/proc/stat but no longer per process) — plus the decode tasks' CPU per image relative to the floor's, and the ceiling those shares put on the
 per-CPU ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import numpy as np
+from cpu_account import CpuAccount  # benchmarks/cpu_account.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -83,30 +84,9 @@ def _args() -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def _start_moto() -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except Exception:  # noqa: BLE001
-            time.sleep(0.1)
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    return proc, endpoint
-
-
 def _default_sources(tmp: Path, repeat: int, n_masks: int) -> tuple[Path, Path]:
+    from pconv.masks import MASK_SUFFIXES
+
     photos = tmp / "photos" / "all"  # one class folder, as ImageFolder wants
     photos.mkdir(parents=True)
     files = sorted((DATASETS / "cbsd68").glob("*.png")) + sorted((DATASETS / "celeba_hq_sample").glob("*.jpg"))
@@ -118,65 +98,10 @@ def _default_sources(tmp: Path, repeat: int, n_masks: int) -> tuple[Path, Path]:
                 shutil.copy(f, photos / f"r{r}_{f.name}")
     masks = tmp / "masks.zip"
     with zipfile.ZipFile(DATASETS / "nvidia_irregular_mask_test.zip") as src, zipfile.ZipFile(masks, "w") as dst:
-        names = sorted(n for n in src.namelist() if n.endswith(".png"))
+        names = sorted(n for n in src.namelist() if n.lower().endswith(MASK_SUFFIXES))
         for name in names[:: max(1, len(names) // n_masks)][:n_masks]:
             dst.writestr(name, src.read(name))
     return photos.parent, masks
-
-
-# ---------------------------------------------------------------------------------------------------------------
-class CpuAccount:
-    """CPU seconds per process group between two /proc snapshots (Linux; empty elsewhere)."""
-
-    GROUPS = ("decode tasks", "S3 server", "driver", "Ray services", "other", "idle", "exited processes")
-
-    def __init__(self, s3_pid: int | None):
-        self.s3_pid, self.hz = s3_pid, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def _group(self, pid: int, cmd: str) -> str:
-        if pid == os.getpid():
-            return "driver"
-        if pid == self.s3_pid:
-            return "S3 server"
-        if cmd.startswith("ray::") and not cmd.startswith(("ray::_", "ray::Dashboard", "ray::Runtime")):
-            return "decode tasks"  # Ray workers: ray::IDLE between tasks, ray::<op name> while running one
-        return "Ray services" if "ray" in cmd else "other"
-
-    def snapshot(self) -> dict:
-        """Machine idle and busy seconds (/proc/stat) and each live process's (group, CPU seconds)."""
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except OSError:
-            return {}
-        procs: dict[tuple[int, int], tuple[str, float]] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            ticks = stat.rsplit(")", 1)[1].split()  # fields 3.. of proc(5): utime 14, stime 15, starttime 22
-            procs[(int(entry.name), int(ticks[19]))] = (self._group(int(entry.name), cmd),
-                                                         (int(ticks[11]) + int(ticks[12])) / self.hz)
-        return {"idle": (fields[3] + fields[4]) / self.hz,
-                "busy": (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / self.hz, "procs": procs}
-
-    @staticmethod
-    def delta(before: dict, after: dict) -> dict[str, float]:
-        """CPU seconds per group between two snapshots. A process that exited in between is no longer in /proc:
-        its CPU time in the interval is unknown per process but is in the machine's busy time, so it is shown as
-        "exited processes" (busy time not found in the live processes)."""
-        if not before or not after:
-            return {}
-        out = dict.fromkeys(CpuAccount.GROUPS, 0.0)
-        out["idle"] = after["idle"] - before["idle"]
-        for key, (group, cpu) in after["procs"].items():
-            out[group] += cpu - before["procs"].get(key, (group, 0.0))[1]  # a new process: all its CPU time
-        seen = sum(out[g] for g in CpuAccount.GROUPS if g != "idle")
-        out["exited processes"] = max(0.0, after["busy"] - before["busy"] - seen)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,11 +112,11 @@ class RayLoader:
         import ray
         import torch
 
-        from pconv import data
+        from pconv import allocator, data
 
         # this process consumes the batches as a training worker does: its allocator settings, and one torch
         # thread (Ray sets OMP_NUM_THREADS to a worker's CPU count: 1 per GPU worker by default)
-        data.reuse_freed_memory()
+        allocator.reuse_freed_memory()
         torch.set_num_threads(1)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -202,10 +127,10 @@ class RayLoader:
         self.float32 = args.batch_dtype == "float32"
 
     def __iter__(self):
-        from pconv import data
+        from pconv import model_inputs
 
         if self.float32:  # converted in Ray's prefetch threads by the collate function
-            return data.iter_batches(self.ds, self.batch_size, include_masked=True)
+            return model_inputs.iter_batches(self.ds, self.batch_size, include_masked=True)
         return (dict(b, masked=b["image"] * b["mask"]) for b in self.ds.iter_torch_batches(batch_size=self.batch_size))
 
     def close(self) -> None:
@@ -239,7 +164,7 @@ def _floor_rate(rows: list[bytes], bank, args) -> float:
     """Images/s of the pipeline's per-image work (the same transform, then the output format) in one thread."""
     import torch
 
-    from pconv import data
+    from pconv import data, model_inputs
     from pconv import transforms as T
 
     torch.set_num_threads(1)
@@ -252,7 +177,7 @@ def _floor_rate(rows: list[bytes], bank, args) -> float:
         out = T.train_transform({"key": keys[i:i + bs], "image": blobs[i:i + bs], "_rand": rands[i:i + bs]},
                                 image_size=args.image_size, base_seed=0, bank=bank)
         if args.batch_dtype == "float32":
-            T.to_float(out["image"], out["mask"], include_masked=True)
+            model_inputs.to_float(out["image"], out["mask"], include_masked=True)
         else:
             out["image"] * out["mask"]  # noqa: B018 - the masked input, as the loaders deliver it
     return len(rows) / (time.perf_counter() - t0)
@@ -270,10 +195,10 @@ def _crop_only_rate(rows: list[bytes], args) -> float:
 
 
 def _floor_worker(rows, masks, args, barrier, results) -> None:
-    from pconv import data
+    from pconv import allocator
     from pconv import transforms as T
 
-    data.reuse_freed_memory()  # as the pipeline's decode tasks do
+    allocator.reuse_freed_memory()  # as the pipeline's decode tasks do
     bank = T.load_mask_bank(masks)
     _floor_rate(rows[:8], bank, args)  # warm-up: imports, first allocations
     barrier.wait()  # all processes start timing together
@@ -326,9 +251,9 @@ class _MaskedFolder:
 def _worker_init(_):
     import torch
 
-    from pconv import data
+    from pconv import allocator
 
-    data.reuse_freed_memory()  # the same allocator settings as the Ray pipeline's processes
+    allocator.reuse_freed_memory()  # the same allocator settings as the Ray pipeline's processes
     torch.set_num_threads(1)
     import numpy as _np
 
@@ -350,21 +275,25 @@ def main() -> int:
     args = _args()
     sys.path.insert(0, str(REPO))
     from pconv import ingest, shards
+    from pconv.apps.local_s3 import LocalS3
+    from pconv.masks import NVIDIA_HOLE_COLOR
 
     tmp = Path(tempfile.mkdtemp(prefix="pconv-bench-"))
-    moto = None
+    stack, s3 = contextlib.ExitStack(), None
     try:
         if args.images and args.masks:
             images, masks = args.images, args.masks
             folder = tmp / "photos"
             _export_images(images, folder / "all")
         else:
-            moto, endpoint = _start_moto()
+            s3 = stack.enter_context(LocalS3())
+            stack.enter_context(s3.environment())  # this process and Ray's workers (started later) use it
+            s3.create_bucket("bench")
             folder, mask_zip = _default_sources(tmp, args.repeat, args.n_masks)
             images, masks = "s3://bench/images", "s3://bench/masks"
             ingest.ingest_images(str(folder), images, val_fraction=0.0, shard_size_mb=32, progress=False)
-            ingest.ingest_masks(str(mask_zip), masks, hole_color="white", progress=False)
-            print(f"moto S3 server {endpoint}; images {shards.read_manifest(images)['counts']}, masks "
+            ingest.ingest_masks(str(mask_zip), masks, hole_color=NVIDIA_HOLE_COLOR, progress=False)
+            print(f"moto S3 server {s3.endpoint}; images {shards.read_manifest(images)['counts']}, masks "
                   f"{shards.read_manifest(masks)['counts']}")
         n_files = sum(1 for _ in Path(folder).rglob("*.*"))
         print(f"cpus {args.cpus}, image size {args.image_size}, batch {args.batch_size} ({args.batch_dtype}), "
@@ -379,7 +308,7 @@ def main() -> int:
         loaders = {"dataloader": make_dataloader(str(folder), masks, args), "raydata": RayLoader(images, masks, args)}
         for loader in loaders.values():  # warm-up epoch: worker start-up, imports, mask bank broadcast
             time_epoch(loader)
-        account = CpuAccount(moto.pid if moto is not None else None)
+        account = CpuAccount(s3.process.pid if s3 is not None else None)
         rates: dict[str, list[float]] = {name: [] for name in loaders}
         cpu_epochs: list[dict[str, float]] = []
         for epoch in range(args.epochs):  # interleaved, so both see the same background load
@@ -409,9 +338,7 @@ def main() -> int:
               f"{rd / parallel:.2f}")
         _print_cpu_account(cpu_epochs, full, args.cpus)
     finally:
-        if moto is not None:
-            moto.terminate()
-            moto.wait()
+        stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

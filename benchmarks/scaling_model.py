@@ -39,17 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
+
 # ------------------------------------------------------------------------------------------------ architecture
-# PConv U-Net encoder (Liu et al. 2018, supplementary Table 1): (kernel, output channels), stride 2 each; the
-# first layer has no BatchNorm. The decoder mirrors it with 3x3 stride-1 partial convolutions after nearest x2
-# upsampling, over [upsampled features | encoder skip] (the last one over [features | input image]).
-PCONV_ENCODER: tuple[tuple[int, int], ...] = ((7, 64), (5, 128), (5, 256), (3, 512), (3, 512), (3, 512),
-                                              (3, 512), (3, 512))
-DECODER_KERNEL = 3
-# VGG16 (ImageNet) features up to pool3: 3x3 convolutions ("P" = 2x2 max pool). The perceptual and style losses
-# (paper eq. 3-6) read pool1, pool2, pool3.
-VGG16_TO_POOL3: tuple[tuple[int, int] | str, ...] = ((3, 64), (64, 64), "P", (64, 128), (128, 128), "P",
-                                                     (128, 256), (256, 256), (256, 256), "P")
+# The architecture is the model's own: the PConv U-Net's layer specs (pconv.model: encoder_spec / decoder_spec, the
+# paper's supplementary Table 1) and the VGG16 layers up to pool3 that the perceptual and style losses read
+# (pconv.losses, paper eq. 3-6: pool1, pool2, pool3).
+from pconv.losses import _VGG16_UP_TO_POOL3 as VGG16_TO_POOL3  # noqa: E402 - output channels, "M" = 2x2 max pool
+from pconv.model import (DECODER_KERNEL, PAPER_IMAGE_SIZE, PAPER_LAYER_SIZE, decoder_spec,  # noqa: E402
+                         encoder_spec)
+
+VGG_POOL = "M"
 
 
 @dataclass(frozen=True)
@@ -83,57 +83,49 @@ def conv_flops(k: int, cin: int, cout: int, h_out: int, w_out: int) -> float:
     return 2.0 * k * k * cin * cout * h_out * w_out
 
 
-def unet_layers(image_size: int = 512, layer_size: int = 8, in_channels: int = 3,
+def unet_layers(image_size: int = PAPER_IMAGE_SIZE, layer_size: int = PAPER_LAYER_SIZE, in_channels: int = 3,
                 out_channels: int = 3) -> list[ConvLayer]:
     """The PConv U-Net's convolutions in forward order (encoder PConv1..L, then decoder PConvL+1..2L)."""
-    if not 1 <= layer_size <= len(PCONV_ENCODER):
-        raise ValueError(f"layer_size must be in 1..{len(PCONV_ENCODER)}, got {layer_size}")
+    encoder = encoder_spec(layer_size)  # ValueError outside 1..PAPER_LAYER_SIZE
     if image_size % (2 ** layer_size):
         raise ValueError(f"image_size {image_size} is not divisible by 2**layer_size = {2 ** layer_size}")
     layers, cin, size = [], in_channels, image_size
-    enc_channels = []
-    for i, (k, cout) in enumerate(PCONV_ENCODER[:layer_size]):
+    for i, (k, cout, batch_norm) in enumerate(encoder):
         size //= 2
-        layers.append(ConvLayer(f"enc{i + 1}", k, cin, cout, size, size, batch_norm=i > 0))
-        enc_channels.append(cout)
+        layers.append(ConvLayer(f"enc{i + 1}", k, cin, cout, size, size, batch_norm=batch_norm))
         cin = cout
-    below = cin
-    for level in range(layer_size - 1, -1, -1):    # deepest decoder layer first
-        size *= 2
-        skip = enc_channels[level - 1] if level > 0 else in_channels
-        cout = skip if level > 0 else out_channels
-        layers.append(ConvLayer(f"dec{2 * layer_size - level}", DECODER_KERNEL, below + skip, cout, size, size,
-                                batch_norm=level > 0))
-        below = cout
+    for i, (below, skip, cout, batch_norm) in enumerate(decoder_spec(layer_size, in_channels, out_channels)):
+        size *= 2  # deepest decoder layer first
+        layers.append(ConvLayer(f"dec{layer_size + i + 1}", DECODER_KERNEL, below + skip, cout, size, size,
+                                batch_norm=batch_norm))
     return layers
 
 
-def vgg_layers(image_size: int = 512) -> list[ConvLayer]:
+def vgg_layers(image_size: int = PAPER_IMAGE_SIZE) -> list[ConvLayer]:
     """VGG16's convolutions up to pool3 (3x3, stride 1, same padding) for one image."""
-    layers, size, n = [], image_size, 0
+    layers, size, cin = [], image_size, 3
     for item in VGG16_TO_POOL3:
-        if item == "P":
+        if item == VGG_POOL:
             size //= 2
             continue
-        cin, cout = item
-        n += 1
-        layers.append(ConvLayer(f"vgg{n}", 3, cin, cout, size, size))
+        layers.append(ConvLayer(f"vgg{len(layers) + 1}", 3, cin, int(item), size, size))
+        cin = int(item)
     return layers
 
 
-def gram_flops(image_size: int = 512) -> float:
+def gram_flops(image_size: int = PAPER_IMAGE_SIZE) -> float:
     """FLOPs of the style loss's Gram matrices (C x C from C x HW features) at pool1, pool2, pool3, one image."""
     total, size, channels = 0.0, image_size, 0
     for item in VGG16_TO_POOL3:
-        if item == "P":
+        if item == VGG_POOL:
             size //= 2
             total += 2.0 * channels * channels * size * size
         else:
-            channels = item[1]
+            channels = int(item)
     return total
 
 
-def unet_params(layer_size: int = 8) -> int:
+def unet_params(layer_size: int = PAPER_LAYER_SIZE) -> int:
     """Trainable parameters of the PConv U-Net (does not depend on the image size)."""
     return sum(layer.params for layer in unet_layers(2 ** layer_size, layer_size))
 
@@ -156,7 +148,7 @@ class StepFlops:
                 + self.gram_forward + self.gram_backward)
 
 
-def step_flops(image_size: int = 512, layer_size: int = 8, vgg_images: int = 3, vgg_backward_images: int = 2,
+def step_flops(image_size: int = PAPER_IMAGE_SIZE, layer_size: int = PAPER_LAYER_SIZE, vgg_images: int = 3, vgg_backward_images: int = 2,
                unet_backward_factor: float = 2.0, vgg_backward_factor: float = 1.0) -> StepFlops:
     """Per-image FLOPs of one training step (forward + backward of the U-Net, VGG16 loss network, Gram matrices).
 
@@ -233,8 +225,8 @@ class Hardware:
 class TrainSetup:
     """The job's choices that matter for scaling."""
 
-    image_size: int = 512
-    layer_size: int = 8
+    image_size: int = PAPER_IMAGE_SIZE
+    layer_size: int = PAPER_LAYER_SIZE
     batch_per_gpu: int = 6            # the paper's batch on one V100 (Sec. 4.1)
     bucket_mb: float = 25.0           # DDP's default bucket_cap_mb
     grad_bytes: int = 4               # fp32 gradients (AMP keeps fp32 master weights); 2 = fp16 compression hook
@@ -380,7 +372,7 @@ def settings_for_efficiency(n_gpus: int, target: float, hw: Hardware, base: Trai
     return hits
 
 
-def measure_cpu_ms_per_sample(datasets_dir: Path, image_size: int = 512, n: int = 20) -> float:
+def measure_cpu_ms_per_sample(datasets_dir: Path, image_size: int = PAPER_IMAGE_SIZE, n: int = 20) -> float:
     """Time the CPU side of one training sample on this machine with the real datasets, single thread.
 
     A CelebA-HQ photo re-encoded as a JPEG of the training size is decoded and cropped; an NVIDIA test mask is
@@ -406,13 +398,14 @@ def measure_cpu_ms_per_sample(datasets_dir: Path, image_size: int = 512, n: int 
         Image.open(path).convert("RGB").resize((side, side)).save(buf, "JPEG", quality=90)
         jpegs.append(buf.getvalue())
     with zipfile.ZipFile(mask_zip) as zf:
-        pngs = [zf.read(name) for name in sorted(zf.namelist()) if name.endswith(".png")][:len(jpegs)]
+        names = [name for name in sorted(zf.namelist()) if name.lower().endswith(masks.MASK_SUFFIXES)]
+        pngs = [zf.read(name) for name in names[:len(jpegs)]]
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for jpeg, png in zip(jpegs, pngs):
         img = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float32)[:image_size, :image_size]
         _ = img / 255.0
-        mask = masks.decode_mask(png, "white")
+        mask = masks.decode_mask(png, masks.NVIDIA_HOLE_COLOR)
         masks.augment_mask(mask, rng, image_size)
     return (time.perf_counter() - start) / len(jpegs) * 1e3
 

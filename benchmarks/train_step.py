@@ -9,8 +9,8 @@ wall-clock ratio on a loaded machine mostly measures the scheduler), and a line
 
     ratio pconv/plain (cpu, 256px, batch 2): 1.08
 
-CPU: 256 px, batch 2, layer_size 7, fp32. CUDA (when present): 512 px, layer_size 8, AMP (bf16 where supported,
-else fp16), channels_last.
+CPU: 256 px, batch 2, layer_size 7, fp32. CUDA (when present): 512 px, layer_size 8, AMP (the training rule,
+``pconv.train_loop.AmpSettings``: bf16 at compute capability 8.0+, fp16 below), channels_last.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pconv.model import LEAKY_RELU_SLOPE, PConvUNet, decoder_spec, encoder_spec  # noqa: E402
+from pconv.train_loop import AmpSettings  # noqa: E402
 
 
 class PlainUNet(nn.Module):
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             parser.error("--device cuda but no GPU is available")
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        amp = AmpSettings.choose("auto", torch.device("cuda")).dtype  # the training rule: fp16 below sm80
         runs.append((torch.device("cuda"), args.cuda_size, args.cuda_batch or args.batch, amp))
     for device, size, batch, amp in runs:
         layer_size = default_layer_size(size)

@@ -23,7 +23,7 @@ def step_loop(config: dict) -> dict:
     """Warm up, then time `steps` training steps; returns images/s of this worker (x world size for DDP)."""
     from pconv.losses import InpaintingLoss, VGG16FeatureExtractor
     from pconv.model import build_model
-    from pconv.train import AmpSettings
+    from pconv.train_loop import AmpSettings
 
     in_ray = config.get("ray", False)
     world = 1

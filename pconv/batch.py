@@ -1,11 +1,13 @@
 """Offline inpainting at scale with Ray Data: ``map_batches`` over (image, mask, output) URIs with an actor pool.
 
-The model is resolved ONCE on the driver (registry / checkpoint / path, see :func:`pconv.inference.load_model`);
+Pairs come from :func:`pconv.inference.pair_files` (the one pairing rule for files). The model is resolved ONCE on
+the driver (registry / checkpoint / path, see :func:`pconv.loading.load_model`);
 its plain state dict goes into Ray's object store and every actor rebuilds the net from it once, so actors
 need neither MLflow access nor pickled modules. Actors take one GPU each when the cluster has GPUs (CPU
 otherwise), read images and masks from local paths or object storage, and write PNG composites to the output
 URI. A pair that cannot be processed (unreadable file, size mismatch) is skipped, counted and reported with
-its reason; it never stops the job.
+its reason; it never stops the job. When the masks' hole ratios say their polarity is probably inverted
+(:func:`pconv.masks.polarity_warning`), the summary carries the warning with the ratio.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from pconv import storage
+from pconv.inference import DEFAULT_MAX_SIDE, Job, inpaint_job, pair_files
+from pconv.loading import from_state_dict, load_model
+from pconv.masks import polarity_warning
+
 log = logging.getLogger(__name__)
 
 # Environment that actors need to reach object storage the way the driver does (local clusters inherit it).
-_FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+_FORWARD_ENV = storage.AWS_ENV_VARS
 
 
 class InpaintActor:
@@ -31,45 +37,40 @@ class InpaintActor:
         import ray
         import torch
 
-        from pconv.model import build_model
-
         if isinstance(state, ray.ObjectRef):
             state = ray.get(state)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_model(layer_size)
-        self.model.load_state_dict(state)
-        self.model.to(self.device).eval()
+        self.model = from_state_dict(state, layer_size).to(self.device).eval()
         self.hole_color, self.threshold, self.max_side = hole_color, threshold, max_side
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pconv.inference import Job, inpaint_job
-
-        status, error = [], []
+        status, error, ratio = [], [], []
         for image, mask, out in zip(batch["image"], batch["mask"], batch["out"]):
             try:
-                inpaint_job(self.model, Job(str(image), str(mask), str(out)), self.hole_color, self.threshold,
-                            device=self.device, max_side=self.max_side)
+                row = inpaint_job(self.model, Job(str(image), str(mask), str(out)), self.hole_color, self.threshold,
+                                  device=self.device, max_side=self.max_side)
                 status.append("ok")
                 error.append("")
+                ratio.append(row["hole_ratio"])
             except Exception as exc:  # noqa: BLE001 - one bad pair must not stop the job; it is reported
                 status.append("skipped")
                 error.append(f"{type(exc).__name__}: {exc}")
+                ratio.append(float("nan"))
         return {"image": batch["image"], "out": batch["out"], "status": np.array(status, dtype=object),
-                "error": np.array(error, dtype=object)}
+                "error": np.array(error, dtype=object), "hole_ratio": np.array(ratio, dtype=np.float64)}
 
 
 def batch_inpaint(model_uri: str, images: str, masks: str, out: str, hole_color: str, threshold: float = 0.5,
                   batch_size: int = 4, num_actors: int | None = None, use_gpu: bool | None = None,
-                  max_side: int = 2048, tracking_uri: str | None = None) -> dict[str, Any]:
+                  max_side: int = DEFAULT_MAX_SIDE, tracking_uri: str | None = None) -> dict[str, Any]:
     """Inpaint every image under ``images`` with the same-named mask under ``masks``; PNGs go to ``out``.
 
     ``num_actors`` defaults to the cluster's GPU count (GPU actors) or to half its CPUs (CPU actors, at least
-    1). Returns ``{"total", "written", "skipped", "errors": [(image, reason), ...], "use_gpu", "num_actors"}``.
+    1). Returns ``{"total", "written", "skipped", "errors": [(image, reason), ...], "use_gpu", "num_actors",
+    "polarity_warning"}`` (None, or the warning text with the hole ratio).
     Uses the running Ray cluster if there is one (``ray.init()`` otherwise, honouring ``RAY_ADDRESS``).
     """
     import ray
-
-    from pconv.inference import load_model, pair_files
 
     jobs = pair_files(images, masks, out)
     model, info = load_model(model_uri, device="cpu", tracking_uri=tracking_uri)
@@ -101,8 +102,13 @@ def batch_inpaint(model_uri: str, images: str, masks: str, out: str, hole_color:
     errors = [(r["image"], r["error"]) for r in results if r["status"] != "ok"]
     for image, reason in errors[:20]:
         log.warning("skipped %s: %s", image, reason)
+    ratios = [float(r["hole_ratio"]) for r in results if r["status"] == "ok"]
+    warning = polarity_warning(ratios) if ratios else None
+    if warning:
+        log.warning("masks under %s (--hole-color %s): %s", masks, hole_color, warning)
     summary = {"total": len(jobs), "written": len(results) - len(errors), "skipped": len(errors),
-               "errors": errors, "use_gpu": use_gpu, "num_actors": num_actors, "out": out}
+               "errors": errors, "use_gpu": use_gpu, "num_actors": num_actors, "out": out,
+               "polarity_warning": warning}
     log.info("batch inpainting done: %d written, %d skipped", summary["written"], summary["skipped"])
     return summary
 

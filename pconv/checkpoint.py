@@ -1,4 +1,7 @@
-"""The checkpoint directory contract shared by training, registration and inference.
+"""The checkpoint directory contract: its file names, writing, reading, and finding the latest complete one.
+
+Training writes checkpoints; registration (:mod:`pconv.registry`) and model loading (:mod:`pconv.loading`) read
+them. This module is the only place that knows the file names.
 
 A checkpoint is a directory holding:
 
@@ -13,11 +16,13 @@ half-way leaves an incomplete directory that :func:`is_complete` rejects.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
+CHECKPOINT_FILES = (STATE_FILE, CONFIG_FILE, META_FILE)  # a directory holding all three is complete
+WRAPPER_PREFIX = "module."  # what DDP puts in front of every state-dict key
 
 
 def versions() -> dict[str, str]:
@@ -71,19 +78,27 @@ def save(directory: str | Path, state: dict[str, Any], config_yaml: str, meta: d
 
 def is_complete(directory: str | Path) -> bool:
     directory = Path(directory)
-    return all((directory / name).is_file() for name in (STATE_FILE, CONFIG_FILE, META_FILE))
+    return all((directory / name).is_file() for name in CHECKPOINT_FILES)
 
 
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load ``state.pt`` without executing pickled code (``weights_only=True``)."""
     directory = Path(directory)
     if not is_complete(directory):
-        missing = [n for n in (STATE_FILE, CONFIG_FILE, META_FILE) if not (directory / n).is_file()]
+        missing = [n for n in CHECKPOINT_FILES if not (directory / n).is_file()]
         raise FileNotFoundError(f"{directory} is not a complete checkpoint (missing {', '.join(missing)})")
     return torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
 
 
+def model_state(state: dict[str, Any], source: str) -> dict[str, Any]:
+    """The model's state dict from a loaded ``state.pt``, keys without a DDP ``module.`` prefix."""
+    if "model" not in state:
+        raise ValueError(f"{source}: {STATE_FILE} has no 'model' entry")
+    return {k.removeprefix(WRAPPER_PREFIX): v for k, v in state["model"].items()}
+
+
 def load_config_dict(directory: str | Path) -> dict[str, Any]:
+    """``config.yaml`` of a local checkpoint (or of a logged model's files) as a mapping: the one config reader."""
     data = yaml.safe_load((Path(directory) / CONFIG_FILE).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{directory}/{CONFIG_FILE} is not a mapping")
@@ -91,6 +106,7 @@ def load_config_dict(directory: str | Path) -> dict[str, Any]:
 
 
 def load_meta(directory: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a local checkpoint."""
     return json.loads((Path(directory) / META_FILE).read_text())
 
 
@@ -118,3 +134,35 @@ def latest(root: str) -> tuple[str, dict[str, Any]] | None:
         if best is None or step > best[0]:
             best = (step, base, meta)
     return (best[1], best[2]) if best else None
+
+
+def resolve(uri: str) -> str | None:
+    """The checkpoint ``uri`` (local or s3://) names: itself when complete, else the latest complete checkpoint
+    under it (see :func:`latest`); None when there is none. A local file inside a checkpoint (e.g. its
+    ``state.pt``) stands for its folder."""
+    if storage.is_remote(uri):
+        base = str(uri).rstrip("/")
+        if all(storage.exists(storage.join(base, name)) for name in CHECKPOINT_FILES):
+            return base
+    else:
+        path = Path(str(uri).removeprefix("file://")).expanduser()
+        if path.is_file():
+            path = path.parent
+        if is_complete(path):
+            return str(path)
+        base = str(path)
+    found = latest(base)
+    return found[0] if found else None
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[Path]:
+    """A local directory holding the checkpoint at ``uri``: the folder itself, or (s3://) a temporary download
+    of its files, removed when the block ends."""
+    if not storage.is_remote(uri):
+        yield Path(str(uri).removeprefix("file://")).expanduser()
+        return
+    with tempfile.TemporaryDirectory(prefix="pconv-ckpt-") as tmp:
+        for name in CHECKPOINT_FILES:
+            (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(uri, name)))
+        yield Path(tmp)

@@ -1,47 +1,46 @@
-"""Typed training configuration: one flat dataclass, YAML <-> config, validation.
+"""Typed training configuration: one flat dataclass, its YAML form, validation, and the description of every key.
 
-Every command-line flag of ``pipelines/train.py`` is a field here with the same name (dashes become
-underscores), and a ``--config FILE.yaml`` holds the same keys; flags override the file. Defaults
-reproduce the paper's setting (Liu et al., ECCV 2018, Sec. 4.1): 512 px, the 8-layer U-Net,
-batch 6 per GPU, Adam at 2e-4 with BN (phase 1), then 5e-5 with encoder BN frozen (phase 2).
+Every command-line flag of ``pipelines/train.py`` is a field here with the same name (dashes become underscores),
+and a ``--config FILE.yaml`` holds the same keys; flags override the file. Each field's ``metadata["help"]`` is
+the one description of its key: the CLI's ``--help`` and the README's configuration table
+(:func:`markdown_table`) are generated from it. Defaults reproduce the paper's setting (Liu et al., ECCV 2018,
+Sec. 4.1): 512 px, the 8-layer U-Net, batch 6 per GPU, Adam at 2e-4 with BN (phase 1), then 5e-5 with encoder BN
+frozen (phase 2). The U-Net depth rule and the paper's image size belong to :mod:`pconv.model`.
 
-This module is part of the core: standard library and PyYAML only.
+This module is part of the core: no Ray or MLflow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from pconv.model import CONV_TYPES, PAPER_IMAGE_SIZE, PAPER_LAYER_SIZE, default_layer_size
 
 # Paper Sec. 4.1 ("Training procedure"): initial training with BN at lr 2e-4, fine-tuning with the
 # encoder's BN frozen at lr 5e-5; batch size 6 on one V100 (Sec. 4.1, "Network training").
 PAPER_LR_PHASE1 = 2e-4
 PAPER_LR_PHASE2 = 5e-5
 PAPER_BATCH_PER_GPU = 6
-PAPER_IMAGE_SIZE = 512
-MAX_LAYER_SIZE = 8  # the paper's U-Net has 8 encoder layers at 512 px (supplementary, Table 1)
 
 AMP_CHOICES = ("auto", "fp16", "bf16", "off")
+LR_SCALING_CHOICES = ("none", "linear", "sqrt")  # lr x (global batch / 6)^1, ^1/2, or as given
+GRAD_COMPRESSION_CHOICES = ("none", "fp16")      # DDP gradient all-reduce in fp32 or fp16 (fp16_compress_hook)
+TRAIN_EXPERIMENT = "pconv-inpainting"  # default MLflow experiment of training runs
+REGISTER_AUTO = "auto"  # register_as: the task's default registered name (resolved by pconv.train via the registry)
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run: raised before any cluster resources are taken."""
 
 
-def default_layer_size(image_size: int) -> int:
-    """Largest U-Net depth the image size allows (8 at 512, 7 at 256, ...), capped at the paper's 8.
-
-    The bottleneck of an L-layer encoder is image_size / 2**L pixels; the paper's net stops at 2 px.
-    """
-    if image_size < 4 or image_size & (image_size - 1):
-        raise ConfigError(f"image_size must be a power of two >= 4 to pick a layer size by default, got {image_size}; "
-                          "pass --layer-size explicitly for other sizes")
-    return min(MAX_LAYER_SIZE, int(math.log2(image_size)) - 1)
+def _key(default: Any, help: str, shown: str | None = None) -> Any:
+    """A config field: its default, its one description, and (for ``None`` defaults) what the default means."""
+    return field(default=default, metadata={"help": help, **({"shown": shown} if shown else {})})
 
 
 @dataclass
@@ -49,39 +48,64 @@ class TrainConfig:
     """Everything one training run needs. Field names are the CLI flags (``--phase1-steps`` -> ``phase1_steps``)."""
 
     # --- data -------------------------------------------------------------------------------
-    images: str = ""            # URI of image shards (a folder or s3:// prefix holding manifest.json)
-    masks: str = ""             # URI of mask shards (same layout)
-    image_size: int = PAPER_IMAGE_SIZE
-    val_size: int = 8           # number of fixed (image, mask) validation pairs
+    images: str = _key("", "URI of the image shards (a folder or `s3://` prefix holding `manifest.json`), made by "
+                           "`prepare_data.py images`; required")
+    masks: str = _key("", "URI of the mask shards, made by `prepare_data.py masks`; required")
+    image_size: int = _key(PAPER_IMAGE_SIZE, "training crop size in pixels (the paper's, Sec. 4.1)")
+    val_size: int = _key(8, "number of fixed validation (image, mask) pairs for val metrics and sample grids")
     # --- run identity and outputs ------------------------------------------------------------
-    run_name: str = "pconv"
-    storage: str = "runs"       # where Ray Train keeps checkpoints: a local folder or s3:// prefix
-    experiment: str = "pconv-inpainting"
-    register_as: str | None = "pconv-unet"   # registered model name; empty/None = do not register
+    run_name: str = _key("pconv", "name of this training run; with `storage` it identifies the run for resume")
+    storage: str = _key("runs", "where checkpoints go: a local folder or `s3://` prefix")
+    experiment: str = _key(TRAIN_EXPERIMENT, "MLflow experiment name")
+    register_as: str | None = _key(REGISTER_AUTO, "registered model name of the final model; `auto`: the task's "
+                                                  "default name (`pconv-unet` for inpainting); `''`: do not register")
     # --- cluster -----------------------------------------------------------------------------
-    workers: int = 1
-    use_gpu: bool | None = None  # None: use GPUs if the cluster has them
-    cpus_per_worker: float | None = None  # None: 1 with GPUs, 0.5 on CPU-only clusters (leave CPUs to Ray Data)
-    max_failures: int = 3
+    workers: int = _key(1, "number of data-parallel training workers (one GPU each when GPUs are used)")
+    use_gpu: bool | None = _key(None, "train on GPUs; `auto`: if the cluster has GPUs", shown="auto")
+    cpus_per_worker: float | None = _key(None, "CPUs reserved per worker; `auto`: 1 with GPUs, 0.5 on CPU-only "
+                                               "clusters (leaving CPUs to Ray Data)", shown="auto")
+    max_failures: int = _key(3, "worker-group restarts Ray Train may do before the run fails")
     # --- model -------------------------------------------------------------------------------
-    layer_size: int | None = None  # None: default_layer_size(image_size)
-    init_from: str | None = None   # checkpoint URI, local path or models:/NAME@ALIAS to start from
+    layer_size: int | None = _key(None, "U-Net depth; by default the depth the image size allows "
+                                        "(`pconv.model.default_layer_size`: 8 at 512, 7 at 256 and 384, 6 at 128)", shown="from `image_size`")
+    conv: str = _key("partial", "the U-Net's convolution: `partial` (the paper, eq. 1–2) or `gated` (gated convolution "
+                                "of Yu et al. 2019 in the same U-Net and losses; not the full DeepFill v2, see "
+                                "docs/variants.md)")
+    init_from: str | None = _key(None, "start from these weights: checkpoint URI, local path or `models:/NAME@ALIAS`",
+                                 shown="—")
     # --- optimisation (two phases) -----------------------------------------------------------
-    batch_size: int | None = None  # GLOBAL batch; None: PAPER_BATCH_PER_GPU x workers
-    phase1_steps: int = 10_000
-    phase2_steps: int = 5_000
-    lr: float = PAPER_LR_PHASE1
-    finetune_lr: float = PAPER_LR_PHASE2
-    vgg_weights: str = "imagenet"  # imagenet | random | path / URI of a torchvision VGG16 state dict
-    amp: str = "auto"              # auto: bf16 where supported, fp16 + GradScaler on V100, off on CPU
-    max_nan_steps: int = 10        # consecutive non-finite losses tolerated before the run stops
-    seed: int = 0
+    batch_size: int | None = _key(None, "GLOBAL batch size, split evenly across workers; by default the "
+                                        "paper's 6 per worker (Sec. 4.1)", shown=f"{PAPER_BATCH_PER_GPU} × workers")
+    phase1_steps: int = _key(10_000, "steps of phase 1 (BN on, `lr`); 0 with `init_from` fine-tunes only")
+    phase2_steps: int = _key(5_000, "steps of phase 2 (encoder BN frozen, `finetune_lr`)")
+    lr: float = _key(PAPER_LR_PHASE1, "Adam learning rate of phase 1 (paper Sec. 4.1)")
+    finetune_lr: float = _key(PAPER_LR_PHASE2, "Adam learning rate of phase 2 (paper Sec. 4.1)")
+    vgg_weights: str = _key("imagenet", "VGG16 for the perceptual/style losses: `imagenet`, `random` (tests and "
+                                        "demo only), or a path / URI of a torchvision VGG16 state dict")
+    amp: str = _key("auto", "mixed precision: `auto` (bf16 on compute capability 8.0+ such as A100/H100, fp16 + "
+                            "GradScaler below it: V100, T4; off on CPU), "
+                            "`fp16`, `bf16` or `off`")
+    lr_scaling: str = _key("none", "scale `lr` and `finetune_lr` with the global batch relative to the paper's 6: "
+                                   "`none` (the paper's values as given), `linear` (× batch/6) or `sqrt` "
+                                   "(× √(batch/6)); see docs/scaling.md")
+    compile: bool = _key(False, "`torch.compile` the model and the loss (first steps are slower while it compiles); "
+                                "eager by default")
+    grad_compression: str = _key("none", "DDP gradient all-reduce: `none` (fp32) or `fp16` (DDP's "
+                                         "`fp16_compress_hook`, half the bytes on the network); see docs/scaling.md")
+    ddp_bucket_mb: float | None = _key(None, "DDP gradient bucket size in MB (larger: fewer, bigger all-reduces)",
+                                       shown="25 (DDP's)")
+    max_nan_steps: int = _key(10, "consecutive non-finite losses tolerated (steps skipped) before the run stops")
+    seed: int = _key(0, "seed for model init and data order")
+    deterministic: bool = _key(False, "reproducible end to end: deterministic torch algorithms where they exist (no "
+                                      "cuDNN autotuning); with the seeded init and data order, a resumed run ends "
+                                      "with an uninterrupted run's weights (README: exact resume)")
     # --- cadence -----------------------------------------------------------------------------
-    log_every: int = 10
-    checkpoint_every: int = 1_000
-    num_to_keep: int = 3
-    val_every: int = 1_000
-    sample_every: int = 1_000
+    log_every: int = _key(10, "log training metrics every N steps")
+    checkpoint_every: int = _key(1_000, "checkpoint every N steps (and at the end)")
+    num_to_keep: int = _key(3, "checkpoints kept in storage")
+    val_every: int = _key(1_000, "validate on the fixed pairs every N steps")
+    sample_every: int = _key(1_000, "log the validation sample grid (masked | mask | output | composite | "
+                                    "truth) as MLflow image `samples` every N steps")
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -92,12 +116,23 @@ class TrainConfig:
         """A copy with every ``None`` default filled in (what the run actually uses)."""
         out = dataclasses.replace(self)
         if out.layer_size is None:
-            out.layer_size = default_layer_size(out.image_size)
+            try:  # the model's own rule: the config accepts exactly the sizes build_model accepts
+                out.layer_size = default_layer_size(out.image_size)
+            except ValueError as exc:
+                raise ConfigError(f"invalid training config: {exc}") from None
         if out.batch_size is None:
             out.batch_size = PAPER_BATCH_PER_GPU * max(1, out.workers)
         if out.register_as == "":
             out.register_as = None
         return out
+
+    def effective_lr(self, phase: int) -> float:
+        """The Adam learning rate a phase runs at: ``lr`` / ``finetune_lr`` scaled by ``lr_scaling`` from the
+        paper's batch of 6 (Sec. 4.1) to this run's global batch."""
+        cfg = self.resolved()
+        base = cfg.lr if phase == 1 else cfg.finetune_lr
+        ratio = cfg.batch_size / PAPER_BATCH_PER_GPU
+        return base * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[cfg.lr_scaling]
 
     @property
     def per_worker_batch(self) -> int:
@@ -116,8 +151,8 @@ class TrainConfig:
             problems.append(f"run_name: must be a non-empty name without '/', got {cfg.run_name!r}")
         if cfg.workers < 1:
             problems.append(f"workers: must be >= 1, got {cfg.workers}")
-        if not 1 <= cfg.layer_size <= MAX_LAYER_SIZE:
-            problems.append(f"layer_size: must be in 1..{MAX_LAYER_SIZE}, got {cfg.layer_size}")
+        if not 1 <= cfg.layer_size <= PAPER_LAYER_SIZE:
+            problems.append(f"layer_size: must be in 1..{PAPER_LAYER_SIZE}, got {cfg.layer_size}")
         elif cfg.image_size % (2 ** cfg.layer_size) or cfg.image_size < 2 ** cfg.layer_size:
             problems.append(f"image_size {cfg.image_size} is not divisible by 2**layer_size = {2 ** cfg.layer_size}; "
                             f"use an image size that is a multiple of {2 ** cfg.layer_size} or a smaller --layer-size")
@@ -139,8 +174,15 @@ class TrainConfig:
         for name in ("lr", "finetune_lr"):
             if not getattr(cfg, name) > 0:
                 problems.append(f"{name}: must be > 0, got {getattr(cfg, name)}")
+        if cfg.conv not in CONV_TYPES:
+            problems.append(f"conv: must be one of {', '.join(CONV_TYPES)}, got {cfg.conv!r}")
         if cfg.amp not in AMP_CHOICES:
             problems.append(f"amp: must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
+        for name, choices in (("lr_scaling", LR_SCALING_CHOICES), ("grad_compression", GRAD_COMPRESSION_CHOICES)):
+            if getattr(cfg, name) not in choices:
+                problems.append(f"{name}: must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+        if cfg.ddp_bucket_mb is not None and not cfg.ddp_bucket_mb > 0:
+            problems.append(f"ddp_bucket_mb: must be > 0, got {cfg.ddp_bucket_mb}")
         if cfg.cpus_per_worker is not None and not cfg.cpus_per_worker > 0:
             problems.append(f"cpus_per_worker: must be > 0, got {cfg.cpus_per_worker}")
         if not cfg.vgg_weights:
@@ -155,10 +197,6 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "TrainConfig":
@@ -189,13 +227,6 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
         return cls.from_dict(data, source=str(path))
-
-    @classmethod
-    def from_yaml_text(cls, text: str, source: str = "config.yaml") -> "TrainConfig":
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of config keys")
-        return cls.from_dict(data, source=source)
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
@@ -232,5 +263,25 @@ def merge(base: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict(data, source="command line")
 
 
-__all__ = ["TrainConfig", "ConfigError", "default_layer_size", "merge", "AMP_CHOICES",
-           "PAPER_LR_PHASE1", "PAPER_LR_PHASE2", "PAPER_BATCH_PER_GPU", "PAPER_IMAGE_SIZE", "MAX_LAYER_SIZE"]
+def default_text(f: dataclasses.Field) -> str:
+    """The default of a config key as people read it (``auto`` and ``—`` for the ``None``/empty defaults)."""
+    if "shown" in f.metadata:
+        return f.metadata["shown"]
+    if f.default in ("", None):
+        return "—"
+    if isinstance(f.default, float):
+        mantissa, exponent = f"{f.default:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}" if abs(f.default) < 1e-3 else f"{f.default:g}"
+    return f"`{f.default}`" if isinstance(f.default, str) else str(f.default)
+
+
+def markdown_table() -> str:
+    """The README's configuration reference (key | default | meaning), generated from the fields' metadata."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{f.name}` | {default_text(f)} | {f.metadata['help'].replace('|', chr(92) + '|')} |"
+             for f in fields(TrainConfig)]
+    return "\n".join(rows) + "\n"
+
+
+__all__ = ["AMP_CHOICES", "ConfigError", "GRAD_COMPRESSION_CHOICES", "LR_SCALING_CHOICES", "PAPER_BATCH_PER_GPU", "PAPER_LR_PHASE1", "PAPER_LR_PHASE2",
+           "REGISTER_AUTO", "TRAIN_EXPERIMENT", "TrainConfig", "default_text", "markdown_table", "merge"]

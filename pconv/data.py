@@ -20,9 +20,10 @@ Rows (compact, uint8, so 4x fewer bytes move through the object store and to the
   ``skipped`` over everything a consumer sees equals the number of dropped rows (re-batching preserves sums).
   A unit whose rows are ALL corrupt has no row to carry its count: it is only logged (as an error).
 
-Batches. :func:`iter_batches` (or ``iter_torch_batches(collate_fn=float_collate())``) yields the model inputs of the
-architecture contract: float32 ``image`` in [0, 1], float32 ``mask``, optional ``masked``. The training loop
-iterates the uint8 rows and converts on its device (:func:`to_float_batch`).
+Batches. :func:`pconv.model_inputs.iter_batches` (or ``iter_torch_batches(collate_fn=float_collate())``) yields the
+model inputs of the architecture contract: float32 ``image`` in [0, 1], float32 ``mask``, optional ``masked``. The
+training loop iterates the uint8 rows and converts on its device (:func:`pconv.model_inputs.to_float_batch`).
+The read/decode tasks tune their allocator (:func:`pconv.allocator.reuse_freed_memory`).
 
 Epochs. Every execution of a dataset (each pass of ``iter_torch_batches`` over a Ray Train dataset shard, i.e.
 each training epoch) gets a new, seeded unit order and new row orders, crops, flips and masks: seeded from
@@ -45,15 +46,15 @@ hole-ratio bin of the NVIDIA set appears — with a centre crop and no augmentat
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from pconv import shards, storage
 from pconv import transforms as T
+from pconv.allocator import reuse_freed_memory
+from pconv.model_inputs import iter_batches, to_float
 from pconv.transforms import MaskBank, derive_seed, load_mask_bank, val_pairing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,45 +96,6 @@ def _resolve_bank(holder: list) -> MaskBank:
     return _BANK_LOCAL[hexid]
 
 
-# glibc malloc settings for processes that allocate and free MB-sized arrays per image (mallopt(3); the
-# parameter numbers are M_TRIM_THRESHOLD and M_MMAP_THRESHOLD from malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MALLOC_MMAP_THRESHOLD = 64 * 2**20   # allocations below this come from the heap, whose freed memory is reused
-MALLOC_TRIM_THRESHOLD = 128 * 2**20  # freed heap kept per process before it goes back to the OS
-
-
-@functools.cache
-def reuse_freed_memory() -> bool:
-    """Make this process's allocator reuse freed large buffers instead of page-faulting fresh ones (glibc only;
-    once per process; True if applied). Opt out with ``PCONV_MALLOC_TUNING=0`` in the workers' environment.
-
-    glibc serves an allocation above its mmap threshold (128 KB, adapting up to 32 MB) with a fresh ``mmap`` and
-    unmaps it on free, and trims the heap top beyond the trim threshold: every decoded image, output row block
-    and batch then costs kernel page faults (each 4 KB page zeroed) on first touch. Measured with
-    ``benchmarks/data_throughput.py`` (512 px, 2 CPUs): a decode task took ~115 minor faults per image and 8 % of
-    its CPU time in the kernel; with this, ~15 faults and 3 % (the consumer's faults fell from ~2,000 to ~700 per
-    second as well).
-    Cost: up to ``MALLOC_TRIM_THRESHOLD`` of freed memory stays with each process that calls it.
-    Called by the read/decode tasks and the training workers (the batch consumers).
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if os.environ.get("PCONV_MALLOC_TUNING", "1") == "0" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and \
-            bool(libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
-    except (OSError, AttributeError) as e:  # pragma: no cover - a libc without mallopt
-        log.debug("malloc tuning not applied: %s", e)
-        return False
-    if not ok:  # pragma: no cover
-        log.debug("malloc tuning: mallopt refused the thresholds")
-    return ok
-
-
 def rows_per_block(image_size: int) -> int:
     """Rows decoded together (and yielded as one piece) so one decode call's uint8 output stays <= ~8 MB."""
     return int(max(1, min(64, _DECODE_BYTES // (4 * image_size * image_size))))
@@ -172,18 +134,27 @@ def _read_ahead(todo: list[tuple[str, int, float]], base_seed: int,
 def _train_units_udf(units: dict[str, np.ndarray], *, bank: list, image_size: int,
                      base_seed: int) -> Iterator[dict[str, np.ndarray]]:
     """Read + decode read units (row groups) into training rows, a few rows at a time. The units of one input
-    block are taken in a per-epoch random order, each read while the previous one is decoded."""
+    block are taken in a per-epoch random order, each read while the previous one is decoded.
+
+    Positioned units (``pos0`` and ``skip`` columns, :mod:`pconv.train_stream`) are taken in the given order; the
+    first ``skip`` rows of a unit's (seeded) row order are dropped before decoding, and every row carries ``pos``
+    = ``pos0`` + its index in that order (its place in the worker's epoch: the data position)."""
     reuse_freed_memory()
     mask_bank = _resolve_bank(bank)
     step = rows_per_block(image_size)
-    todo = [(str(units["uri"][i]), int(units["row_group"][i]), float(units["_rand"][i]))
-            for i in np.argsort(units["_rand"], kind="stable")]
-    for uri, group, (keys, blobs, rands) in _read_ahead(todo, base_seed, shuffle=True):
+    positioned = "pos0" in units
+    order = range(len(units["uri"])) if positioned else np.argsort(units["_rand"], kind="stable")
+    todo = [(str(units["uri"][i]), int(units["row_group"][i]), float(units["_rand"][i])) for i in order]
+    for j, (uri, group, (keys, blobs, rands)) in enumerate(_read_ahead(todo, base_seed, shuffle=True)):
+        skip = int(units["skip"][order[j]]) if positioned else 0
+        pos = int(units["pos0"][order[j]]) + np.arange(len(keys), dtype=np.int64) if positioned else None
+        keys, blobs, rands = keys[skip:], blobs[skip:], rands[skip:]
         carry = 0  # corrupt rows not yet reported on a surviving row
         for s in range(0, len(keys), step):
-            out = T.train_transform(
-                {"key": keys[s:s + step], "image": blobs[s:s + step], "_rand": rands[s:s + step]},
-                image_size=image_size, base_seed=base_seed, bank=mask_bank)
+            rows = {"key": keys[s:s + step], "image": blobs[s:s + step], "_rand": rands[s:s + step]}
+            if positioned:
+                rows["pos"] = pos[skip + s:skip + s + step]
+            out = T.train_transform(rows, image_size=image_size, base_seed=base_seed, bank=mask_bank)
             if len(out["id"]) == 0:
                 carry += len(keys[s:s + step])
                 continue
@@ -213,10 +184,7 @@ def _val_units_udf(units: dict[str, np.ndarray], *, bank: list, image_size: int,
 # Ray Datasets
 # ---------------------------------------------------------------------------------------------
 def _image_manifest(images_uri: str) -> dict[str, Any]:
-    manifest = shards.read_manifest(images_uri)
-    if manifest.get("kind") != "images":
-        raise ValueError(f"{images_uri}: manifest kind is {manifest.get('kind')!r}, expected 'images'")
-    return manifest
+    return shards.read_manifest(images_uri, kind=shards.IMAGES_KIND)
 
 
 def read_units(images_uri: str, split: str, manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -362,80 +330,34 @@ def build_val_dataset(images_uri: str, masks_uri: str, image_size: int, limit: i
     return ds
 
 
-# ---------------------------------------------------------------------------------------------
-# Batches: uint8 rows -> float model inputs
-# ---------------------------------------------------------------------------------------------
-def to_float_batch(batch: dict[str, Any], device: Any = None, include_masked: bool = False) -> dict[str, Any]:
-    """Torch batch of uint8 rows -> the model inputs, on ``device`` (moved first: 4x fewer bytes to copy):
-    float32 ``image`` in [0, 1], float32 ``mask``, ``masked`` = image * mask if asked; other keys unchanged."""
-    import torch
-
-    out = dict(batch)
-    image, mask = batch["image"], batch["mask"]
-    if device is not None:
-        image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-    out["image"] = image.to(torch.float32).mul_(1.0 / 255.0)
-    out["mask"] = mask.to(torch.float32)
-    if include_masked:
-        out["masked"] = out["image"] * out["mask"]
-    return out
-
-
-@functools.cache
-def _float_collate_cls() -> type:
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class FloatCollate(NumpyBatchCollateFn):
-        """``iter_torch_batches(collate_fn=...)``: float model inputs, converted in Ray's prefetch threads."""
-
-        def __init__(self, include_masked: bool = False):
-            self.include_masked = include_masked
-
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            import torch
-
-            out = {k: torch.from_numpy(np.array(v)) for k, v in batch.items() if k not in ("image", "mask")}
-            floats = T.to_float(batch["image"], batch["mask"], self.include_masked)
-            return {**out, **{k: torch.from_numpy(v) for k, v in floats.items()}}
-
-    return FloatCollate
-
-
-def float_collate(include_masked: bool = False) -> Any:
-    """A ``NumpyBatchCollateFn`` giving float model inputs (see :func:`to_float_batch`) on the CPU
-    (the class is built on first use, so importing this module does not import Ray)."""
-    return _float_collate_cls()(include_masked)
-
-
-def iter_batches(source: Any, batch_size: int, *, drop_last: bool = False, include_masked: bool = False,
-                 **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """Float model-input batches (CPU tensors) from a training/validation Dataset or a Ray Train dataset shard.
-    ``kwargs`` go to ``iter_torch_batches`` (``prefetch_batches``, ``local_shuffle_buffer_size``, ...)."""
-    return iter(source.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
-                                          collate_fn=float_collate(include_masked), **kwargs))
-
-
 def load_val_pairs(images_uri: str, masks_uri: str, image_size: int, limit: int | None = None,
                    include_masked: bool = False) -> dict[str, Any] | None:
     """The fixed validation pairs as numpy arrays, without Ray (sample grids, validation metrics).
 
     Returns ``{"image": N x 3 x S x S, "mask": N x 1 x S x S (float32), "keys", "mask_keys", "bin", "border",
     "skipped"}`` ordered by sorted image key, or None (logged) when the images have no val split. Same pairing
-    as :func:`build_val_dataset`.
+    as :func:`build_val_dataset`. Memory stays bounded: the pairing is fixed from the ``key`` column alone, then
+    only the row groups holding the first ``limit`` keys are read (one at a time) and only those rows decoded.
     """
     manifest = _image_manifest(images_uri)
-    uris = shards.shard_uris(images_uri, manifest, "val")
-    if not uris:
+    units = read_units(images_uri, "val", manifest)
+    if not units:
         log.warning("%s has no val split (counts=%s): no validation pairs", images_uri, manifest.get("counts"))
         return None
-    table = shards.read_table(uris, ["key", "image"]).sort_by("key")
+    unit_keys = [shards.read_row_group(u["uri"], u["row_group"], ["key"]).column("key").to_pylist() for u in units]
     bank = load_mask_bank(masks_uri, "val")
-    pairing = val_pairing(table.column("key").to_pylist(), len(bank), limit)
-    out = T.val_transform({"key": np.array(table.column("key").to_pylist(), dtype=object),
-                           "image": np.array(table.column("image").to_pylist(), dtype=object)},
-                          image_size=image_size, bank=bank, pairing=pairing)
+    pairing = val_pairing([k for keys in unit_keys for k in keys], len(bank), limit)
+    parts = []
+    for u, keys in zip(units, unit_keys):
+        rows = [i for i, k in enumerate(keys) if k in pairing]
+        if rows:
+            table = shards.read_row_group(u["uri"], u["row_group"], ["key", "image"]).take(rows)
+            parts.append(T.val_transform({"key": np.array(table.column("key").to_pylist(), dtype=object),
+                                          "image": np.array(table.column("image").to_pylist(), dtype=object)},
+                                         image_size=image_size, bank=bank, pairing=pairing))
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "mask", "index", "mask_index", "skipped")}
     order = np.argsort(out["index"], kind="stable")
-    result: dict[str, Any] = T.to_float(out["image"][order], out["mask"][order], include_masked)
+    result: dict[str, Any] = to_float(out["image"][order], out["mask"][order], include_masked)
     inv = {i: k for k, (i, _) in pairing.items()}
     result["keys"] = [inv[int(i)] for i in out["index"][order]]
     mi = out["mask_index"][order]

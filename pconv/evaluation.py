@@ -1,21 +1,19 @@
-"""The paper's evaluation protocol (Liu et al., ECCV 2018, Sec. 4.1 / Table 1), a non-learned baseline, and
-promotion of a registered model to ``champion``.
-
-Protocol:
+"""The paper's evaluation protocol (Liu et al., ECCV 2018, Sec. 4.1 / Table 1) per hole-ratio bin, and promotion of
+a registered model version to ``champion`` when it beats the current holder on the same pairs. Protocol:
 
 - masks are grouped by the paper's hole-ratio bin (0.01, 0.1] ... (0.5, 0.6] and border flag (holes within
   the 50-px band or not), taken from the mask shards' ``bin``/``border`` columns (computed at ingestion on the
   mask's own resolution) or, for a raw folder/zip of masks, computed the same way here;
 - FIXED pairing: images sorted by key; masks of each (bin, border) group sorted by key; image ``j`` is paired
-  with mask ``j mod len(group)`` of EVERY group, so each image is evaluated once per group and two models
-  evaluated on the same inputs see exactly the same pairs;
+  with mask ``j mod len(group)`` of EVERY group (a cover of the bins; training validation gives each image ONE
+  mask), so each image is evaluated once per group and two models see exactly the same pairs;
 - each image is resized (shorter side to ``image_size``) and centre-cropped to ``image_size``² by
   :func:`pconv.images.center_crop`, the same view as training validation; masks are resized nearest only;
 - metrics (``pconv.metrics``: L1 %, PSNR, SSIM) are computed on the COMPOSITE (valid pixels from the input)
   against the ground truth, and averaged per (bin, border) cell with ``BinnedMetrics``.
 
-Baseline: OpenCV's Telea inpainting when ``cv2`` is importable, otherwise a push-pull diffusion fill (pyramid
-mean fill + Jacobi smoothing of the holes), implemented here in numpy; no learning either way.
+The same table is computed for the non-learned :mod:`pconv.baseline`. Files are listed by
+:class:`pconv.sources.Source`, shard roots read by :mod:`pconv.shards`, models loaded by :mod:`pconv.loading`.
 
 Promotion rule ("beats"): the candidate's mean PSNR over all evaluated pairs must exceed the champion's by more
 than ``min_delta_db`` (default 1e-6 dB, i.e. strictly greater up to float noise), both evaluated here on the
@@ -26,61 +24,48 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
+from pconv import images as I
 from pconv import masks as M
-from pconv import metrics
-from pconv import storage
+from pconv import metrics, shards
+from pconv.baseline import baseline_inpaint, baseline_name
+from pconv.registry import CHAMPION
+from pconv.sources import Source
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 512        # the paper evaluates at 512 x 512 (Sec. 4.1)
 DEFAULT_MIN_DELTA_DB = 1e-6
+EVAL_EXPERIMENT = "pconv-evaluation"      # MLflow experiment of evaluation runs
 
 
-# ---------------------------------------------------------------------------------------------
-# Inputs: images, masks, fixed pairs
-# ---------------------------------------------------------------------------------------------
-def _is_shard_root(uri: str) -> bool:
-    from pconv.shards import MANIFEST
-
-    return not uri.lower().endswith(".zip") and storage.exists(storage.join(uri, MANIFEST))
-
-
+# --- Inputs: images, masks, fixed pairs ------------------------------------------------------------------------
 def _shard_rows(root: str, columns: list[str], prefer_val: bool = False) -> list[dict[str, Any]]:
     """Rows of a shard root: every split, or with ``prefer_val`` only the ``val`` split when it has shards
     (image datasets ingested for training hold their held-out images there; test sets are all ``train``)."""
-    from pconv.shards import SPLITS, read_manifest, read_table, shard_uris
-
-    manifest = read_manifest(root)
-    splits: tuple[str, ...] = SPLITS
-    if prefer_val and shard_uris(root, manifest, "val"):
+    manifest = shards.read_manifest(root)
+    splits: tuple[str, ...] = shards.SPLITS
+    if prefer_val and shards.shard_uris(root, manifest, "val"):
         splits = ("val",)
         log.info("%s: evaluating on its 'val' split", root)
-    uris = [u for split in splits for u in shard_uris(root, manifest, split)]
-    return read_table(uris, columns).to_pylist()
+    uris = [u for split in splits for u in shards.shard_uris(root, manifest, split)]
+    return shards.read_table(uris, columns).to_pylist()
 
 
 def _raw_items(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, Callable[[], bytes]]]:
-    from pconv.sources import Source
-
     with Source(uri) as src:
         items = [(it.key, it.read) for it in src.items() if it.key.lower().endswith(suffixes)]
         if src.kind == "zip":  # the zip closes with the Source: read now
             items = [(k, (lambda data=read(): data)) for k, read in items]
     return items
-
-
-def square_crop(data: bytes, size: int, name: str) -> np.ndarray:
-    """Decode and cut the centre view (:func:`pconv.images.center_crop`, the same as training validation)."""
-    from pconv import images
-
-    return images.center_crop(images.open_image(data, draft_size=size, name=name), size)
 
 
 @dataclass
@@ -103,6 +88,7 @@ class EvalSet:
     hole_color: str = "white"
     threshold: float = 0.5
     groups: dict[tuple[int, bool], int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # "<file>: <reason>" of every unreadable image or mask
 
     def mask(self, rec: MaskRecord) -> np.ndarray:
         """uint8 S×S mask (1 = valid), nearest-resized."""
@@ -113,16 +99,16 @@ class EvalSet:
         return m if m.shape == (self.image_size,) * 2 else M.resize_nearest(m, self.image_size)
 
 
-def load_images(uri: str, image_size: int, limit: int | None = None) -> tuple[list[str], list[np.ndarray]]:
+def load_images(uri: str, image_size: int, limit: int | None = None,
+                skipped: list[str] | None = None) -> tuple[list[str], list[np.ndarray]]:
     """Eval images from a shard root (manifest.json; its ``val`` split if it has one) or a folder / zip /
-    s3:// prefix of image files; sorted by key, the first ``limit``; unreadable files skipped and counted."""
-    from pconv.images import IMAGE_SUFFIXES
-
-    if _is_shard_root(uri):
+    s3:// prefix of image files; sorted by key, the first ``limit``; unreadable files skipped and counted. Each is
+    decoded and cut to the centre view by :func:`pconv.images.center_crop`, the same as training validation."""
+    if shards.is_dataset_root(uri):
         rows = sorted(_shard_rows(uri, ["key", "image"], prefer_val=True), key=lambda r: r["key"])
         items = [(r["key"], (lambda d=r["image"]: d)) for r in rows]
     else:
-        items = sorted(_raw_items(uri, IMAGE_SUFFIXES), key=lambda kv: kv[0])
+        items = sorted(_raw_items(uri, I.IMAGE_SUFFIXES), key=lambda kv: kv[0])
     if limit:
         items = items[:limit]
     if not items:
@@ -130,33 +116,38 @@ def load_images(uri: str, image_size: int, limit: int | None = None) -> tuple[li
     keys, images, bad = [], [], []
     for key, read in items:
         try:
-            images.append(square_crop(read(), image_size, f"{uri}:{key}"))
+            images.append(I.center_crop(I.open_image(read(), draft_size=image_size, name=f"{uri}:{key}"), image_size))
             keys.append(key)
         except ValueError as exc:
             bad.append(str(exc))
     if bad:
         log.warning("skipped %d unreadable image(s): %s", len(bad), "; ".join(bad[:5]))
+    if skipped is not None:
+        skipped.extend(bad)
     if not images:
         raise ValueError(f"none of the {len(items)} images under {uri} could be decoded: {bad[:3]}")
     return keys, images
 
 
-def load_masks(uri: str, hole_color: str | None = None, threshold: float = 0.5) -> list[MaskRecord]:
-    """Masks with their (bin, border) labels from mask shards, or from raw files (``hole_color`` required)."""
-    from pconv.masks import MASK_SUFFIXES
-    from pconv.shards import border_band
-
-    if _is_shard_root(uri):
+def load_masks(uri: str, hole_color: str | None = None, threshold: float = 0.5,
+               skipped: list[str] | None = None) -> list[MaskRecord]:
+    """Masks with their (bin, border) labels from mask shards, or from raw files (``hole_color`` required);
+    unreadable raw files are skipped, logged and appended to ``skipped``."""
+    if shards.is_dataset_root(uri):
         rows = _shard_rows(uri, ["key", "mask", "bin", "border"])
         return [MaskRecord(r["key"], int(r["bin"]), bool(r["border"]), r["mask"], True) for r in rows]
     if hole_color not in M.HOLE_COLORS:
         raise ValueError(f"{uri} holds raw mask files: say their polarity with --hole-color white|black "
                          "(NVIDIA's test masks: white = hole), or ingest them first with pipelines/prepare_data.py")
     out = []
-    for key, read in _raw_items(uri, MASK_SUFFIXES):
-        data = read()
-        m = M.decode_mask(data, hole_color, threshold, name=f"{uri}:{key}")
-        out.append(MaskRecord(key, M.ratio_bin(M.hole_ratio(m)), M.touches_border(m, border_band(*m.shape)),
+    for key, read in _raw_items(uri, M.MASK_SUFFIXES):
+        try:
+            m = M.decode_mask(data := read(), hole_color, threshold, name=f"{uri}:{key}")
+        except (ValueError, OSError, Image.DecompressionBombError) as exc:
+            log.warning("skipped mask %s: %s", key, exc)
+            (skipped if skipped is not None else []).append(f"{uri}:{key}: {exc}")
+            continue
+        out.append(MaskRecord(key, M.ratio_bin(M.hole_ratio(m)), M.touches_border(m, shards.border_band(*m.shape)),
                               data, False))
     return out
 
@@ -164,14 +155,15 @@ def load_masks(uri: str, hole_color: str | None = None, threshold: float = 0.5) 
 def build_eval_set(images_uri: str, masks_uri: str, image_size: int = DEFAULT_IMAGE_SIZE, limit: int | None = None,
                    hole_color: str | None = None, threshold: float = 0.5) -> EvalSet:
     """Load images and masks and fix the pairing (see the module docstring)."""
-    records = load_masks(masks_uri, hole_color, threshold)
+    skipped: list[str] = []
+    records = load_masks(masks_uri, hole_color, threshold, skipped)
     groups: dict[tuple[int, bool], list[MaskRecord]] = {}
     for rec in records:
         if rec.bin >= 0:
             groups.setdefault((rec.bin, rec.border), []).append(rec)
     if not groups:
         raise ValueError(f"no mask under {masks_uri} falls into the paper's hole-ratio bins (0.01, 0.6]")
-    keys, images = load_images(images_uri, image_size, limit)
+    keys, images = load_images(images_uri, image_size, limit, skipped)
     pairs = []
     for gkey in sorted(groups):
         group = sorted(groups[gkey], key=lambda r: r.key)
@@ -180,70 +172,10 @@ def build_eval_set(images_uri: str, masks_uri: str, image_size: int = DEFAULT_IM
     if missing:
         log.warning("no masks for %d (bin, border) cell(s): %s", len(missing), missing)
     return EvalSet(image_size, keys, images, pairs, hole_color or "white", threshold,
-                   {k: len(v) for k, v in groups.items()})
+                   {k: len(v) for k, v in groups.items()}, skipped)
 
 
-# ---------------------------------------------------------------------------------------------
-# Baseline (no learning)
-# ---------------------------------------------------------------------------------------------
-def _smooth_holes(img: np.ndarray, hole: np.ndarray, iters: int) -> np.ndarray:
-    """Jacobi iterations of Laplace's equation inside the holes (valid pixels are boundary values)."""
-    for _ in range(iters):
-        p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        avg = 0.25 * (p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:])
-        img = np.where(hole[..., None], avg, img)
-    return img
-
-
-def pushpull_fill(image: np.ndarray, valid: np.ndarray, smooth_iters: int = 6) -> np.ndarray:
-    """Fill holes (valid == 0) of an H×W×C float image by a mask-weighted image pyramid: each coarser level
-    averages the known pixels, holes take the upsampled coarser fill, then a few Jacobi steps smooth them."""
-    w = (np.asarray(valid) > 0.5).astype(np.float32)
-    img = np.asarray(image, dtype=np.float32) * w[..., None]
-    h, wd = w.shape
-    if w.all():
-        return img
-    if not w.any():
-        return np.zeros_like(img)
-    if h <= 1 or wd <= 1:
-        mean = img.sum(axis=(0, 1)) / w.sum()
-        return np.where(w[..., None] > 0, img, mean)
-    ph, pw = h % 2, wd % 2
-    iw = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="edge")
-    ww = np.pad(w, ((0, ph), (0, pw)), mode="edge")
-    H2, W2 = iw.shape[0] // 2, iw.shape[1] // 2
-    sum_iw = iw.reshape(H2, 2, W2, 2, -1).sum(axis=(1, 3))
-    sum_w = ww.reshape(H2, 2, W2, 2).sum(axis=(1, 3))
-    coarse = sum_iw / np.maximum(sum_w, 1e-8)[..., None]
-    filled = pushpull_fill(coarse, sum_w > 0, smooth_iters)
-    up = np.repeat(np.repeat(filled, 2, axis=0), 2, axis=1)[:h, :wd]
-    out = np.where(w[..., None] > 0, img, up)
-    return _smooth_holes(out, w == 0, smooth_iters)
-
-
-def baseline_name() -> str:
-    try:
-        import cv2  # noqa: F401
-        return "OpenCV Telea inpainting"
-    except ImportError:
-        return "push-pull diffusion fill"
-
-
-def baseline_inpaint(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Non-learned inpainting of an H×W×3 float image in [0, 1]; valid pixels are returned unchanged."""
-    try:
-        import cv2
-    except ImportError:
-        out = pushpull_fill(image, valid)
-    else:
-        u8 = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-        out = cv2.inpaint(u8, (valid < 0.5).astype(np.uint8), 3, cv2.INPAINT_TELEA).astype(np.float32) / 255.0
-    return np.where(valid[..., None] > 0.5, image, np.clip(out, 0, 1))
-
-
-# ---------------------------------------------------------------------------------------------
-# Running the protocol
-# ---------------------------------------------------------------------------------------------
+# --- Running the protocol --------------------------------------------------------------------------------------
 def _batches(es: EvalSet, batch_size: int):
     for i in range(0, len(es.pairs), batch_size):
         chunk = es.pairs[i:i + batch_size]
@@ -313,9 +245,7 @@ def bar_chart(model_table: metrics.BinnedMetrics, baseline_table: metrics.Binned
     return fig
 
 
-# ---------------------------------------------------------------------------------------------
-# Promotion
-# ---------------------------------------------------------------------------------------------
+# --- Promotion -------------------------------------------------------------------------------------------------
 @dataclass
 class PromotionDecision:
     promoted: bool
@@ -338,7 +268,7 @@ def beats(candidate: metrics.BinnedMetrics, champion: metrics.BinnedMetrics,
 
 
 def promote(name: str, candidate_version: str, candidate: metrics.BinnedMetrics,
-            evaluate_version: Callable[[str], metrics.BinnedMetrics], alias: str = "champion",
+            evaluate_version: Callable[[str], metrics.BinnedMetrics], alias: str = CHAMPION,
             tracking_uri: str | None = None, min_delta_db: float = DEFAULT_MIN_DELTA_DB) -> PromotionDecision:
     """Move ``alias`` of ``name`` to ``candidate_version`` only if it beats the current holder of the alias,
     which ``evaluate_version(version)`` evaluates on the SAME pairs as ``candidate``. No holder: it moves."""
@@ -354,7 +284,6 @@ def promote(name: str, candidate_version: str, candidate: metrics.BinnedMetrics,
             raise
         holder = None
     if holder is None:
-        client.set_registered_model_alias(name, alias, str(candidate_version))
         decision.promoted = True
         decision.reason = f"no version had alias {alias!r}; version {candidate_version} becomes {alias}"
     elif str(holder.version) == str(candidate_version):
@@ -364,9 +293,8 @@ def promote(name: str, candidate_version: str, candidate: metrics.BinnedMetrics,
         decision.champion_version = str(holder.version)
         champ = evaluate_version(str(holder.version))
         decision.champion_psnr = champ.overall()["psnr"]
-        if beats(candidate, champ, min_delta_db):
-            client.set_registered_model_alias(name, alias, str(candidate_version))
-            decision.promoted = True
+        decision.promoted = beats(candidate, champ, min_delta_db)
+        if decision.promoted:
             decision.reason = (f"version {candidate_version} beats {alias} version {holder.version} on the same "
                                f"{candidate.count} pairs: mean PSNR {cand_psnr:.4f} > {decision.champion_psnr:.4f} dB")
         else:
@@ -374,21 +302,21 @@ def promote(name: str, candidate_version: str, candidate: metrics.BinnedMetrics,
             decision.reason = (f"version {candidate_version} {verdict} {alias} version {holder.version} on the same "
                                f"{candidate.count} pairs (mean PSNR {cand_psnr:.4f} vs {decision.champion_psnr:.4f} "
                                f"dB); {alias} stays on version {holder.version}")
+    if decision.promoted:
+        client.set_registered_model_alias(name, alias, str(candidate_version))
     log.info("promotion: %s", decision.reason)
     return decision
 
 
-# ---------------------------------------------------------------------------------------------
-# The whole thing (what pipelines/evaluate.py runs)
-# ---------------------------------------------------------------------------------------------
+# --- The whole thing (what pipelines/evaluate.py runs) ---------------------------------------------------------
 def run_evaluation(model_uri: str, images: str, masks: str, image_size: int = DEFAULT_IMAGE_SIZE,
                    limit: int | None = None, hole_color: str | None = None, threshold: float = 0.5,
                    batch_size: int = 4, device: str = "auto", baseline: bool = True,
-                   experiment: str | None = "pconv-evaluation", promote_alias: str | None = None,
+                   experiment: str | None = EVAL_EXPERIMENT, promote_alias: str | None = None,
                    tracking_uri: str | None = None, min_delta_db: float = DEFAULT_MIN_DELTA_DB) -> dict[str, Any]:
     """Evaluate ``model_uri`` (and the baseline) on fixed pairs, log to MLflow (``experiment`` None: don't),
     optionally promote. Returns ``{"markdown", "model", "baseline", "pairs", "promotion", "mlflow_run_id"}``."""
-    from pconv.inference import load_model, parse_registry_uri, resolve_device, resolve_version
+    from pconv.loading import load_model, parse_registry_uri, resolve_device, resolve_version
 
     if promote_alias and not model_uri.startswith("models:/"):
         raise ValueError(f"--promote needs a registered model (models:/NAME@ALIAS or models:/NAME/VERSION), "
@@ -405,7 +333,8 @@ def run_evaluation(model_uri: str, images: str, masks: str, image_size: int = DE
     result: dict[str, Any] = {"model_uri": model_uri, "model_info": {k: v for k, v in info.items()},
                               "image_size": image_size, "pairs": len(es.pairs), "images": len(es.image_keys),
                               "model": table.as_dict(), "baseline": base.as_dict() if base else None,
-                              "baseline_name": baseline_name() if base else None, "promotion": None}
+                              "baseline_name": baseline_name() if base else None, "promotion": None,
+                              "skipped": es.skipped}
     result["markdown"] = result_markdown(model_uri, table, base, es)
     if promote_alias:
         name, version = resolve_version(model_uri, tracking_uri)
@@ -427,8 +356,6 @@ def _log_result(result: dict[str, Any], table: metrics.BinnedMetrics, base: metr
     """One MLflow run per evaluation: per-cell metrics, the markdown table, results JSON and a bar chart."""
     from pconv.tracking import Tracker, start_or_resume_run
 
-    import secrets
-
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     run_id = start_or_resume_run(experiment, f"eval-{stamp}-{secrets.token_hex(3)}",
                                  tags={"pconv.model_uri": result["model_uri"]}, tracking_uri=tracking_uri)
@@ -445,9 +372,11 @@ def _log_result(result: dict[str, Any], table: metrics.BinnedMetrics, base: metr
             continue
         for row in tab.table(include_empty=False):
             cell = f"bin{row['bin']}_{'border' if row['border'] else 'noborder'}"
-            values.update({f"{prefix}/{cell}/{k}": row[k] for k in ("l1", "psnr", "ssim")})
-        values.update({f"{prefix}/{k}": tab.overall()[k] for k in ("l1", "psnr", "ssim")})
-    tracker.log_metrics(values, step=0)
+            values.update({f"{prefix}/{cell}/{k}": row[k] for k in metrics.METRIC_NAMES})
+        values.update({f"{prefix}/{k}": tab.overall()[k] for k in metrics.METRIC_NAMES})
+    # On a registered version, the metrics are also logged against its LoggedModel (MLflow 3 ``model_id``), so the
+    # registry shows how each version scored before an alias moves.
+    tracker.log_metrics(values, step=0, model_id=info.get("model_id"))
     tracker.log_text(result["markdown"], "evaluation/table.md")
     tracker.log_dict({k: v for k, v in result.items() if k != "markdown"}, "evaluation/results.json")
     try:
@@ -462,6 +391,6 @@ def _log_result(result: dict[str, Any], table: metrics.BinnedMetrics, base: metr
     return run_id
 
 
-__all__ = ["EvalSet", "MaskRecord", "PromotionDecision", "baseline_inpaint", "bar_chart", "beats",
-           "build_eval_set", "evaluate_baseline", "evaluate_model", "load_images", "load_masks", "promote",
-           "pushpull_fill", "result_markdown", "run_evaluation", "square_crop"]
+__all__ = ["EvalSet", "MaskRecord", "PromotionDecision", "bar_chart", "beats", "build_eval_set",
+           "evaluate_baseline", "evaluate_model", "load_images", "load_masks", "promote", "result_markdown",
+           "run_evaluation"]

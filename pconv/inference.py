@@ -1,26 +1,24 @@
-"""Using a trained PConv U-Net: load it from any model URI, inpaint images of any size, register checkpoints.
-
-Model URIs (:func:`load_model`):
-
-- ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a registered model. Only ``extra_files/`` of the logged
-  model (plain state dict + config.yaml, see :mod:`pconv.registry`) is downloaded; the net is rebuilt with
-  ``build_model`` and the weights load with ``torch.load(weights_only=True)``: no pickle is executed.
-- a checkpoint: a local folder or ``s3://`` prefix holding ``state.pt``/``config.yaml``/``meta.json``; a folder
-  of several checkpoints (e.g. a run's storage folder) resolves to its latest complete one (highest step).
-- a local MLflow model folder (``MLmodel`` + ``extra_files/``).
+"""Inference with a trained PConv U-Net: inpaint images of any size, and the image / mask files at the edges.
 
 Inpainting (:func:`inpaint`) returns the composite ``mask * image + (1 - mask) * output``: valid pixels are the
 input's, bit for bit. Sizes that are not a multiple of ``2**layer_size`` are padded by REFLECTION (image and mask
 alike, so the padded border looks like real context rather than a band of holes, which would enlarge the
 hole the net has to explain) and cropped back; images larger than ``max_side`` are processed in overlapping
 tiles blended with linear ramps, skipping tiles without holes.
+
+Files (:func:`pair_files`, :func:`inpaint_job`, :func:`inpaint_files`): single files or folders (local or s3://)
+of images and masks paired by relative path without suffix (the one pairing rule for files, also used by
+:mod:`pconv.batch`); masks state their polarity (``hole_color``) and become 1 = valid here, with a warning when
+the hole ratio says the polarity is probably inverted. Outputs are written losslessly (PNG, lossless WebP, TIFF,
+BMP) so valid pixels stay exact on disk too; JPEG only when asked for (``allow_lossy``). In a folder, a pair that
+cannot be read is skipped, counted and listed; it never stops the others. Models come from
+:func:`pconv.loading.load_model` (any model URI).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,173 +27,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pconv import checkpoint as ckpt
 from pconv import storage
 from pconv.images import IMAGE_SUFFIXES, open_image
-from pconv.masks import MASK_SUFFIXES
+from pconv.loading import load_model, resolve_device
+from pconv.masks import MASK_SUFFIXES, decode_mask, polarity_warning
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SIDE = 2048
 DEFAULT_TILE_OVERLAP = 128
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
-def _layer_size(cfg: dict[str, Any], source: str) -> tuple[int, int]:
-    from pconv.config import default_layer_size
-
-    try:
-        image_size = int(cfg["image_size"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{source}: config.yaml has no usable image_size") from None
-    layer_size = cfg.get("layer_size")
-    return image_size, int(layer_size) if layer_size is not None else default_layer_size(image_size)
-
-
-def _build(state_dict: dict[str, torch.Tensor], cfg: dict[str, Any], source: str) -> tuple[torch.nn.Module, dict]:
-    from pconv.model import build_model
-
-    image_size, layer_size = _layer_size(cfg, source)
-    model = build_model(layer_size)
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise ValueError(f"{source}: weights do not fit a layer_size={layer_size} PConvUNet: {exc}") from exc
-    return model.eval(), {"image_size": image_size, "layer_size": layer_size, "source": source}
-
-
-def _load_checkpoint_dir(directory: Path, source: str) -> tuple[torch.nn.Module, dict]:
-    state = ckpt.load_state(directory)
-    if "model" not in state:
-        raise ValueError(f"{source}: state.pt has no 'model' entry")
-    model, info = _build(state["model"], ckpt.load_config_dict(directory), source)
-    meta = ckpt.load_meta(directory)
-    info.update(kind="checkpoint", step=state.get("step", meta.get("step")), mlflow_run_id=meta.get("mlflow_run_id"))
-    return model, info
-
-
-def _load_model_dir(directory: Path, source: str) -> tuple[torch.nn.Module, dict]:
-    """An MLflow model folder (or its extra_files/ subfolder) written by :mod:`pconv.registry`."""
-    import yaml
-
-    from pconv.registry import CONFIG_FILE, EXTRA_FILES_DIR, STATE_DICT_FILE
-
-    extra = directory / EXTRA_FILES_DIR if (directory / EXTRA_FILES_DIR).is_dir() else directory
-    state_path, cfg_path = extra / STATE_DICT_FILE, extra / CONFIG_FILE
-    if not state_path.is_file() or not cfg_path.is_file():
-        raise FileNotFoundError(f"{source}: no {EXTRA_FILES_DIR}/{STATE_DICT_FILE} + {CONFIG_FILE}; "
-                                "was it logged by pconv.registry.log_and_register_model?")
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    model, info = _build(state, cfg, source)
-    info["kind"] = "mlflow-model"
-    return model, info
-
-
-def _latest_checkpoint_uri(uri: str) -> str | None:
-    found = ckpt.latest(uri)
-    return found[0] if found else None
-
-
-def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/NAME@ALIAS`` -> (NAME, None, ALIAS); ``models:/NAME/VERSION`` -> (NAME, VERSION, None)."""
-    if not uri.startswith("models:/"):
-        raise ValueError(f"{uri!r} is not a models:/ URI")
-    rest = uri[len("models:/"):].strip("/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, None, alias
-    name, _, version = rest.partition("/")
-    if not name or not version:
-        raise ValueError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    return name, version, None
-
-
-def resolve_version(uri: str, tracking_uri: str | None = None) -> tuple[str, str]:
-    """(name, version) of a registry URI, resolving an alias through the registry."""
-    from pconv.tracking import client_for
-
-    name, version, alias = parse_registry_uri(uri)
-    if alias is not None:
-        version = client_for(tracking_uri).get_model_version_by_alias(name, alias).version
-    return name, str(version)
-
-
-def load_model(uri: str, device: str | torch.device = "cpu", tracking_uri: str | None = None
-               ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a PConv U-Net (eval mode) from a registry URI, a checkpoint URI or a local path.
-
-    Returns ``(model, info)``; ``info`` has ``image_size``, ``layer_size``, ``source`` and ``kind``
-    (plus ``name``/``version`` for registry URIs, ``step`` for checkpoints).
-    """
-    uri = str(uri)
-    if uri.startswith("models:/"):
-        import mlflow
-
-        from pconv.registry import EXTRA_FILES_DIR
-        from pconv.tracking import resolve_tracking_uri
-
-        name, version = resolve_version(uri, tracking_uri)
-        resolved = resolve_tracking_uri(tracking_uri)
-        with tempfile.TemporaryDirectory(prefix="pconv-model-") as tmp:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}/{EXTRA_FILES_DIR}", dst_path=tmp,
-                tracking_uri=resolved, registry_uri=resolved)
-            model, info = _load_model_dir(Path(local), uri)
-        info.update(kind="registry", name=name, version=version)
-    elif storage.is_remote(uri):
-        base = uri.rstrip("/")
-        if not storage.exists(storage.join(base, ckpt.STATE_FILE)):
-            base = _latest_checkpoint_uri(base) or ""
-            if not base:
-                raise FileNotFoundError(f"{uri}: no complete checkpoint (state.pt + config.yaml + meta.json) there")
-        with tempfile.TemporaryDirectory(prefix="pconv-ckpt-") as tmp:
-            for name in (ckpt.STATE_FILE, ckpt.CONFIG_FILE, ckpt.META_FILE):
-                (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(base, name)))
-            model, info = _load_checkpoint_dir(Path(tmp), base)
-    else:
-        path = Path(uri.removeprefix("file://")).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model {uri}: no such file or directory (expected models:/NAME@ALIAS, a "
-                                    "checkpoint folder/s3:// prefix or an MLflow model folder)")
-        if path.is_file():
-            path = path.parent
-        if ckpt.is_complete(path):
-            model, info = _load_checkpoint_dir(path, str(path))
-        elif (path / "MLmodel").is_file() or (path / "state_dict.pt").is_file():
-            model, info = _load_model_dir(path, str(path))
-        else:
-            latest = _latest_checkpoint_uri(str(path))
-            if latest is None:
-                raise FileNotFoundError(f"{uri}: neither a checkpoint (state.pt + config.yaml + meta.json), an "
-                                        "MLflow model folder, nor a folder holding checkpoints")
-            model, info = _load_checkpoint_dir(Path(latest), latest)
-    info["uri"] = uri
-    return model.to(resolve_device(device)).eval(), info
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None -> cuda when available, else cpu; ``cuda`` without a GPU is a clear error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
-    return dev
+LOSSLESS_SUFFIXES = (".png", ".webp", ".tif", ".tiff", ".bmp")  # written bit-exact (WebP in lossless mode)
+LOSSY_SUFFIXES = (".jpg", ".jpeg")  # re-encoding changes valid pixels: only with allow_lossy
 
 
 # ---------------------------------------------------------------------------------------------
 # Inpainting
 # ---------------------------------------------------------------------------------------------
 def net_multiple(model: torch.nn.Module) -> int:
-    """Spatial multiple the U-Net needs (2**layer_size)."""
-    layer_size = getattr(ckpt.unwrap(model), "layer_size", None)
-    if layer_size is None:
-        raise ValueError("cannot tell the model's layer_size; pass multiple= explicitly")
-    return 2 ** int(layer_size)
+    """Spatial multiple the U-Net needs (2**layer_size), looking through DDP / torch.compile wrappers."""
+    net: Any = model
+    while getattr(net, "layer_size", None) is None:
+        inner = getattr(net, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(net, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            raise ValueError("cannot tell the model's layer_size; pass multiple= explicitly")
+        net = inner
+    return 2 ** int(net.layer_size)
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -312,22 +170,47 @@ def read_image(uri: str) -> torch.Tensor:
 
 
 def read_mask(uri: str, hole_color: str, threshold: float = 0.5) -> torch.Tensor:
-    """A mask file in the stated polarity as float32 1×H×W, 1 = valid."""
-    from pconv.masks import decode_mask
+    """A mask file in the stated polarity as float32 1×H×W, 1 = valid (ValueError naming a file with too many
+    pixels: Pillow's decompression-bomb limit)."""
+    from PIL import Image
 
-    return torch.from_numpy(decode_mask(storage.read_bytes(uri), hole_color, threshold, name=uri)).float()[None]
+    try:
+        return torch.from_numpy(decode_mask(storage.read_bytes(uri), hole_color, threshold, name=uri)).float()[None]
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"mask {uri}: refused, too many pixels ({exc})") from None
+
+
+def output_suffix(out: str, allow_lossy: bool = False) -> str:
+    """The format suffix ``out`` is written with (no suffix: PNG). A lossy one (JPEG) is refused unless
+    ``allow_lossy`` (then a warning: valid pixels will not be exact); an unknown one is refused."""
+    suffix = Path(out).suffix.lower() or ".png"
+    if suffix in LOSSY_SUFFIXES:
+        if not allow_lossy:
+            raise ValueError(f"--out {out}: JPEG re-encodes the result lossily, so valid pixels would NOT be kept "
+                             f"exactly; write {', '.join(LOSSLESS_SUFFIXES)} instead, or pass --allow-lossy")
+        log.warning("%s: JPEG output is lossy: valid pixels will differ from the input (--allow-lossy)", out)
+    elif suffix not in LOSSLESS_SUFFIXES:
+        raise ValueError(f"--out {out}: unknown output format {suffix!r}; use one of "
+                         f"{', '.join(LOSSLESS_SUFFIXES + LOSSY_SUFFIXES)}")
+    return suffix
 
 
 def encode_image(image: torch.Tensor, suffix: str = ".png") -> bytes:
-    """3×H×W float in [0, 1] -> PNG (or JPEG for .jpg/.jpeg) bytes, rounded to 8 bit."""
+    """3×H×W float in [0, 1] -> encoded bytes, rounded to 8 bit: PNG, lossless WebP, TIFF (deflate) or BMP, all
+    bit-exact; JPEG (quality 95, lossy) for .jpg/.jpeg. ValueError for any other suffix."""
     from PIL import Image
 
     arr = (image.detach().cpu().clamp(0, 1).numpy().transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
+    options: dict[str, dict[str, Any]] = {
+        ".png": {"format": "PNG"}, ".webp": {"format": "WEBP", "lossless": True, "exact": True},
+        ".tif": {"format": "TIFF", "compression": "tiff_deflate"}, ".bmp": {"format": "BMP"},
+        ".jpg": {"format": "JPEG", "quality": 95}}
+    key = {".tiff": ".tif", ".jpeg": ".jpg"}.get(suffix.lower(), suffix.lower())
+    if key not in options:
+        raise ValueError(f"cannot write images as {suffix!r}; use one of "
+                         f"{', '.join(LOSSLESS_SUFFIXES + LOSSY_SUFFIXES)}")
     buf = io.BytesIO()
-    if suffix.lower() in (".jpg", ".jpeg"):
-        Image.fromarray(arr).save(buf, format="JPEG", quality=95)
-    else:
-        Image.fromarray(arr).save(buf, format="PNG")
+    Image.fromarray(arr).save(buf, **options[key])
     return buf.getvalue()
 
 
@@ -387,69 +270,49 @@ def pair_files(image_uri: str, mask_uri: str, out_uri: str) -> list[Job]:
 
 def inpaint_job(model: torch.nn.Module, job: Job, hole_color: str, threshold: float = 0.5,
                 device: str | torch.device | None = None, max_side: int = DEFAULT_MAX_SIDE) -> dict[str, Any]:
-    """Read, inpaint, write one triple; returns a summary row (sizes, hole ratio)."""
+    """Read, inpaint, write one triple; returns a summary row (sizes, hole ratio, ``warning``: the polarity
+    warning of :func:`pconv.masks.polarity_warning` when the mask is mostly holes, else None)."""
     image = read_image(job.image)
     mask = read_mask(job.mask, hole_color, threshold)
     if mask.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"mask {job.mask} is {mask.shape[-1]}x{mask.shape[-2]} but image {job.image} is "
                          f"{image.shape[-1]}x{image.shape[-2]} (width x height); masks must match their image")
+    ratio = float((mask < 0.5).float().mean())
+    warning = polarity_warning([ratio])
+    if warning:
+        log.warning("%s (--hole-color %s): %s", job.mask, hole_color, warning)
     comp = inpaint(model, image, mask, device=device, max_side=max_side)
     if not storage.is_remote(job.out):
         Path(job.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
     storage.write_bytes_atomic(job.out, encode_image(comp, Path(job.out).suffix or ".png"))
     return {"image": job.image, "mask": job.mask, "out": job.out, "height": int(image.shape[-2]),
-            "width": int(image.shape[-1]), "hole_ratio": float((mask < 0.5).float().mean())}
+            "width": int(image.shape[-1]), "hole_ratio": ratio, "warning": warning}
 
 
 def inpaint_files(model_uri: str, image: str, mask: str, out: str, hole_color: str, threshold: float = 0.5,
-                  device: str = "auto", max_side: int = DEFAULT_MAX_SIDE,
-                  tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """What ``pipelines/inpaint.py`` does: load the model once, then inpaint each paired file."""
-    jobs = pair_files(image, mask, out)  # pairing errors before the (slow) model load
+                  device: str = "auto", max_side: int = DEFAULT_MAX_SIDE, tracking_uri: str | None = None,
+                  allow_lossy: bool = False) -> list[dict[str, Any]]:
+    """What ``pipelines/inpaint.py`` does: load the model once, then inpaint each paired file.
+
+    One pair (single files): its errors propagate. Folders: a pair that fails (unreadable file, size mismatch,
+    too many pixels) is skipped with a row ``{"image", "mask", "out", "error"}`` and the others go on."""
+    jobs = pair_files(image, mask, out)  # pairing and output-format errors before the (slow) model load
+    for job in jobs:
+        output_suffix(job.out, allow_lossy)
     model, info = load_model(model_uri, device=resolve_device(device), tracking_uri=tracking_uri)
     log.info("loaded %s (%s, layer_size %d, trained at %d px)", model_uri, info["kind"], info["layer_size"],
              info["image_size"])
-    return [inpaint_job(model, job, hole_color, threshold, max_side=max_side) for job in jobs]
+    if len(jobs) == 1 and not _is_dir(image):
+        return [inpaint_job(model, jobs[0], hole_color, threshold, max_side=max_side)]
+    rows = []
+    for job in jobs:
+        try:
+            rows.append(inpaint_job(model, job, hole_color, threshold, max_side=max_side))
+        except (ValueError, OSError) as exc:  # one bad pair never stops the folder: skipped, counted, listed
+            log.warning("skipped %s: %s", job.image, exc)
+            rows.append({"image": job.image, "mask": job.mask, "out": job.out, "error": str(exc)})
+    return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Registering a checkpoint
-# ---------------------------------------------------------------------------------------------
-def register_checkpoint(checkpoint_uri: str, name: str = "pconv-unet", alias: str = "candidate",
-                        experiment: str | None = None, run_id: str | None = None,
-                        tracking_uri: str | None = None) -> str | None:
-    """Log a checkpoint's model to MLflow and register it (what ``pipelines/register.py`` does).
-
-    The MLflow run is ``run_id``, else the one recorded in the checkpoint's meta.json, else the run named after
-    the checkpoint's ``run_name`` in ``experiment`` (created if needed). The run's status is left as it is.
-    """
-    from pconv.config import TrainConfig
-    from pconv.registry import log_and_register_model
-    from pconv.tracking import start_or_resume_run
-
-    model, info = load_model(checkpoint_uri)
-    if info["kind"] != "checkpoint":
-        raise ValueError(f"{checkpoint_uri} is not a checkpoint (it is a {info['kind']}); register.py takes a "
-                         "checkpoint folder or s3:// prefix")
-    local_cfg = _checkpoint_config(info["source"])
-    cfg = TrainConfig.from_dict(local_cfg, source=f"{info['source']}/config.yaml").resolved()
-    rid = start_or_resume_run(experiment or cfg.experiment, cfg.run_name, run_id=run_id or info.get("mlflow_run_id"),
-                              tracking_uri=tracking_uri, mark_running=False)
-    if rid is None:
-        raise RuntimeError("the MLflow tracking server is unreachable; nothing was registered")
-    return log_and_register_model(model, cfg, rid, name=name, alias=alias, tracking_uri=tracking_uri,
-                                  step=info.get("step"), checkpoint_uri=info["source"])
-
-
-def _checkpoint_config(source: str) -> dict[str, Any]:
-    import yaml
-
-    data = yaml.safe_load(storage.read_bytes(storage.join(source, ckpt.CONFIG_FILE))) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}/{ckpt.CONFIG_FILE} is not a mapping")
-    return data
-
-
-__all__ = ["Job", "inpaint", "inpaint_files", "inpaint_job", "load_model", "net_multiple", "pair_files",
-           "parse_registry_uri", "read_image", "read_mask", "register_checkpoint", "resolve_device",
-           "resolve_version", "encode_image"]
+__all__ = ["DEFAULT_MAX_SIDE", "LOSSLESS_SUFFIXES", "LOSSY_SUFFIXES", "Job", "encode_image", "inpaint",
+           "inpaint_files", "inpaint_job", "net_multiple", "output_suffix", "pair_files", "read_image", "read_mask"]

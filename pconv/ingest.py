@@ -1,6 +1,8 @@
 """Ingestion: folders / zips / s3:// prefixes of images or masks (or generated masks) -> shards + manifest.
 
-The shard format lives in :mod:`pconv.shards`; ``pipelines/prepare_data.py`` is the CLI over this module.
+The inputs are listed and read by :mod:`pconv.sources`, the shard format lives in :mod:`pconv.shards`, the mask
+polarity and generator in :mod:`pconv.masks`; ``pipelines/prepare_data.py`` is the CLI over this module. The work
+runs in this process on a thread pool (no Ray).
 
 - Every input file is decoded once to validate it. Broken input (truncated JPEG, non-image, empty object,
   unreadable PNG) and files with other extensions are skipped, counted and listed in the manifest with a reason;
@@ -12,9 +14,14 @@ The shard format lives in :mod:`pconv.shards`; ``pipelines/prepare_data.py`` is 
 
 Re-running is safe. Every run writes shards under names carrying a fresh run id (``part-00000-<run>``), each one
 atomically (temp file + rename locally, a single PUT on S3); the manifest is replaced last, atomically; only then
-are older ``part-*.parquet`` files under ``DST/train`` and ``DST/val`` that the new manifest does not list deleted.
-A reader therefore always sees a complete manifest whose shards all exist, and a run that dies half-way leaves
-the previous dataset intact (its orphan shards are removed by the next successful run). One writer per DST.
+are older ``part-*.parquet`` files under ``DST/train`` and ``DST/val`` deleted that neither the new manifest nor
+the one it replaced lists. A reader that read a manifest can therefore read all of its shards until the SECOND
+re-ingest after it (or :func:`cleanup`), and a run that dies half-way leaves the previous dataset intact (its
+orphan shards are removed by the next successful run). One writer per DST.
+
+A run never replaces a dataset by nothing, or by one of another kind, unless told to: no usable row
+(``allow_empty``), a DST holding the other kind (``replace_kind``), or masks whose hole ratios say the polarity is
+probably inverted (``force``) raise :class:`IngestError` and leave DST as it was.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -37,18 +43,25 @@ import pyarrow as pa
 from PIL import Image
 
 from pconv import masks as M
-from pconv import storage
+from pconv import shards, storage
 from pconv.images import IMAGE_SUFFIXES, open_image_with_format
 from pconv.masks import MASK_SUFFIXES
 from pconv.sources import Source, SourceError, SourceItem
-from pconv.shards import (IMAGE_SCHEMA, MANIFEST, MASK_SCHEMA, SCHEMA_VERSION, SPLITS,
+from pconv.shards import (IMAGE_SCHEMA, IMAGES_KIND, MANIFEST, MASK_SCHEMA, MASKS_KIND, SCHEMA_VERSION, SPLITS,
                           ShardWriter, border_band, key_hash01, mask_row, split_of)
 
 log = logging.getLogger(__name__)
 
 
+#: Smallest short side (px) of an ingested image or mask; smaller files are skipped and counted. Such files hold
+#: no texture or hole shape worth training on (every training crop, 256-512 px in the paper, would be upsampled
+#: 8x or more from them), and 1x1 files are placeholders or tracking pixels, not photos.
+MIN_SIDE = 32
+
+
 class IngestError(RuntimeError):
-    """A problem found BEFORE any work (missing source, unwritable destination, bad option)."""
+    """A problem found BEFORE any work (missing source, unwritable destination, bad option), or a run refused at
+    the end (nothing usable, inverted masks) before the manifest is replaced."""
 
 
 def open_source(uri: str) -> Source:
@@ -59,45 +72,33 @@ def open_source(uri: str) -> Source:
         raise IngestError(str(exc)) from exc
 
 
-# ---------------------------------------------------------------------------------------------
-# Destination checks and stale shards
-# ---------------------------------------------------------------------------------------------
-def check_writable(dst: str) -> None:
-    """Fail early (IngestError) when DST cannot be written: probe object/file written and removed."""
-    probe = storage.join(dst, f".pconv-write-probe-{secrets.token_hex(4)}")
+# -------- Destination checks and cleanup ----------------------------------------------------------
+def check_destination(dst: str, kind: str, replace_kind: bool) -> None:
+    """Fail early (IngestError) when DST cannot be written (a probe file is written and removed), or holds a
+    dataset of another kind (images vs masks) and ``replace_kind`` is not set."""
     try:
-        if not storage.is_remote(dst):
-            p = Path(dst).expanduser()
-            if p.exists() and not p.is_dir():
-                raise IngestError(f"destination {dst} exists and is not a directory")
-            storage.makedirs(dst)
-        storage.write_bytes_atomic(probe, b"")
-        storage.delete(probe)
-    except IngestError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - permission, missing bucket, endpoint down ...
-        raise IngestError(f"destination {dst} is not writable: {type(exc).__name__}: {exc}") from exc
+        storage.check_writable(dst)
+    except OSError as exc:
+        raise IngestError(str(exc)) from exc
+    existing = (shards.current_manifest(dst) or {}).get("kind", kind)  # none or unreadable: nothing to protect
+    if existing != kind and not replace_kind:
+        raise IngestError(f"destination {dst} holds a dataset of kind {existing!r}; ingesting {kind!r} would replace "
+                          f"it (pass --replace-kind to do that, or choose another destination)")
 
 
-def _remove_stale_shards(dst: str, keep: set[str]) -> list[str]:
-    removed = []
-    for split in SPLITS:
-        base = storage.join(dst, split)
-        try:
-            files = storage.list_files(base, suffixes=(".parquet",))
-        except FileNotFoundError:
-            continue
-        for f in files:
-            name = f.rsplit("/", 1)[-1]
-            if name.startswith("part-") and f"{split}/{name}" not in keep:
-                storage.delete(f)
-                removed.append(f"{split}/{name}")
+def cleanup(dst: str) -> list[str]:
+    """Delete every shard under DST that its current manifest does not list (the previous run's shards kept for
+    readers that are still reading it, and orphans of dead runs). IngestError when DST has no readable manifest."""
+    try:
+        manifest = shards.read_manifest(dst)
+    except (FileNotFoundError, ValueError) as exc:
+        raise IngestError(f"{exc}; without a manifest nothing is known to be in use, so nothing is deleted") from exc
+    removed = shards.remove_unlisted_shards(dst, {s["path"] for s in manifest["shards"]})
+    log.info("removed %d shard(s) not listed in %s", len(removed), storage.join(dst, MANIFEST))
     return removed
 
 
-# ---------------------------------------------------------------------------------------------
-# Ingestion driver shared by images / masks / generated masks
-# ---------------------------------------------------------------------------------------------
+# -------- Ingestion driver shared by images / masks / generated masks -----------------------------
 @dataclass
 class IngestSummary:
     kind: str
@@ -109,6 +110,8 @@ class IngestSummary:
     seconds: float
     manifest_uri: str
     removed_stale: list[str] = field(default_factory=list)
+    kept_previous: int = 0  # shards of the replaced manifest kept for its readers (until the next run / cleanup)
+    out_of_bins: int | None = None  # masks: rows in no paper bin
 
     @property
     def ingested(self) -> int:
@@ -118,7 +121,9 @@ class IngestSummary:
         """The closing summary line printed by the pipeline."""
         return (f"{self.kind}: ingested {self.ingested} (train {self.counts.get('train', 0)}, "
                 f"val {self.counts.get('val', 0)}), skipped {len(self.skipped)}, shards {self.shards}, "
-                f"bytes {self.bytes}, seconds {self.seconds:.1f} -> {self.manifest_uri}")
+                f"bytes {self.bytes}, seconds {self.seconds:.1f}"
+                + (f", {self.out_of_bins} mask(s) in no paper bin" if self.out_of_bins else "")
+                + f" -> {self.manifest_uri}")
 
 
 def _ordered_parallel(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
@@ -142,8 +147,12 @@ def _default_workers(remote: bool) -> int:
 def _run_ingest(*, kind: str, dst: str, keys_and_work: list[tuple[str, Callable[[], dict | str]]],
                 schema: pa.Schema, payload: str, shard_size_mb: float, source: str, options: dict[str, Any],
                 workers: int, progress: bool, extra_manifest: Callable[[list[dict]], dict] | None = None,
+                allow_empty: bool = False, refuse: Callable[[list[dict]], str | None] | None = None,
                 ) -> IngestSummary:
-    """Run ``work()`` per key (row dict, or a skip reason string), write shards per split, then the manifest."""
+    """Run ``work()`` per key (row dict, or a skip reason string), write shards per split, then the manifest.
+
+    Before the manifest is replaced: no row (unless ``allow_empty``) or a reason from ``refuse(rows)`` deletes this
+    run's shards and raises IngestError, so DST keeps its previous dataset."""
     t0 = time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     target = int(shard_size_mb * 2**20)
@@ -171,32 +180,47 @@ def _run_ingest(*, kind: str, dst: str, keys_and_work: list[tuple[str, Callable[
                 log.warning("skipped %s: %s", key, result)
                 continue
             writers[result["split"]].add(result)
-            if extra_manifest is not None:
+            if extra_manifest is not None or refuse is not None:
                 stats_rows.append({k: v for k, v in result.items() if k != payload})
     finally:
         bar.close()
     for w in writers.values():
         w.flush()
-    shards = [s for split in SPLITS for s in writers[split].shards]
+    written = [s for split in SPLITS for s in writers[split].shards]
     counts = {s: sum(x["rows"] for x in writers[s].shards) for s in SPLITS}
-    total_bytes = sum(s["bytes"] for s in shards)
+    total_bytes = sum(s["bytes"] for s in written)
+    problem = refuse(stats_rows) if refuse is not None else None
+    if problem is None and sum(counts.values()) == 0 and not allow_empty:
+        reasons = sorted({s["reason"] for s in skipped})
+        problem = (f"nothing usable in {source}: all {len(skipped)} file(s) skipped (e.g. {'; '.join(reasons[:3])}); "
+                   "the existing dataset is left as it was (pass --allow-empty to write an empty one)")
+    if problem is not None:
+        for s in written:
+            storage.delete(storage.join(dst, s["path"]))
+        raise IngestError(problem)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "kind": kind, "source": source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": run_id,
-        "counts": counts, "total_bytes": total_bytes, "columns": schema.names, "shards": shards,
+        "counts": counts, "total_bytes": total_bytes, "columns": schema.names, "shards": written,
         "skipped_count": len(skipped), "skipped": sorted(skipped, key=lambda s: s["key"]), "options": options,
     }
     if extra_manifest is not None:
         manifest.update(extra_manifest(stats_rows))
     manifest_uri = storage.join(dst, MANIFEST)
+    previous = {s["path"] for s in (shards.current_manifest(dst) or {}).get("shards", [])}  # kept for its readers
     storage.write_bytes_atomic(manifest_uri, json.dumps(manifest, indent=1).encode())
-    removed = _remove_stale_shards(dst, {s["path"] for s in shards})
+    new = {s["path"] for s in written}
+    removed = shards.remove_unlisted_shards(dst, new | previous)
+    kept = len(previous - new)
     if removed:
-        log.info("removed %d shard(s) of an earlier ingestion: %s", len(removed), removed[:5])
+        log.info("removed %d shard(s) of earlier ingestions: %s", len(removed), removed[:5])
+    if kept:
+        log.info("kept %d shard(s) of the replaced manifest for its readers (removed by the next run, or now by "
+                 "`prepare_data.py cleanup %s`)", kept, dst)
     if sum(counts.values()) == 0:
         log.warning("%s: nothing was ingested from %s (%d file(s) skipped)", kind, source, len(skipped))
-    return IngestSummary(kind, dst, counts, manifest["skipped"], len(shards), total_bytes,
-                         time.monotonic() - t0, manifest_uri, removed)
+    return IngestSummary(kind, dst, counts, manifest["skipped"], len(written), total_bytes, time.monotonic() - t0,
+                         manifest_uri, removed, kept, manifest.get("out_of_bins"))
 
 
 def _check_common(val_fraction: float, shard_size_mb: float) -> None:
@@ -206,14 +230,16 @@ def _check_common(val_fraction: float, shard_size_mb: float) -> None:
         raise IngestError(f"--shard-size-mb must be positive, got {shard_size_mb}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------
+# -------- Images ----------------------------------------------------------------------------------
 def _unsupported(key: str, suffixes: tuple[str, ...]) -> str | None:
     ext = os.path.splitext(key)[1].lower()
-    if ext not in suffixes:
-        return f"unsupported file type {ext or '(no extension)'!r} (expected one of {', '.join(suffixes)})"
-    return None
+    return None if ext in suffixes else (f"unsupported file type {ext or '(no extension)'!r} "
+                                         f"(expected one of {', '.join(suffixes)})")
+
+
+def _check_size(width: int, height: int, what: str) -> None:
+    if min(width, height) < MIN_SIDE:
+        raise ValueError(f"{what} is {width}x{height} px, below the minimum of {MIN_SIDE} px on the short side")
 
 
 def process_image(key: str, data: bytes, val_fraction: float, max_side: int | None) -> dict[str, Any]:
@@ -225,30 +251,29 @@ def process_image(key: str, data: bytes, val_fraction: float, max_side: int | No
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                          Image.Resampling.LANCZOS)
         buf = io.BytesIO()
-        if fmt == "jpeg":
-            img.save(buf, format="JPEG", quality=95)
-        elif fmt == "webp":
-            img.save(buf, format="WEBP", quality=95)
-        else:
-            img.save(buf, format="PNG")
-            fmt = "png"
+        fmt = fmt if fmt in ("jpeg", "webp") else "png"
+        img.save(buf, format=fmt.upper(), **({} if fmt == "png" else {"quality": 95}))
         out_bytes = buf.getvalue()
+    _check_size(img.width, img.height, "image")
     return {"key": key, "image": out_bytes, "height": img.height, "width": img.width, "format": fmt,
             "split": split_of(key, val_fraction)}
 
 
 def ingest_images(src: str, dst: str, *, val_fraction: float = 0.01, shard_size_mb: float = 256.0,
-                  max_side: int | None = None, workers: int | None = None, progress: bool = True) -> IngestSummary:
+                  max_side: int | None = None, workers: int | None = None, progress: bool = True,
+                  allow_empty: bool = False, replace_kind: bool = False) -> IngestSummary:
     """Pack every JPEG/PNG/WebP under ``src`` into image shards at ``dst`` (see the module docstring).
 
-    Broken files (truncated, not an image, empty, unreadable) and files with other extensions are skipped and
-    listed in the manifest with a reason. IngestError before any work for a missing SRC / unwritable DST / bad option.
+    Broken files (truncated, not an image, empty, unreadable, too large, under :data:`MIN_SIDE` px) and files with
+    other extensions are skipped and listed in the manifest with a reason. IngestError before any work for a
+    missing SRC / unwritable DST / bad option / DST holding masks (unless ``replace_kind``), and at the end when no
+    image was usable (unless ``allow_empty``).
     """
     _check_common(val_fraction, shard_size_mb)
-    if max_side is not None and max_side < 8:
-        raise IngestError(f"--max-side must be at least 8 pixels, got {max_side}")
+    if max_side is not None and max_side < MIN_SIDE:
+        raise IngestError(f"--max-side must be at least {MIN_SIDE} pixels, got {max_side}")
     with open_source(src) as source:
-        check_writable(dst)
+        check_destination(dst, IMAGES_KIND, replace_kind)
         work = []
         for item in source.items():
             reason = _unsupported(item.key, IMAGE_SUFFIXES)
@@ -259,41 +284,61 @@ def ingest_images(src: str, dst: str, *, val_fraction: float = 0.01, shard_size_
         if not work:
             raise IngestError(f"source {src} contains no files")
         options = {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "max_side": max_side}
-        return _run_ingest(kind="images", dst=dst, keys_and_work=work, schema=IMAGE_SCHEMA, payload="image",
+        return _run_ingest(kind=IMAGES_KIND, dst=dst, keys_and_work=work, schema=IMAGE_SCHEMA, payload="image",
                            shard_size_mb=shard_size_mb, source=src, options=options,
-                           workers=workers or _default_workers(storage.is_remote(src)), progress=progress)
+                           workers=workers or _default_workers(storage.is_remote(src)), progress=progress,
+                           allow_empty=allow_empty)
 
 
-# ---------------------------------------------------------------------------------------------
-# Masks
-# ---------------------------------------------------------------------------------------------
+# -------- Masks -----------------------------------------------------------------------------------
 def _mask_stats(rows: list[dict]) -> dict[str, Any]:
     per_bin: dict[str, dict[str, int]] = {}
     for r in rows:
         label = str(r["bin"])
         d = per_bin.setdefault(label, {"border": 0, "no_border": 0})
         d["border" if r["border"] else "no_border"] += 1
-    return {"bins": dict(sorted(per_bin.items(), key=lambda kv: int(kv[0])))}
+    out = sum(1 for r in rows if r["bin"] == -1)
+    if out:
+        log.warning("%d of %d mask(s) are in no paper bin (hole ratio outside (0.01, 0.6]; all-valid and all-hole "
+                    "masks included)", out, len(rows))
+    return {"bins": dict(sorted(per_bin.items(), key=lambda kv: int(kv[0]))), "out_of_bins": out}
+
+
+def _polarity_check(force: bool) -> Callable[[list[dict]], str | None]:
+    def refuse(rows: list[dict]) -> str | None:
+        warning = M.polarity_warning([r["hole_ratio"] for r in rows]) if rows else None
+        if warning is None:
+            return None
+        if force:
+            log.warning("%s; ingesting anyway (--force)", warning)
+            return None
+        return f"{warning} (--hole-color); nothing was written: pass --force to ingest these masks as they are"
+    return refuse
 
 
 def ingest_masks(src: str, dst: str, *, hole_color: str, threshold: float = 0.5, val_fraction: float = 0.0,
-                 shard_size_mb: float = 256.0, workers: int | None = None, progress: bool = True) -> IngestSummary:
+                 shard_size_mb: float = 256.0, workers: int | None = None, progress: bool = True,
+                 allow_empty: bool = False, replace_kind: bool = False, force: bool = False) -> IngestSummary:
     """Pack a mask archive/folder/prefix into mask shards. ``hole_color`` states the FILES' polarity
     ("white": white pixels are holes, as in NVIDIA's test masks; "black": black pixels are holes). Pixels with
-    ``value/max >= threshold`` count as white. Stored masks use the internal polarity (white/1 = valid)."""
+    ``value/max >= threshold`` count as white. Stored masks use the internal polarity (white/1 = valid).
+
+    Refused (IngestError, DST untouched) when most masks are beyond every paper bin, i.e. the polarity is probably
+    inverted (:func:`pconv.masks.polarity_warning`), unless ``force``; see :func:`ingest_images` for the rest."""
     if hole_color not in M.HOLE_COLORS:
         raise IngestError(f"--hole-color must be one of {', '.join(M.HOLE_COLORS)}, got {hole_color!r}")
     if not 0.0 < threshold <= 1.0:
         raise IngestError(f"--threshold must be in (0, 1], got {threshold}")
     _check_common(val_fraction, shard_size_mb)
     with open_source(src) as source:
-        check_writable(dst)
+        check_destination(dst, MASKS_KIND, replace_kind)
 
         def process(item: SourceItem) -> dict:
             data = item.read()
             if not data:
                 raise ValueError("empty file (0 bytes)")
             mask = M.decode_mask(data, hole_color, threshold, name=item.key)
+            _check_size(mask.shape[1], mask.shape[0], "mask")
             return mask_row(item.key, mask, src, split_of(item.key, val_fraction))
 
         work = []
@@ -304,23 +349,24 @@ def ingest_masks(src: str, dst: str, *, hole_color: str, threshold: float = 0.5,
             raise IngestError(f"source {src} contains no files")
         options = {"hole_color": hole_color, "threshold": threshold, "val_fraction": val_fraction,
                    "shard_size_mb": shard_size_mb}
-        return _run_ingest(kind="masks", dst=dst, keys_and_work=work, schema=MASK_SCHEMA, payload="mask",
+        return _run_ingest(kind=MASKS_KIND, dst=dst, keys_and_work=work, schema=MASK_SCHEMA, payload="mask",
                            shard_size_mb=shard_size_mb, source=src, options=options,
                            workers=workers or _default_workers(storage.is_remote(src)), progress=progress,
-                           extra_manifest=_mask_stats)
+                           extra_manifest=_mask_stats, allow_empty=allow_empty, refuse=_polarity_check(force))
 
 
 def generate_masks(n: int, dst: str, *, size: int = 512, seed: int = 0, val_fraction: float = 0.0,
-                   shard_size_mb: float = 256.0, workers: int | None = None, progress: bool = True) -> IngestSummary:
+                   shard_size_mb: float = 256.0, workers: int | None = None, progress: bool = True,
+                   replace_kind: bool = False) -> IngestSummary:
     """Generate ``n`` irregular masks (pconv.masks.generate_mask) into mask shards, balanced like the paper's
     test set: mask i gets bin ``i % 6`` and the border constraint alternates every 6 masks. Mask i uses the RNG
     ``default_rng([seed, i])``, so the set is reproducible and independent of threading."""
     if n < 1:
         raise IngestError(f"--generate needs a positive count, got {n}")
-    if size < 32:
-        raise IngestError(f"--size must be at least 32 pixels, got {size}")
+    if size < MIN_SIDE:
+        raise IngestError(f"--size must be at least {MIN_SIDE} pixels, got {size}")
     _check_common(val_fraction, shard_size_mb)
-    check_writable(dst)
+    check_destination(dst, MASKS_KIND, replace_kind)
     band = border_band(size, size)
     nbins = len(M.HOLE_RATIO_BINS)
     width = max(5, len(str(n - 1)))
@@ -333,7 +379,7 @@ def generate_masks(n: int, dst: str, *, size: int = 512, seed: int = 0, val_frac
 
     work = [(f"generated/{i:0{width}d}.png", (lambda i=i: make(i))) for i in range(n)]
     options = {"generate": n, "size": size, "seed": seed, "val_fraction": val_fraction, "shard_size_mb": shard_size_mb}
-    return _run_ingest(kind="masks", dst=dst, keys_and_work=work, schema=MASK_SCHEMA, payload="mask",
+    return _run_ingest(kind=MASKS_KIND, dst=dst, keys_and_work=work, schema=MASK_SCHEMA, payload="mask",
                        shard_size_mb=shard_size_mb, source=f"generated(n={n},size={size},seed={seed})",
                        options=options, workers=workers or _default_workers(False), progress=progress,
                        extra_manifest=_mask_stats)

@@ -1,4 +1,6 @@
-"""Partial convolution (Liu et al., "Image Inpainting for Irregular Holes Using Partial Convolutions", ECCV 2018).
+"""The U-Net's masked convolution layers: partial convolution (the paper) and gated convolution (a variant).
+
+Partial convolution (Liu et al., "Image Inpainting for Irregular Holes Using Partial Convolutions", ECCV 2018).
 
 Eq. 1 and 2 of the paper, for a window with features X, binary mask M, weights W and bias b::
 
@@ -18,17 +20,21 @@ cached on the module between calls: the output depends only on the call's argume
 layer features that are already masked and, with :func:`cat_masked`, concatenate parts that have different
 masks without materialising a C-channel mask: the count of a concatenation is the sum of the parts' counts,
 each part weighted by its number of channels, which is exactly the multi-channel formulation of the paper.
+
+:class:`GatedConv2d` is the gated convolution of Yu et al. (DeepFill v2, ICCV 2019, Sec. 3.1) with the same
+constructor, ``forward`` / ``forward_masked`` signatures and return type, so the U-Net can swap one for the other;
+:func:`make_conv` builds either by name (:data:`CONV_TYPES`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MaskedInput", "PartialConv2d", "cat_masked"]
+__all__ = ["CONV_TYPES", "GatedConv2d", "MaskedConv2d", "MaskedInput", "PartialConv2d", "cat_masked", "make_conv"]
 
 
 def _count_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,6 +91,18 @@ def cat_masked(parts: Sequence[MaskedInput]) -> MaskedInput:
     return MaskedInput(values, count)
 
 
+def _check_masked_input(layer: str, in_channels: int, inp: MaskedInput) -> MaskedInput:
+    """Raise ValueError unless ``inp`` is N×in_channels×H×W features with an N×1×H×W channel count."""
+    values, count = inp
+    if values.dim() != 4 or values.shape[1] != in_channels:
+        raise ValueError(f"{layer}: expected N×{in_channels}×H×W features, got shape {tuple(values.shape)}")
+    if count.dim() != 4 or count.shape[1] != 1 or count.shape[0] != values.shape[0] \
+            or count.shape[2:] != values.shape[2:]:
+        raise ValueError(f"{layer}: channel count must be N×1×H×W matching features of shape "
+                         f"{tuple(values.shape)}, got {tuple(count.shape)}")
+    return inp
+
+
 class PartialConv2d(nn.Conv2d):
     """``nn.Conv2d`` that applies eq. 1–2: ``forward(x, mask) -> (out, new_mask)``.
 
@@ -119,14 +137,7 @@ class PartialConv2d(nn.Conv2d):
 
     def forward_masked(self, inp: MaskedInput) -> tuple[Tensor, Tensor]:
         """Eq. 1–2 for an input that is already X⊙M with its channel count Σ_c M (see :class:`MaskedInput`)."""
-        values, count = inp
-        if values.dim() != 4 or values.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__}: expected N×{self.in_channels}×H×W features, "
-                             f"got shape {tuple(values.shape)}")
-        if count.dim() != 4 or count.shape[1] != 1 or count.shape[0] != values.shape[0] \
-                or count.shape[2:] != values.shape[2:]:
-            raise ValueError(f"{type(self).__name__}: channel count must be N×1×H×W matching features of shape "
-                             f"{tuple(values.shape)}, got {tuple(count.shape)}")
+        values, count = _check_masked_input(type(self).__name__, self.in_channels, inp)
         scale, new_mask = self.mask_update(count)
         raw = F.conv2d(values, self.weight, None, self.stride, self.padding, self.dilation)
         # In place on the conv output: the conv's backward needs its input and weight, not its output.
@@ -164,3 +175,131 @@ class PartialConv2d(nn.Conv2d):
                                 count_include_pad=True, divisor_override=1)
         ones = torch.ones((1, 1, kh, kw), dtype=count.dtype, device=count.device)
         return F.conv2d(count, ones, None, self.stride, pad, self.dilation)
+
+
+class GatedConv2d(nn.Module):
+    """Gated convolution (Yu et al., "Free-Form Image Inpainting with Gated Convolution", ICCV 2019, Sec. 3.1).
+
+    This is the gated convolution LAYER as a variant inside the PConv paper's U-Net and losses; it is not DeepFill v2
+    (no coarse-to-fine network, no contextual attention, no SN-PatchGAN). The gating equation of Sec. 3.1::
+
+        Gating  = Conv_g(I),   Feature = Conv_f(I),   O = φ(Feature) ⊙ σ(Gating)
+
+    ``forward(x, mask) -> (out, new_mask)`` and ``forward_masked(MaskedInput) -> (out, new_mask)`` take and return
+    exactly what :class:`PartialConv2d` does, and the constructor takes the same arguments, so a U-Net block can use
+    either. Choices, and why:
+
+    - Input I: the masked features X⊙M concatenated with ONE mask channel, the fraction of valid channels at each
+      pixel, Σ_c M / C_in (from :attr:`MaskedInput.count`). For an N×1 mask (the usual case) that is the mask itself,
+      exactly; an N×C_in mask is accepted as by :class:`PartialConv2d` and enters as its per-pixel channel mean. One
+      channel keeps the parameter count independent of the mask's shape and works on :func:`cat_masked` inputs,
+      which carry only the count. Using X⊙M (not X) keeps the U-Net's property that the output never depends on
+      the content of hole pixels. The conv therefore has ``in_channels + 1`` input channels.
+    - Conv_f and Conv_g: ONE convolution with ``2·out_channels`` outputs, split in two along channels (first half
+      Feature, second half Gating). It is exactly two convolutions of the same shape (each output channel has its
+      own weights and bias; the default init depends only on the fan-in, which both share), but reads the input and
+      runs the im2col/GEMM once. ``bias`` applies to both halves.
+    - Parameters: 2·out·(in+1)·kh·kw (+ 2·out with bias) = 2 × a PartialConv2d of the same shape + 2·out·kh·kw.
+    - Mask passed on: all ones, N×1×H'×W' (float, fp32 or the count's wider float type), i.e. "every output pixel
+      holds a value": gated convolution has no mask update rule, the learned soft gate replaces it. Passing a real
+      (downsampled) mask would make the U-Net's blocks, which multiply features by the mask they get back, zero the
+      holes for good. With all ones, the U-Net's masking is a no-op, its skips and decoder keep working unchanged,
+      and the holes enter the network as the first encoder layer's mask channel (as DeepFill v2 feeds the mask once,
+      with the input) and again, through the input-image skip, at the last decoder layer. Deeper layers' mask
+      channel is 1 inside the image and 0 in the zero padding (border counts as hole, as for PartialConv2d).
+    - φ: ``activation`` (default None = identity, so the layer returns Feature ⊙ σ(Gating)). The U-Net block keeps
+      its structure, layer → [BN] → activation: for the U-Net's activations (ReLU, LeakyReLU) φ is positively
+      homogeneous and σ > 0, so φ(F ⊙ σ(G)) = φ(F) ⊙ σ(G) exactly; the block's activation after the layer
+      IS the paper's φ wherever no BN sits in between (first encoder layer; the last decoder layer has no
+      activation, φ = identity). Where BN follows the layer, the block computes φ(BN(F ⊙ σ(G))): BN normalises the gated
+      output before φ. Pass ``activation`` to apply φ inside the layer instead (then the block must not repeat it).
+
+    Only ``groups=1`` and zero padding are supported (the mask channel is concatenated to every input group; the
+    border must read as mask 0). Nothing is cached between calls.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *,
+                 activation: Callable[[Tensor], Tensor] | None = None) -> None:
+        if groups != 1:
+            raise ValueError(f"GatedConv2d supports groups=1 only, got groups={groups}")
+        if padding_mode != "zeros":
+            raise ValueError(f"GatedConv2d needs padding_mode='zeros' (the border reads as mask 0, as for "
+                             f"PartialConv2d), got {padding_mode!r}")
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+        super().__init__()
+        # Output channels [0, out) are Conv_f (Feature), [out, 2·out) are Conv_g (Gating); input channel `in` is M.
+        self.conv = nn.Conv2d(in_channels + 1, 2 * out_channels, kernel_size, stride=stride, padding=padding,
+                              dilation=dilation, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+
+    @property
+    def in_channels(self) -> int:
+        """Feature channels C_in (the convolution itself sees C_in + 1: the mask channel)."""
+        return self.conv.in_channels - 1
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels // 2
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.conv.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.conv.stride
+
+    @property
+    def padding(self) -> tuple[int, ...] | str:
+        return self.conv.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.conv.dilation
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Gated convolution of ``x`` (N×C_in×H×W) with ``mask`` (N×1 or N×C_in, 1 = valid); ``(out, ones)``."""
+        return self.forward_masked(MaskedInput.from_mask(x, mask))
+
+    def forward_masked(self, inp: MaskedInput) -> tuple[Tensor, Tensor]:
+        """O = φ(Feature) ⊙ σ(Gating) for an input given as X⊙M and Σ_c M; returns ``(O, all-ones mask)``."""
+        feature, gate = self.branches(inp)
+        out = feature if self.activation is None else self.activation(feature)
+        out = out * gate
+        ones = torch.ones((out.shape[0], 1, *out.shape[2:]), dtype=_count_dtype(inp.count.dtype),
+                          device=out.device)
+        return out, ones
+
+    def branches(self, inp: MaskedInput) -> tuple[Tensor, Tensor]:
+        """``(Feature, σ(Gating))``, both N×C_out×H'×W': Conv_f(I) before φ, and the gate in (0, 1)."""
+        values, count = _check_masked_input(type(self).__name__, self.in_channels, inp)
+        with torch.no_grad():
+            mask_channel = (count.to(_count_dtype(count.dtype)) / self.in_channels).to(values.dtype)
+        raw = self.conv(torch.cat([values, mask_channel], dim=1))
+        feature, gating = raw.chunk(2, dim=1)
+        return feature, torch.sigmoid(gating)
+
+
+MaskedConv2d = Union[PartialConv2d, GatedConv2d]
+"""Either masked convolution; both take ``(x, mask)`` or a :class:`MaskedInput` and return ``(out, new_mask)``."""
+
+CONV_TYPES: tuple[str, ...] = ("partial", "gated")
+"""Names of the U-Net's convolution variants: "partial" (the paper, eq. 1–2), "gated" (Yu et al. 2019)."""
+
+
+def make_conv(kind: str, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
+              stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+              dilation: int | tuple[int, int] = 1, bias: bool = True) -> MaskedConv2d:
+    """The masked convolution named ``kind`` (one of :data:`CONV_TYPES`); ValueError naming the choices otherwise."""
+    if kind == "partial":
+        return PartialConv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                             dilation=dilation, bias=bias)
+    if kind == "gated":
+        return GatedConv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                           dilation=dilation, bias=bias)
+    raise ValueError(f"unknown convolution type {kind!r}; valid choices: {', '.join(CONV_TYPES)}")

@@ -39,6 +39,10 @@ from torchvision.models import VGG16_Weights
 
 logger = logging.getLogger(__name__)
 
+#: Names of the terms :class:`InpaintingLoss` returns, the one list (metric names are ``loss/<term>``,
+#: ``val/<term>``): the six unweighted terms of eq. 1-6, then ``total``, their weighted sum (eq. 7).
+LOSS_TERMS = ("valid", "hole", "perceptual", "style_out", "style_comp", "tv", "total")
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -230,14 +234,13 @@ def total_variation(comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class InpaintingLoss(nn.Module):
     """The paper's loss (eq. 3-7). ``loss(mask, output, gt)`` returns a dict of tensors.
 
-    Keys ``valid``, ``hole``, ``perceptual``, ``style_out``, ``style_comp``, ``tv`` hold the UNWEIGHTED terms;
-    ``total`` is their weighted sum with ``weights`` (default: the paper's, :data:`PAPER_LOSS_WEIGHTS`).
+    Keys (:data:`LOSS_TERMS`) ``valid``, ``hole``, ``perceptual``, ``style_out``, ``style_comp``, ``tv`` hold the
+    UNWEIGHTED terms; ``total`` is their weighted sum with ``weights`` (default: the paper's,
+    :data:`PAPER_LOSS_WEIGHTS`).
     ``mask`` is ``N x 1 x H x W`` (or ``N x C x H x W``), 1 = valid; images are ``N x 3 x H x W`` in [0, 1].
     The VGG features of ``gt`` are computed once without gradients; those of ``output`` and ``I_comp`` in one
     extractor call. All terms are reduced in fp32, so the loss is safe under fp16/bf16 autocast.
     """
-
-    TERMS = ("valid", "hole", "perceptual", "style_out", "style_comp", "tv")
 
     def __init__(self, extractor: nn.Module, weights: LossWeights = PAPER_LOSS_WEIGHTS) -> None:
         super().__init__()
@@ -284,12 +287,4 @@ class InpaintingLoss(nn.Module):
             + w.style * (style_out + style_comp)
             + w.tv * tv
         )
-        return {
-            "valid": valid,
-            "hole": hole,
-            "perceptual": perceptual,
-            "style_out": style_out,
-            "style_comp": style_comp,
-            "tv": tv,
-            "total": total,
-        }
+        return dict(zip(LOSS_TERMS, (valid, hole, perceptual, style_out, style_comp, tv, total)))

@@ -1,4 +1,5 @@
-"""Irregular hole masks: ratios and bins, file polarity, generator and the paper's training augmentation.
+"""Irregular hole masks: ratios and bins, file polarity (and its sanity check), generator and the paper's
+training augmentation.
 
 In memory a mask is ``uint8`` (or float) ``H x W`` with **1 = valid, 0 = hole** (PConv's M). Files on disk
 carry an explicit polarity: readers take ``hole_color`` ("white" or "black") and never guess. Masks are
@@ -14,26 +15,22 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import zipfile
-from typing import BinaryIO, Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 #: Hole-to-image area ratio bins (lo, hi] of the paper's evaluation (Sec. 4.1, Table 1).
-HOLE_RATIO_BINS: tuple[tuple[float, float], ...] = (
-    (0.01, 0.1),
-    (0.1, 0.2),
-    (0.2, 0.3),
-    (0.3, 0.4),
-    (0.4, 0.5),
-    (0.5, 0.6),
-)
+HOLE_RATIO_BINS: tuple[tuple[float, float], ...] = ((0.01, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5),
+                                                     (0.5, 0.6))
 #: Width in pixels of the border band of the paper's border constraint (Sec. 4.1; 512 x 512 images).
 BORDER_BAND = 50
 
-HOLE_COLORS = ("white", "black")
+#: Above this hole ratio a mask lies beyond every paper bin (the last bin ends at 0.6, Sec. 4.1): see polarity_warning.
+POLARITY_SUSPECT_RATIO = HOLE_RATIO_BINS[-1][1]
+
+HOLE_COLORS = ("white", "black")  # the colour that marks HOLES in a mask file: its polarity, stated, never guessed
+WHITE, BLACK = HOLE_COLORS
+NVIDIA_HOLE_COLOR = WHITE  # NVIDIA's irregular mask sets (the paper's test masks): white = hole
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # every mask file suffix the project reads
 
 # Generator limits: candidate shapes per attempt and attempts before giving up on a bin.
@@ -51,9 +48,7 @@ def bin_label(bin_index: int) -> str:
 
 def _holes(mask: np.ndarray) -> np.ndarray:
     m = np.asarray(mask)
-    if m.dtype == bool:
-        return ~m
-    return m < 0.5
+    return ~m if m.dtype == bool else m < 0.5
 
 
 def hole_ratio(mask: np.ndarray) -> float:
@@ -83,14 +78,17 @@ def touches_border(mask: np.ndarray, band: int = BORDER_BAND) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- file formats
-
-
 def decode_mask(data: bytes, hole_color: str, threshold: float = 0.5, name: str = "") -> np.ndarray:
-    """Decode a PNG/JPEG mask file into ``uint8 H x W`` {0, 1}, 1 = valid.
+    """Decode a PNG/JPEG mask file into ``uint8 H x W`` {0, 1}, 1 = valid, oriented as the user sees it.
 
-    The image is converted to grey; a pixel is "white" when ``value / max >= threshold``. With
-    ``hole_color="white"`` white pixels are holes (NVIDIA's test masks), with ``"black"`` black pixels are.
-    Raises ValueError (naming ``name``) for an unknown ``hole_color``, a bad threshold or unreadable bytes.
+    EXIF orientation is applied first, as for photos (:func:`pconv.images.open_image`), so the holes land where
+    they are displayed. The image is converted to grey; a pixel is "white" when ``value / max >= threshold``.
+    With ``hole_color="white"`` white pixels are holes (NVIDIA's test masks), with ``"black"`` black pixels are.
+    Transparency: when alpha is the ONLY signal (one colour everywhere, alpha varying) the alpha channel is the
+    mask, transparent (``alpha / 255 < threshold``) = hole and opaque = valid whatever ``hole_color`` says (an
+    eraser's and the image-edit APIs' convention); otherwise alpha is ignored and the colours carry the polarity.
+    Raises ValueError (naming ``name``) for an unknown ``hole_color``, a bad threshold, unreadable bytes or more
+    pixels than Pillow's decompression-bomb limit.
     """
     if hole_color not in HOLE_COLORS:
         raise ValueError(f"hole_color must be one of {list(HOLE_COLORS)}, got {hole_color!r} (mask {name!r})")
@@ -99,19 +97,44 @@ def decode_mask(data: bytes, hole_color: str, threshold: float = 0.5, name: str 
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+        img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
             grey = np.asarray(img, dtype=np.float64) / 65535.0
         else:
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA").convert("RGB")  # ignore alpha: polarity lives in the colour values
+                rgba = np.asarray(img.convert("RGBA"))
+                alpha, colour = rgba[..., 3], rgba[..., :3]
+                if alpha.size and alpha.min() != alpha.max() and (colour == colour[:1, :1]).all():
+                    return (alpha.astype(np.float64) / 255.0 >= threshold).astype(np.uint8)
+                img = Image.fromarray(colour)  # colours carry the polarity: alpha ignored
             grey = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"mask {name!r}: refused, too many pixels ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot decode mask {name!r}: {exc}") from exc
     if grey.ndim != 2 or grey.size == 0:
         raise ValueError(f"mask {name!r} decoded to an unusable array of shape {grey.shape}")
     white = grey >= threshold
-    hole = white if hole_color == "white" else ~white
+    hole = white if hole_color == WHITE else ~white
     return (~hole).astype(np.uint8)
+
+
+def polarity_warning(hole_ratios: "np.ndarray | list[float] | float") -> str | None:
+    """Text saying the mask polarity is probably inverted, or None. Works for a set of masks or a single one.
+
+    A mask with more than :data:`POLARITY_SUSPECT_RATIO` holes lies beyond every paper bin; one such mask, or a
+    set in which most masks are, almost always means holes and valid pixels were swapped (the wrong hole colour).
+    """
+    r = np.atleast_1d(np.asarray(hole_ratios, dtype=np.float64)).ravel()
+    high = r > POLARITY_SUSPECT_RATIO
+    limit = f"{POLARITY_SUSPECT_RATIO:.0%}"
+    advice = "the polarity is probably inverted (holes and valid pixels swapped): check the hole colour"
+    if r.size == 1 and high[0]:
+        return f"the mask is {r[0]:.1%} holes, more than {limit} (beyond every paper bin): {advice}"
+    if r.size > 1 and high.mean() > 0.5:
+        return (f"{int(high.sum())} of {r.size} masks ({high.mean():.0%}) are more than {limit} holes, beyond every "
+                f"paper bin (median hole ratio {np.median(r):.1%}): {advice}")
+    return None
 
 
 def _check_binary_2d(mask: np.ndarray, what: str) -> np.ndarray:
@@ -149,28 +172,10 @@ def decode_stored_mask(data: bytes, name: str = "") -> np.ndarray:
                 return (bits != 0).astype(np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         pass  # decode_mask raises the error naming the mask
-    return decode_mask(data, hole_color="black", threshold=0.5, name=name)
-
-
-def iter_mask_zip(path: str | os.PathLike | BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """Yield ``(member name, bytes)`` for every .png/.jpg/.jpeg member of a zip, sorted by name."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(f"cannot open mask archive {path!r}: {exc}") from exc
-    with zf:
-        names = sorted(
-            info.filename
-            for info in zf.infolist()
-            if not info.is_dir() and info.filename.lower().endswith(MASK_SUFFIXES)
-        )
-        for member in names:
-            yield member, zf.read(member)
+    return decode_mask(data, hole_color=BLACK, threshold=0.5, name=name)
 
 
 # ------------------------------------------------------------------------------------------------ resizing
-
-
 def resize_nearest(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an ``H x W`` mask to ``size`` (int = square, or (height, width)).
 
@@ -190,8 +195,6 @@ def resize_nearest(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- generator
-
-
 def _draw_stroke(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, scale: float,
                  start: tuple[float, float] | None) -> None:
     """A free-form stroke: random-walk polyline of varying width with round joints (circles)."""
@@ -233,13 +236,7 @@ def _band_point(rng: np.random.Generator, size: int, band: int) -> tuple[float, 
     edge = int(rng.integers(4))
     along = rng.uniform(0, size)
     across = rng.uniform(0, b)
-    if edge == 0:
-        return along, across
-    if edge == 1:
-        return along, size - 1 - across
-    if edge == 2:
-        return across, along
-    return size - 1 - across, along
+    return ((along, across), (along, size - 1 - across), (across, along), (size - 1 - across, along))[edge]
 
 
 def _try_generate(size: int, rng: np.random.Generator, lo: float, hi: float, border: bool | None,
@@ -307,23 +304,17 @@ def generate_mask(size: int, rng: np.random.Generator, bin_index: int | None = N
     if border is False:
         inner = max(size - 2 * band, 0)
         if (inner / size) ** 2 <= lo + 0.25 * (hi - lo):
-            raise ValueError(
-                f"bin {bin_index} {bin_label(bin_index)} cannot be reached with border=False: a {size}-px "
-                f"image with a {band}-px band leaves only {inner}x{inner} px for holes"
-            )
+            raise ValueError(f"bin {bin_index} {bin_label(bin_index)} cannot be reached with border=False: a "
+                             f"{size}-px image with a {band}-px band leaves only {inner}x{inner} px for holes")
     for _ in range(_MAX_ATTEMPTS):
         mask = _try_generate(size, rng, lo, hi, border, band)
         if mask is not None:
             return mask
-    raise RuntimeError(
-        f"generate_mask could not reach bin {bin_index} {bin_label(bin_index)} (size {size}, border={border}) "
-        f"in {_MAX_ATTEMPTS} attempts"
-    )
+    raise RuntimeError(f"generate_mask could not reach bin {bin_index} {bin_label(bin_index)} (size {size}, "
+                       f"border={border}) in {_MAX_ATTEMPTS} attempts")
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
-
-
 def _max_filter_1d(a: np.ndarray, k: int, axis: int) -> np.ndarray:
     """Running OR of a bool array over a window of ``2k+1`` along ``axis``; pixels outside the array count
     as False (for a max filter this equals PIL's edge replication)."""

@@ -18,6 +18,14 @@ BN freezing (paper Sec. 4.1, fine-tuning phase): :meth:`PConvUNet.freeze_encoder
 in eval mode for good (they stay there after ``.train()``) and stops gradients to their affine parameters. The
 flag is a plain attribute, NOT part of the state dict: a state dict therefore loads into any PConvUNet of the same
 ``layer_size`` whatever its phase, and the training loop re-applies the freeze from the checkpoint's ``phase``.
+
+Convolution variant (``conv``, one of :data:`pconv.layers.CONV_TYPES`): ``"partial"`` is the paper's net;
+``"gated"`` puts the gated convolution of Yu et al. (DeepFill v2, ICCV 2019, Sec. 3.1) in every one of the same
+slots (same depth, kernels, strides, channels, BN, skips, upsampling and decoder). It is that LAYER inside this
+U-Net and its losses, not DeepFill v2 (no coarse-to-fine stages, no contextual attention, no SN-PatchGAN). A gated
+layer passes on an all-ones mask (see :class:`pconv.layers.GatedConv2d`), so the holes reach the net through the
+first layer's mask channel and the last decoder layer's input skip; ``output_mask`` is then all ones. The two
+variants' state dicts have different keys (:func:`conv_of_state_dict` tells them apart).
 """
 
 from __future__ import annotations
@@ -25,14 +33,14 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pconv.layers import MaskedInput, PartialConv2d, cat_masked
+from pconv.layers import CONV_TYPES, MaskedInput, cat_masked, make_conv
 
-__all__ = ["DECODER_KERNEL", "LEAKY_RELU_SLOPE", "PAPER_ENCODER", "PAPER_IMAGE_SIZE", "PAPER_LAYER_SIZE",
-           "PConvUNet", "build_model", "decoder_spec", "default_layer_size", "encoder_spec", "min_image_size"]
+__all__ = ["CONV_TYPES", "DECODER_KERNEL", "LEAKY_RELU_SLOPE", "PAPER_ENCODER", "PAPER_IMAGE_SIZE", "PAPER_LAYER_SIZE",
+           "PConvUNet", "build_model", "check_conv", "conv_of_state_dict", "decoder_spec", "default_layer_size",
+           "encoder_spec", "min_image_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +67,26 @@ MIN_BOTTLENECK = 2        # default_layer_size keeps the paper's 2 px bottleneck
 def _check_layer_size(layer_size: int) -> None:
     if isinstance(layer_size, bool) or not isinstance(layer_size, int) or not 1 <= layer_size <= PAPER_LAYER_SIZE:
         raise ValueError(f"layer_size must be an integer in [1, {PAPER_LAYER_SIZE}], got {layer_size!r}")
+
+
+def check_conv(conv: str) -> str:
+    """``conv`` if it names a convolution variant (:data:`pconv.layers.CONV_TYPES`), else ValueError listing them."""
+    if conv not in CONV_TYPES:
+        raise ValueError(f"unknown convolution type {conv!r}; valid choices: {', '.join(CONV_TYPES)}")
+    return conv
+
+
+def conv_of_state_dict(state_dict: dict) -> str | None:
+    """Which variant a U-Net state dict belongs to: ``"partial"``, ``"gated"``, or None when it is neither.
+
+    A gated layer wraps one ``nn.Conv2d`` (keys ``….conv.conv.weight``); a partial layer IS the conv
+    (``….conv.weight``). Lets a loader say "these are gated weights" instead of a list of missing keys.
+    """
+    if "encoder.0.conv.conv.weight" in state_dict:
+        return "gated"
+    if "encoder.0.conv.weight" in state_dict:
+        return "partial"
+    return None
 
 
 def encoder_spec(layer_size: int) -> tuple[tuple[int, int, bool], ...]:
@@ -91,7 +119,8 @@ def default_layer_size(image_size: int) -> int:
     """Depth for square images of side ``image_size``: 8 at 512 (and above), 7 at 256, 6 at 128, 5 at 64.
 
     The paper's net ends at a 2 px bottleneck, so the depth is log2(image_size) - 1, capped at 8; the size must
-    then be divisible by 2**depth (e.g. 384 -> 7, a 3 px bottleneck). Raises ValueError otherwise.
+    then be divisible by 2**depth (e.g. 384 -> 7, a 3 px bottleneck). Raises ValueError otherwise. The one rule:
+    :class:`pconv.config.TrainConfig` uses it for its default ``layer_size``, so a config accepts what the net does.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise ValueError(f"image_size must be an integer, got {image_size!r}")
@@ -108,12 +137,13 @@ def default_layer_size(image_size: int) -> int:
 
 
 class _EncoderBlock(nn.Module):
-    """Stride-2 PConv (+ BN) + ReLU; returns features multiplied by their new mask, and that mask."""
+    """Stride-2 masked conv (+ BN) + ReLU; returns features multiplied by their new mask, and that mask."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, batch_norm: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, batch_norm: bool,
+                 conv: str = "partial") -> None:
         super().__init__()
-        self.conv = PartialConv2d(in_channels, out_channels, kernel, stride=2, padding=kernel // 2,
-                                  bias=not batch_norm)
+        self.conv = make_conv(conv, in_channels, out_channels, kernel, stride=2, padding=kernel // 2,
+                              bias=not batch_norm)
         self.bn = nn.BatchNorm2d(out_channels) if batch_norm else None
 
     def forward(self, inp: MaskedInput) -> tuple[Tensor, Tensor]:
@@ -126,12 +156,13 @@ class _EncoderBlock(nn.Module):
 
 
 class _DecoderBlock(nn.Module):
-    """Nearest ×2 upsampling of features and mask, concat with the skip, 3×3 PConv (+ BN + LeakyReLU)."""
+    """Nearest ×2 upsampling of features and mask, concat with the skip, 3×3 masked conv (+ BN + LeakyReLU)."""
 
-    def __init__(self, below_channels: int, skip_channels: int, out_channels: int, batch_norm: bool) -> None:
+    def __init__(self, below_channels: int, skip_channels: int, out_channels: int, batch_norm: bool,
+                 conv: str = "partial") -> None:
         super().__init__()
-        self.conv = PartialConv2d(below_channels + skip_channels, out_channels, DECODER_KERNEL, stride=1,
-                                  padding=DECODER_KERNEL // 2, bias=not batch_norm)
+        self.conv = make_conv(conv, below_channels + skip_channels, out_channels, DECODER_KERNEL, stride=1,
+                              padding=DECODER_KERNEL // 2, bias=not batch_norm)
         self.bn = nn.BatchNorm2d(out_channels) if batch_norm else None
 
     def forward(self, below: Tensor, below_mask: Tensor, skip: MaskedInput) -> tuple[Tensor, Tensor]:
@@ -153,12 +184,15 @@ class PConvUNet(nn.Module):
 
     ``image``: N×in_channels×H×W; ``mask``: N×1×H×W (or N×in_channels×H×W), float, 1 = valid, 0 = hole; H and W
     must be multiples of ``2**layer_size``. ``output``: N×out_channels×H×W (the raw prediction, not composited);
-    ``output_mask``: N×1×H×W, 1 where eq. 2 reached. The output never depends on the content of hole pixels.
+    ``output_mask``: N×1×H×W, 1 where eq. 2 reached (all ones for ``conv="gated"``). The output never depends on
+    the content of hole pixels. ``conv`` picks the convolution variant (module doc); ``conv_type`` records it.
     """
 
-    def __init__(self, layer_size: int = PAPER_LAYER_SIZE, in_channels: int = 3, out_channels: int = 3) -> None:
+    def __init__(self, layer_size: int = PAPER_LAYER_SIZE, in_channels: int = 3, out_channels: int = 3,
+                 conv: str = "partial") -> None:
         super().__init__()
         _check_layer_size(layer_size)
+        self.conv_type = check_conv(conv)
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
         self.layer_size = layer_size
@@ -166,10 +200,10 @@ class PConvUNet(nn.Module):
         self.out_channels = out_channels
         blocks, c = [], in_channels
         for kernel, out, bn in encoder_spec(layer_size):
-            blocks.append(_EncoderBlock(c, out, kernel, bn))
+            blocks.append(_EncoderBlock(c, out, kernel, bn, conv))
             c = out
         self.encoder = nn.ModuleList(blocks)
-        self.decoder = nn.ModuleList(_DecoderBlock(below, skip, out, bn)
+        self.decoder = nn.ModuleList(_DecoderBlock(below, skip, out, bn, conv)
                                      for below, skip, out, bn in decoder_spec(layer_size, in_channels, out_channels))
         self._encoder_bn_frozen = False
 
@@ -230,6 +264,7 @@ class PConvUNet(nn.Module):
         return h, m
 
 
-def build_model(layer_size: int, in_channels: int = 3) -> PConvUNet:
-    """The PConv U-Net of depth ``layer_size`` (8 for the paper's 512 px net, see :func:`default_layer_size`)."""
-    return PConvUNet(layer_size=layer_size, in_channels=in_channels)
+def build_model(layer_size: int, in_channels: int = 3, conv: str = "partial") -> PConvUNet:
+    """The U-Net of depth ``layer_size`` (8 for the paper's 512 px net, see :func:`default_layer_size`) built with
+    convolution variant ``conv`` (``"partial"``: the paper; ``"gated"``: the gated-convolution variant)."""
+    return PConvUNet(layer_size=layer_size, in_channels=in_channels, conv=conv)

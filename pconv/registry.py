@@ -1,4 +1,5 @@
-"""Logging a trained PConv U-Net to MLflow (PyTorch flavour) and registering it with an alias.
+"""The MLflow model registry: log a trained PConv U-Net (PyTorch flavour) as a registered version with an alias,
+register a checkpoint, the registered names/aliases (the one list), and the logged model's file layout.
 
 What gets logged, under the run's LoggedModel ``model`` (MLflow 3: ``name=`` replaces ``artifact_path=``):
 
@@ -7,12 +8,15 @@ What gets logged, under the run's LoggedModel ``model`` (MLflow 3: ``name=`` rep
   the batch dimension is dynamic, the spatial size is the training size S (torch.export specialises it).
   Both tensors are passed as they are (a tuple input example): no 4-channel wrapper is needed.
 - ``extra_files/state_dict.pt``: the plain state dict (loads with ``torch.load(weights_only=True)``) and
-  ``extra_files/config.yaml`` (the resolved TrainConfig), so :func:`pconv.inference.load_model` rebuilds the net
+  ``extra_files/config.yaml`` (the resolved TrainConfig), so :func:`pconv.loading.load_model` rebuilds the net
   with ``build_model`` at ANY image size without executing pickles; ``extra_files/model_card.md``.
 - model metadata: image size, layer size, mask polarity, training steps, paper citation.
+- a pickle-free ``python_function`` flavour: loader module :mod:`pconv.pyfunc_model` on ``extra_files/``, the
+  ``pconv`` package in ``code/``; DataFrame of encoded image / mask files -> PNG composites (docs/serving.md).
 
 The version gets the alias ``candidate``; ``champion`` only moves through evaluation
-(:func:`pconv.evaluation.promote`).
+(:func:`pconv.evaluation.promote`). :func:`register_checkpoint` rebuilds the net from a checkpoint directory
+(:mod:`pconv.checkpoint`) and logs it into the training run recorded there.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from pconv.config import TrainConfig
-from pconv.tracking import DEFAULT_EXPERIMENT, client_for, resolve_tracking_uri, start_or_resume_run
+from pconv import checkpoint as ckpt
+from pconv.config import TRAIN_EXPERIMENT, TrainConfig
+from pconv.model import build_model
+from pconv.tracking import client_for, resolve_tracking_uri, start_or_resume_run
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +45,11 @@ CANDIDATE = "candidate"            # every new version gets it
 CHAMPION = "champion"              # moves only through evaluation (evaluate.py --promote champion)
 
 MODEL_NAME = "model"               # the LoggedModel name inside the run
+MODEL_TYPE = INPAINTING_MODEL      # the LoggedModel's model_type: the architecture, whatever it is registered as
 STATE_DICT_FILE = "state_dict.pt"
-CONFIG_FILE = "config.yaml"
 MODEL_CARD_FILE = "model_card.md"
 EXTRA_FILES_DIR = "extra_files"    # where mlflow.pytorch puts `extra_files`
+MLMODEL_FILE = "MLmodel"           # MLflow's descriptor at the root of a model folder
 FORMAT_TAG = "pconv-state-dict-v1"
 PAPER = ("Guilin Liu, Fitsum A. Reda, Kevin J. Shih, Ting-Chun Wang, Andrew Tao, Bryan Catanzaro: "
          "Image Inpainting for Irregular Holes Using Partial Convolutions. ECCV 2018. arXiv:1804.07723")
@@ -71,15 +78,15 @@ def model_card(cfg: TrainConfig, step: int | None, extra: Mapping[str, Any] | No
         f"- paper: {PAPER}",
         f"- training image size: {cfg.image_size} px (square); runs on any size (padded to a multiple of "
         f"2**layer_size = {2 ** cfg.layer_size}, tiled when large)",
-        f"- layer size (U-Net depth): {cfg.layer_size}",
+        f"- layer size (U-Net depth): {cfg.layer_size}; convolution: {cfg.conv} (`conv`, docs/variants.md)",
         f"- mask polarity: {MASK_POLARITY}",
-        f"- inputs: image float32 N×3×H×W in [0, 1], mask float32 N×1×H×W; outputs: (output, output_mask); "
+        "- inputs: image float32 N×3×H×W in [0, 1], mask float32 N×1×H×W; outputs: (output, output_mask); "
         "the inpainted result is the composite mask*image + (1-mask)*output",
         f"- training steps: {step if step is not None else 'unknown'} "
         f"(phase 1: {cfg.phase1_steps}, phase 2 fine-tuning: {cfg.phase2_steps})",
         f"- run name: {cfg.run_name}; training data: images={cfg.images or '?'} masks={cfg.masks or '?'}",
         f"- safe loading: {EXTRA_FILES_DIR}/{STATE_DICT_FILE} (torch.load weights_only=True) + "
-        f"{EXTRA_FILES_DIR}/{CONFIG_FILE} -> pconv.model.build_model(layer_size)",
+        f"{EXTRA_FILES_DIR}/{ckpt.CONFIG_FILE} -> pconv.model.build_model(layer_size)",
     ]
     for key, value in (extra or {}).items():
         lines.append(f"- {key}: {value}")
@@ -178,11 +185,64 @@ def _new_logged_model(client, run_id: str, cfg: TrainConfig) -> str:
     exp_id = client.get_run(run_id).info.experiment_id
     params = {"image_size": str(cfg.image_size), "layer_size": str(cfg.layer_size), "run_name": cfg.run_name}
     return client.create_logged_model(experiment_id=exp_id, name=MODEL_NAME, source_run_id=run_id,
-                                      params=params, model_type="pconv-unet").model_id
+                                      params=params, model_type=MODEL_TYPE).model_id
+
+
+PYFUNC_LOADER = "pconv.pyfunc_model"  # the pyfunc flavour's loader module (shipped in the model's code/ folder)
+CODE_DIR = "code"                  # where mlflow puts `code_paths` (the pconv package)
+
+
+def _pyfunc_example(size: int = 32):
+    """A one-row DataFrame (PNG photo, PNG mask with a white square hole): the pyfunc flavour's input example."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    photo, hole = Image.new("RGB", (size, size), (120, 130, 140)), Image.new("L", (size, size), 0)
+    hole.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    files = []
+    for img in (photo, hole):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        files.append(buf.getvalue())
+    return pd.DataFrame({"image": [files[0]], "mask": [files[1]], "hole_color": ["white"]})
+
+
+def _add_pyfunc_flavour(client, model_id: str, tracking_uri: str) -> None:
+    """Give the logged model ``model_id`` a pickle-free ``python_function`` flavour (see :mod:`pconv.pyfunc_model`):
+    loader module ``pconv.pyfunc_model`` on ``extra_files/``, with the code in ``code/``; the model's signature
+    and input example become the DataFrame contract (image, mask, optional hole_color -> image PNG bytes). The
+    PyTorch flavour (pt2 + state dict) stays as it is; only MLmodel and the example files are rewritten."""
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.models.signature import ModelSignature
+    from mlflow.models.utils import _save_example
+    from mlflow.types.schema import ColSpec, Schema
+
+    with tempfile.TemporaryDirectory(prefix="pconv-pyfunc-") as tmp:
+        location = client.get_logged_model(model_id).artifact_location.rstrip("/")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{MLMODEL_FILE}", dst_path=tmp,
+                                                    tracking_uri=tracking_uri)
+        model = Model.load(local)
+        torch_conf = model.flavors.get("pytorch", {})
+        model.flavors.pop("python_function", None)
+        mlflow.pyfunc.add_to_model(model, loader_module=PYFUNC_LOADER, data=EXTRA_FILES_DIR,
+                                   code=torch_conf.get("code") or CODE_DIR, conda_env="conda.yaml",
+                                   python_env="python_env.yaml")
+        model.signature = ModelSignature(
+            inputs=Schema([ColSpec("binary", "image"), ColSpec("binary", "mask"),
+                           ColSpec("string", "hole_color", required=False)]),
+            outputs=Schema([ColSpec("binary", "image")]))
+        out = Path(tmp) / "out"
+        out.mkdir()
+        _save_example(model, _pyfunc_example(), str(out))
+        model.save(str(out / MLMODEL_FILE))
+        client.log_model_artifacts(model_id, str(out))
 
 
 def log_and_register_model(model: torch.nn.Module, config: TrainConfig | Mapping[str, Any], run_id: str | None,
-                           name: str | None = "pconv-unet", alias: str | None = "candidate",
+                           name: str | None = INPAINTING_MODEL, alias: str | None = CANDIDATE,
                            checkpoint_dir: str | Path | None = None, tracking_uri: str | None = None,
                            step: int | None = None, checkpoint_uri: str | None = None) -> str | None:
     """Log ``model`` into run ``run_id`` and register it as ``name`` with ``alias``; returns the version.
@@ -195,59 +255,59 @@ def log_and_register_model(model: torch.nn.Module, config: TrainConfig | Mapping
     """
     import mlflow
 
-    from pconv.checkpoint import load_meta, unwrap, versions
-
     cfg = _as_config(config)
     uri = resolve_tracking_uri(tracking_uri)
     if checkpoint_dir is not None and step is None:
-        step = load_meta(checkpoint_dir).get("step")
+        step = ckpt.load_meta(checkpoint_dir).get("step")
     if run_id is None:
-        run_id = start_or_resume_run(cfg.experiment or DEFAULT_EXPERIMENT, cfg.run_name, tracking_uri=uri)
+        run_id = start_or_resume_run(cfg.experiment or TRAIN_EXPERIMENT, cfg.run_name, tracking_uri=uri)
         if run_id is None:
             raise RuntimeError(f"cannot register the model: the MLflow tracking server at {uri} is unreachable")
 
     client = client_for(uri)
-    net = copy.deepcopy(unwrap(model)).to("cpu").float().eval()
+    net = copy.deepcopy(ckpt.unwrap(model)).to("cpu").float().eval()
     image, mask = example_inputs(cfg.image_size)
     with torch.no_grad():
         outputs = net(image, mask)
     signature = _signature(image, mask, outputs)
-    metadata = {"image_size": cfg.image_size, "layer_size": cfg.layer_size, "in_channels": 3,
+    metadata = {"image_size": cfg.image_size, "layer_size": cfg.layer_size, "conv": cfg.conv, "in_channels": 3,
                 "mask_polarity": MASK_POLARITY, "training_steps": step, "paper": PAPER,
                 "pconv_format": FORMAT_TAG, "state_dict": f"{EXTRA_FILES_DIR}/{STATE_DICT_FILE}",
-                "config": f"{EXTRA_FILES_DIR}/{CONFIG_FILE}",
-                "versions": {k: str(v) for k, v in versions().items()}}
+                "config": f"{EXTRA_FILES_DIR}/{ckpt.CONFIG_FILE}",
+                "versions": {k: str(v) for k, v in ckpt.versions().items()}}
 
     with tempfile.TemporaryDirectory(prefix="pconv-register-") as tmp:
-        files = {STATE_DICT_FILE: Path(tmp) / STATE_DICT_FILE, CONFIG_FILE: Path(tmp) / CONFIG_FILE,
+        files = {STATE_DICT_FILE: Path(tmp) / STATE_DICT_FILE, ckpt.CONFIG_FILE: Path(tmp) / ckpt.CONFIG_FILE,
                  MODEL_CARD_FILE: Path(tmp) / MODEL_CARD_FILE}
         torch.save(net.state_dict(), files[STATE_DICT_FILE])
-        files[CONFIG_FILE].write_text(cfg.to_yaml())
+        files[ckpt.CONFIG_FILE].write_text(cfg.to_yaml())
         files[MODEL_CARD_FILE].write_text(model_card(cfg, step))
         common = dict(name=MODEL_NAME, run_id=run_id, input_example=(image, mask), signature=signature,
                       extra_files=[str(p) for p in files.values()], metadata=metadata,
+                      code_paths=[str(Path(__file__).resolve().parent)],  # the pconv package, for the pyfunc
                       pip_requirements=_pip_requirements(), registered_model_name=name or None)
         problem = pt2_roundtrip_problem(net, image, mask, outputs)
         serialization = "pt2" if problem is None else "pickle"
         if problem:
             log.warning("the torch.export (pt2) form of the model does not round-trip (%s); logging MLflow's "
-                        "pickle format instead. pconv.inference.load_model still loads the pickle-free state "
+                        "pickle format instead. pconv.loading.load_model still loads the pickle-free state "
                         "dict.", problem)
         # Exported under no_grad: PartialConv's no_grad blocks would otherwise become set_grad_enabled wrapper
         # nodes that torch 2.14 saves but cannot load back ("Node.meta ... is missing val field").
+        model_id = _new_logged_model(client, run_id, cfg)
         with _fluent_uri(uri), torch.no_grad():
-            info = mlflow.pytorch.log_model(net, serialization_format=serialization,
-                                            model_id=_new_logged_model(client, run_id, cfg), **common)
+            info = mlflow.pytorch.log_model(net, serialization_format=serialization, model_id=model_id, **common)
+    _add_pyfunc_flavour(client, model_id, uri)
 
     client.log_text(run_id, model_card(cfg, step), MODEL_CARD_FILE)
-    client.log_text(run_id, cfg.to_yaml(), CONFIG_FILE)
+    client.log_text(run_id, cfg.to_yaml(), ckpt.CONFIG_FILE)
     client.set_tag(run_id, "pconv.model_uri", info.model_uri)
     if not name:
         log.info("logged model %s (not registered)", info.model_uri)
         return None
     version = str(info.registered_model_version)
-    tags = {"pconv.image_size": cfg.image_size, "pconv.layer_size": cfg.layer_size, "pconv.step": step,
-            "pconv.serialization": serialization, "pconv.run_name": cfg.run_name,
+    tags = {"pconv.image_size": cfg.image_size, "pconv.layer_size": cfg.layer_size, "pconv.conv": cfg.conv,
+            "pconv.step": step, "pconv.serialization": serialization, "pconv.run_name": cfg.run_name,
             "pconv.checkpoint": checkpoint_uri or (str(checkpoint_dir) if checkpoint_dir else None)}
     for key, value in tags.items():
         if value is not None:
@@ -258,12 +318,78 @@ def log_and_register_model(model: torch.nn.Module, config: TrainConfig | Mapping
     return version
 
 
-def model_version_info(name: str, version: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Facts about a registered version (for reports): version, run id, source, tags, aliases."""
+def register_checkpoint(checkpoint_uri: str, name: str = INPAINTING_MODEL, alias: str = CANDIDATE,
+                        experiment: str | None = None, run_id: str | None = None,
+                        tracking_uri: str | None = None) -> str | None:
+    """Log a checkpoint's model to MLflow and register it (what ``pipelines/register.py`` does).
+
+    ``checkpoint_uri`` is a checkpoint folder or s3:// prefix, or a folder holding checkpoints (the latest complete
+    one is used). The MLflow run is ``run_id``, else the one recorded in the checkpoint's meta.json, else the run
+    named after the checkpoint's ``run_name`` in ``experiment`` (created if needed). The run's status is left as
+    it is.
+    """
+    source = ckpt.resolve(checkpoint_uri)
+    if source is None:
+        raise FileNotFoundError(f"{checkpoint_uri}: no complete checkpoint ({' + '.join(ckpt.CHECKPOINT_FILES)}) "
+                                "there or under it; register.py takes a checkpoint folder or s3:// prefix")
+    with ckpt.local_copy(source) as directory:
+        state, meta = ckpt.load_state(directory), ckpt.load_meta(directory)
+        cfg = TrainConfig.from_dict(ckpt.load_config_dict(directory),
+                                    source=f"{source}/{ckpt.CONFIG_FILE}").resolved()
+    net = build_model(cfg.layer_size, conv=cfg.conv)
+    try:
+        net.load_state_dict(ckpt.model_state(state, source))
+    except RuntimeError as exc:
+        raise ValueError(f"{source}: weights do not fit a layer_size={cfg.layer_size} PConvUNet: {exc}") from exc
+    rid = start_or_resume_run(experiment or cfg.experiment, cfg.run_name, run_id=run_id or meta.get("mlflow_run_id"),
+                              tracking_uri=tracking_uri, mark_running=False)
+    if rid is None:
+        raise RuntimeError("the MLflow tracking server is unreachable; nothing was registered")
+    return log_and_register_model(net.eval(), cfg, rid, name=name, alias=alias, tracking_uri=tracking_uri,
+                                  step=state.get("step", meta.get("step")), checkpoint_uri=source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a logged model back (pconv.loading rebuilds the net from these files)
+# ---------------------------------------------------------------------------------------------
+def version_for_alias(name: str, alias: str, tracking_uri: str | None = None) -> str:
+    """The version number ``alias`` points at in registered model ``name``."""
+    return str(client_for(tracking_uri).get_model_version_by_alias(name, alias).version)
+
+
+def logged_model_id(name: str, version: str, tracking_uri: str | None = None) -> str | None:
+    """The MLflow 3 LoggedModel id behind a registered version (None for versions registered without one).
+
+    MLflow 3.17 leaves ``ModelVersion.model_id`` empty for versions registered through ``log_model``; their
+    ``source`` is then ``models:/<model id>``, which names the same LoggedModel."""
     mv = client_for(tracking_uri).get_model_version(name, version)
-    return {"name": name, "version": mv.version, "run_id": mv.run_id, "source": mv.source,
-            "tags": dict(mv.tags or {}), "aliases": list(getattr(mv, "aliases", []) or [])}
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = str(mv.source or "")
+    return source[len("models:/"):] if source.startswith("models:/m-") else None
 
 
-__all__ = ["CONFIG_FILE", "EXTRA_FILES_DIR", "MODEL_CARD_FILE", "MODEL_NAME", "STATE_DICT_FILE", "PAPER",
-           "example_inputs", "log_and_register_model", "model_card", "model_version_info"]
+def download_model_files(name: str, version: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
+    """Download only ``extra_files/`` (state dict + config, no pickles) of a registered version into ``dst``."""
+    import mlflow
+
+    resolved = resolve_tracking_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/{EXTRA_FILES_DIR}",
+                                                dst_path=str(dst), tracking_uri=resolved, registry_uri=resolved)
+    return Path(local)
+
+
+def is_model_dir(directory: str | Path) -> bool:
+    """True for a logged model folder (``MLmodel``) or its ``extra_files/`` (``state_dict.pt``)."""
+    directory = Path(directory)
+    return (directory / MLMODEL_FILE).is_file() or (directory / STATE_DICT_FILE).is_file()
+
+
+def model_files_dir(directory: str | Path) -> Path:
+    """The folder holding ``state_dict.pt`` + ``config.yaml`` of a logged model folder (or the folder itself)."""
+    directory = Path(directory)
+    extra = directory / EXTRA_FILES_DIR if (directory / EXTRA_FILES_DIR).is_dir() else directory
+    if not (extra / STATE_DICT_FILE).is_file() or not (extra / ckpt.CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: no {EXTRA_FILES_DIR}/{STATE_DICT_FILE} + {ckpt.CONFIG_FILE}; "
+                                "was it logged by pconv.registry.log_and_register_model?")
+    return extra

@@ -15,12 +15,15 @@ Image rows: ``key`` (path relative to SRC), ``image`` (the ORIGINAL encoded byte
 Mask rows: ``key``, ``mask`` (compact 1-bit PNG in the internal polarity, white = valid), ``height``, ``width``,
 ``hole_ratio``, ``bin`` (paper bin 0..5, -1 outside), ``border`` (holes within the border band), ``source``, ``split``.
 
-``manifest.json``: ``schema_version``, ``kind`` (images|masks), ``source``, ``created``, ``run_id``, ``counts``
-per split, ``total_bytes``, ``columns``, ``shards`` ([{path relative to DST, split, rows, bytes, row_groups}];
-``row_groups`` lists the rows of each Parquet row group, the unit that :mod:`pconv.data` reads and decodes in
-one task — optional, readers fall back to the Parquet footer),
+``manifest.json``: ``schema_version``, ``kind`` (images|masks: :data:`IMAGES_KIND`, :data:`MASKS_KIND`), ``source``,
+``created``, ``run_id``, ``counts`` per split, ``total_bytes``, ``columns``, ``shards`` ([{path relative to DST,
+split, rows, bytes, row_groups}]; ``row_groups`` lists the rows of each Parquet row group, the unit that
+:mod:`pconv.data` reads and decodes in one task — optional, readers fall back to the Parquet footer),
 ``skipped_count``, ``skipped`` ([{key, reason}]), ``options``; mask manifests add ``bins`` (counts per bin and
-border flag).
+border flag; ``"-1"``: in no paper bin) and ``out_of_bins`` (how many masks are in no paper bin, all-valid and
+all-hole masks included). Every reader goes through :func:`read_manifest` (schema version and kind checked there).
+A writer keeps the shards of the manifest it replaces (:func:`remove_unlisted_shards` spares them) until the next
+run or ``prepare_data.py cleanup``, so a reader can finish with the manifest it read.
 
 The train/val split is a stable hash of the key (sha1, not Python's salted ``hash()``), so it does not depend
 on the order, the machine or the other files.
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+IMAGES_KIND, MASKS_KIND = "images", "masks"  # the manifest's ``kind``
 
 IMAGE_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.binary()), ("height", pa.int32()), ("width", pa.int32()),
@@ -133,8 +137,9 @@ class ShardWriter:
         self.rows, self.buffered = [], 0
 
 
-def read_manifest(root: str) -> dict[str, Any]:
-    """The manifest of a shard root. FileNotFoundError naming the URI if absent; ValueError if unusable."""
+def read_manifest(root: str, kind: str | None = None) -> dict[str, Any]:
+    """The manifest of a shard root. FileNotFoundError naming the URI if absent; ValueError if unusable or, with
+    ``kind``, of another kind (:data:`IMAGES_KIND`, :data:`MASKS_KIND`)."""
     uri = storage.join(root, MANIFEST)
     try:
         manifest = json.loads(storage.read_bytes(uri))
@@ -144,7 +149,40 @@ def read_manifest(root: str) -> dict[str, Any]:
         raise ValueError(f"{uri}: not valid JSON ({exc})") from exc
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{uri}: schema_version {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
+    if kind is not None and manifest.get("kind") != kind:
+        raise ValueError(f"{root}: manifest kind is {manifest.get('kind')!r}, expected {kind!r}")
     return manifest
+
+
+def current_manifest(root: str) -> dict[str, Any] | None:
+    """The manifest at ``root`` for a writer about to replace it: None when there is none or it is unreadable."""
+    try:
+        manifest = read_manifest(root)
+    except (FileNotFoundError, ValueError):
+        return None
+    return manifest if isinstance(manifest.get("shards"), list) else None
+
+
+def remove_unlisted_shards(root: str, keep: set[str]) -> list[str]:
+    """Delete ``part-*.parquet`` files under ``root/train`` and ``root/val`` whose path (relative to ``root``) is
+    not in ``keep``; other files are left alone. Returns the removed relative paths."""
+    removed = []
+    for split in SPLITS:
+        try:
+            files = storage.list_files(storage.join(root, split), suffixes=(".parquet",))
+        except FileNotFoundError:
+            continue
+        for f in files:
+            rel = f"{split}/{f.rsplit('/', 1)[-1]}"
+            if rel.split("/")[1].startswith("part-") and rel not in keep:
+                storage.delete(f)
+                removed.append(rel)
+    return removed
+
+
+def is_dataset_root(uri: str) -> bool:
+    """True when ``uri`` is a shard root (it holds a manifest); a ``.zip`` file never is."""
+    return not uri.lower().endswith(".zip") and storage.exists(storage.join(uri, MANIFEST))
 
 
 def shard_uris(root: str, manifest: dict[str, Any] | None = None, split: str = "train") -> list[str]:

@@ -15,6 +15,13 @@ from typing import Callable
 from pconv import storage
 
 
+#: Largest file read into memory (a zip member, a local file): 512 MiB. Far above any photo or mask (a full-size
+#: Places2 JPEG is ~1 MB; an uncompressed 8-bit RGB TIFF at Pillow's decompression-bomb limit of ~89 M pixels is
+#: ~270 MB), and it bounds what one file can cost: a zip member of zeros compresses ~1000:1, so a small archive
+#: could otherwise ask for many GB. Larger files are refused (ValueError, i.e. skipped and counted) before reading.
+MAX_FILE_BYTES = 512 * 2**20
+
+
 class SourceError(RuntimeError):
     """The source does not exist or cannot be read (raised when it is opened, before any work)."""
 
@@ -80,14 +87,14 @@ class Source:
                     fh.write(storage.read_bytes(self.uri))
                 self._open_zip(self._tmp)
             zf = self._zip
-            names = sorted(i.filename for i in zf.infolist() if not i.is_dir())
-            return [SourceItem(n, (lambda n=n: zf.read(n))) for n in names]
+            infos = sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename)
+            return [SourceItem(i.filename, (lambda i=i: _read_member(zf, i))) for i in infos]
         files = storage.list_files(self.uri)
         if self.kind == "s3":
             base = self.uri.rstrip("/") + "/"
             return [SourceItem(f[len(base):], (lambda f=f: storage.read_bytes(f))) for f in files]
         base_path = Path(self.uri).expanduser()
-        return [SourceItem(Path(f).relative_to(base_path).as_posix(), (lambda f=f: Path(f).read_bytes()))
+        return [SourceItem(Path(f).relative_to(base_path).as_posix(), (lambda f=f: _read_file(Path(f))))
                 for f in files]
 
     def close(self) -> None:
@@ -102,3 +109,26 @@ class Source:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _too_large(size: int) -> str:
+    return f"file too large: {size:,} bytes uncompressed, above the limit of {MAX_FILE_BYTES:,} bytes (refused unread)"
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A zip member's bytes, refused (ValueError) when its declared size is above :data:`MAX_FILE_BYTES`; the read
+    itself is bounded too, so a header that lies about the size cannot make it read more."""
+    if info.file_size > MAX_FILE_BYTES:
+        raise ValueError(_too_large(info.file_size))
+    with zf.open(info) as fh:
+        data = fh.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(_too_large(len(data)))
+    return data
+
+
+def _read_file(path: Path) -> bytes:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(_too_large(size))
+    return path.read_bytes()

@@ -15,7 +15,7 @@ same endpoint, resolved once by :func:`s3_endpoint`.
 
 Trap for callers that hand a filesystem to Ray (``read_parquet(..., filesystem=fs)``, ``RunConfig(storage_filesystem=)``):
 with an explicit filesystem the paths must carry **no** scheme (``bucket/key``, not ``s3://bucket/key``); use
-:func:`ray_filesystem`, which returns exactly that pair.
+:func:`get_filesystem` (one URI) or :func:`ray_paths` (several), which return exactly that pair.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 from urllib.parse import urlparse
@@ -35,6 +36,12 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 S3_SCHEMES = ("s3://", "s3a://")
+# The standard AWS variables that say which endpoint, credentials and region S3 clients use: the one list. They
+# are values, so other processes (e.g. Ray actors, see pconv.batch) reach storage the same way when given them.
+AWS_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+# Names a section of THIS machine's ~/.aws files: it selects clients here but is not forwarded elsewhere.
+AWS_PROFILE_VAR = "AWS_PROFILE"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,9 +94,7 @@ def s3_region() -> str | None:
 
 def _env_key() -> tuple:
     """Cache key: clients are rebuilt when the relevant environment changes (tests switch servers)."""
-    names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-             "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
-    return tuple(os.environ.get(n) for n in names)
+    return tuple(os.environ.get(n) for n in (*AWS_ENV_VARS, AWS_PROFILE_VAR))
 
 
 @functools.lru_cache(maxsize=8)
@@ -141,12 +146,6 @@ def get_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
     return pafs.LocalFileSystem(), str(_local_path(uri).resolve())
 
 
-def ray_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
-    """(filesystem, scheme-less path) to hand to Ray (``read_parquet(path, filesystem=fs)``,
-    ``RunConfig(storage_path=path, storage_filesystem=fs)``). Same as :func:`get_filesystem`; named for the trap."""
-    return get_filesystem(uri)
-
-
 def ray_paths(uris: Iterable[str]) -> tuple["pyarrow.fs.FileSystem", list[str]]:
     """One filesystem and the scheme-less paths of several URIs (which must all be local or all on S3)."""
     uris = list(uris)
@@ -184,10 +183,30 @@ def read_bytes(uri: str) -> bytes:
     return _local_path(uri).read_bytes()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux ``/proc``); elsewhere set-and-restore under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+_umask_lock = threading.Lock()
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` so readers see either the old content or the whole new one, never a partial file.
 
-    Local: a temporary file in the same directory, fsync, then ``os.replace``. S3: a single ``PUT``.
+    Local: a temporary file in the same directory, fsync, then ``os.replace``; the file gets the mode a plain
+    ``open(path, "w")`` would give (``0o666`` minus the umask; ``mkstemp`` alone would leave it ``0o600``, unreadable
+    for the other users of a shared dataset). S3: a single ``PUT``.
     """
     if is_remote(uri):
         bucket, key = _split_s3(uri)
@@ -199,6 +218,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -210,6 +230,20 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def check_writable(uri: str) -> None:
+    """Create a local directory if needed, then write and remove a probe file/object under ``uri``. OSError naming
+    ``uri`` when it cannot be written (a local file in the way, permissions, a missing bucket, an endpoint down)."""
+    if not is_remote(uri) and _local_path(uri).exists() and not _local_path(uri).is_dir():
+        raise NotADirectoryError(f"destination {uri} exists and is not a directory")
+    probe = join(uri, f".pconv-write-probe-{os.urandom(4).hex()}")
+    try:
+        makedirs(uri)
+        write_bytes_atomic(probe, b"")
+        delete(probe)
+    except Exception as exc:  # noqa: BLE001 - permission, missing bucket, endpoint down ...
+        raise PermissionError(f"destination {uri} is not writable: {type(exc).__name__}: {exc}") from exc
 
 
 def exists(uri: str) -> bool:
@@ -299,16 +333,3 @@ def upload_dir(local_dir: str, uri: str) -> None:
             dest = _local_path(uri) / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
-
-
-def download_dir(uri: str, local_dir: str) -> None:
-    """Copy every file under ``uri`` into ``local_dir`` keeping relative paths. FileNotFoundError if nothing there."""
-    files = list_files(uri)
-    if not files:
-        raise FileNotFoundError(f"{uri}: no files to download")
-    base = str(uri).rstrip("/") if is_remote(uri) else str(_local_path(uri).resolve())
-    for f in files:
-        rel = f[len(base):].lstrip("/") if is_remote(uri) else str(Path(f).resolve().relative_to(base))
-        dest = Path(local_dir) / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(read_bytes(f))

@@ -6,9 +6,9 @@ decoded at a reduced scale when possible), then a random square crop (train) or 
 horizontal flip for training. Masks: a random mask of the :class:`MaskBank` with the paper's training augmentation
 (:func:`pconv.masks.augment_mask`, nearest resizing only) for training; a fixed mask, centre square and nearest
 resize for validation. Output arrays are compact: ``image`` uint8 N x 3 x S x S (0..255), ``mask`` uint8
-N x 1 x S x S in {0, 1} (1 = valid), plus ``skipped`` (see :mod:`pconv.data`); :func:`to_float` makes the float32
-model inputs. Shipping uint8 moves 4x fewer bytes through Ray's object store and to the GPU; the conversion to
-float is one cheap op at the consumer (on the GPU in training).
+N x 1 x S x S in {0, 1} (1 = valid), plus ``skipped`` (see :mod:`pconv.data`); :mod:`pconv.model_inputs` makes
+the float32 model inputs. Shipping uint8 moves 4x fewer bytes through Ray's object store and to the GPU; the
+conversion to float is one cheap op at the consumer (on the GPU in training).
 """
 
 from __future__ import annotations
@@ -70,9 +70,7 @@ def _split_with_rows(root: str, manifest: dict[str, Any], preferred: str) -> str
 
 def load_mask_bank(masks_uri: str, split: str = "train") -> MaskBank:
     """Read every mask of ``split`` (falling back to the other split if it is empty) into a :class:`MaskBank`."""
-    manifest = shards.read_manifest(masks_uri)
-    if manifest.get("kind") != "masks":
-        raise ValueError(f"{masks_uri}: manifest kind is {manifest.get('kind')!r}, expected 'masks'")
+    manifest = shards.read_manifest(masks_uri, kind=shards.MASKS_KIND)
     split = _split_with_rows(masks_uri, manifest, split)
     table = shards.read_table(shards.shard_uris(masks_uri, manifest, split), ["key", "mask", "bin", "border"])
     table = table.sort_by("key")
@@ -106,20 +104,9 @@ def center_square_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return M.resize_nearest(mask[top:top + side, left:left + side], size)
 
 
-def _to_chw(images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+def _to_chw(pixels: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
     """uint8 N x S x S x 3 and N x S x S -> uint8 N x 3 x S x S image, N x 1 x S x S mask."""
-    return {"image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)), "mask": masks[:, None]}
-
-
-def to_float(image: np.ndarray, mask: np.ndarray, include_masked: bool = False) -> dict[str, np.ndarray]:
-    """Model inputs from the compact arrays: float32 ``image`` in [0, 1], float32 ``mask`` in {0, 1}, and
-    ``masked`` = image * mask when asked. (:func:`pconv.data.to_float_batch` is the torch twin.)"""
-    image = image.astype(np.float32)
-    image *= 1.0 / 255.0
-    out = {"image": image, "mask": mask.astype(np.float32)}
-    if include_masked:
-        out["masked"] = out["image"] * out["mask"]
-    return out
+    return {"image": np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), "mask": masks[:, None]}
 
 
 def _skipped_column(n_out: int, skipped: int) -> np.ndarray:
@@ -131,8 +118,9 @@ def _skipped_column(n_out: int, skipped: int) -> np.ndarray:
 
 def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed: int,
                     bank: MaskBank) -> dict[str, np.ndarray]:
-    """Training samples from a batch of shard rows (``key``, ``image``, ``_rand``): decode + crop + flip each
-    image, pair it with a random mask of ``bank`` augmented by :func:`pconv.masks.augment_mask`.
+    """Training samples from a batch of shard rows (``key``, ``image``, ``_rand``, optional ``pos``): decode +
+    crop + flip each image, pair it with a random mask of ``bank`` augmented by :func:`pconv.masks.augment_mask`.
+    Output rows keep the input order (corrupt rows dropped); ``pos`` rides along when given.
 
     Row i's randomness comes only from ``(base_seed, _rand[i])``, so results do not depend on batching.
     """
@@ -140,30 +128,31 @@ def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed:
     keys, blobs, rands = batch["key"], batch["image"], batch["_rand"]
     n = len(keys)
     s = image_size
-    images = np.empty((n, s, s, 3), dtype=np.uint8)
+    pixels = np.empty((n, s, s, 3), dtype=np.uint8)
     masks_out = np.empty((n, s, s), dtype=np.uint8)
-    ids = np.empty(n, dtype=np.int64)
+    ids, kept = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
     ok = skipped = 0
     for i in range(n):
         key = str(keys[i])
         rng = np.random.default_rng([base_seed, int(float(rands[i]) * 2**53)])
         try:
             img = images.open_image(bytes(blobs[i]), draft_size=s, name=key)
-            images[ok] = random_crop_flip(img, s, rng)
+            pixels[ok] = random_crop_flip(img, s, rng)
             j = int(rng.integers(len(masks_bank)))
             masks_out[ok] = M.augment_mask(masks_bank.mask(j), rng, s)
         except (ValueError, OSError) as exc:
             skipped += 1
             log.warning("training data: skipped corrupt row %s: %s", key, exc)
             continue
-        ids[ok] = shards.key_id(key)
+        ids[ok], kept[ok] = shards.key_id(key), i
         ok += 1
     if skipped and not ok:
         log.warning("training data: a decode batch of %d rows was entirely corrupt (count not in 'skipped')", n)
-    order = np.random.default_rng([base_seed, int(float(rands[0]) * 2**53) if n else 0, 1]).permutation(ok)
-    out = _to_chw(images[:ok][order], masks_out[:ok][order])
-    out["id"] = ids[:ok][order]
+    out = _to_chw(pixels[:ok], masks_out[:ok])  # input order (the caller's rows are already in a seeded order)
+    out["id"] = ids[:ok]
     out["skipped"] = _skipped_column(ok, skipped)
+    if "pos" in batch:  # the data position of each surviving row (pconv.train_stream)
+        out["pos"] = np.asarray(batch["pos"], dtype=np.int64)[kept[:ok]]
     return out
 
 
@@ -173,7 +162,7 @@ def val_transform(batch: dict[str, np.ndarray], *, image_size: int, bank: MaskBa
     masks_bank = bank
     rows = [i for i, k in enumerate(batch["key"]) if str(k) in pairing]
     s = image_size
-    images = np.empty((len(rows), s, s, 3), dtype=np.uint8)
+    pixels = np.empty((len(rows), s, s, 3), dtype=np.uint8)
     masks_out = np.empty((len(rows), s, s), dtype=np.uint8)
     index = np.empty(len(rows), dtype=np.int64)
     mask_index = np.empty(len(rows), dtype=np.int64)
@@ -181,7 +170,7 @@ def val_transform(batch: dict[str, np.ndarray], *, image_size: int, bank: MaskBa
     for i in rows:
         key = str(batch["key"][i])
         try:
-            images[ok] = images.center_crop(images.open_image(bytes(batch["image"][i]), draft_size=s, name=key), s)
+            pixels[ok] = images.center_crop(images.open_image(bytes(batch["image"][i]), draft_size=s, name=key), s)
         except ValueError as exc:
             skipped += 1
             log.warning("validation data: skipped corrupt row %s: %s", key, exc)
@@ -189,7 +178,7 @@ def val_transform(batch: dict[str, np.ndarray], *, image_size: int, bank: MaskBa
         index[ok], mask_index[ok] = pairing[key]
         masks_out[ok] = center_square_mask(masks_bank.mask(int(mask_index[ok])), s)
         ok += 1
-    out = _to_chw(images[:ok], masks_out[:ok])
+    out = _to_chw(pixels[:ok], masks_out[:ok])
     out["index"], out["mask_index"] = index[:ok], mask_index[:ok]
     out["skipped"] = _skipped_column(ok, skipped)
     return out

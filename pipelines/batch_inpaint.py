@@ -24,8 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder or s3:// prefix of images")
     p.add_argument("--masks", required=True, help="folder or s3:// prefix of masks (same names as the images)")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--hole-color", required=True, choices=("white", "black"),
-                   help="which colour marks HOLES in the mask files (NVIDIA's test masks: white)")
+    cli.add_hole_color(p)
     p.add_argument("--threshold", type=float, default=0.5, help="grey level (0-1] counted as white (default 0.5)")
     p.add_argument("--batch-size", type=int, default=4, help="images per actor call")
     p.add_argument("--num-actors", type=int, default=None,
@@ -38,20 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.log_level)
-    from pconv.batch import batch_inpaint
 
-    try:
+    def body() -> int:
+        from pconv.batch import batch_inpaint
+
         summary = batch_inpaint(args.model, args.images, args.masks, args.out, args.hole_color, args.threshold,
                                 batch_size=args.batch_size, num_actors=args.num_actors,
                                 use_gpu=False if args.cpu else None)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{summary['written']} of {summary['total']} written to {summary['out']} "
-          f"({summary['num_actors']} {'GPU' if summary['use_gpu'] else 'CPU'} actors)")
-    for image, reason in summary["errors"]:
-        print(f"skipped {image}: {reason}", file=sys.stderr)
-    return 1 if summary["skipped"] else 0
+        print(f"{summary['written']} of {summary['total']} written to {summary['out']} "
+              f"({summary['num_actors']} {'GPU' if summary['use_gpu'] else 'CPU'} actors)")
+        for image, reason in summary["errors"]:
+            print(f"skipped {image}: {reason}", file=sys.stderr)
+        if summary.get("polarity_warning"):
+            print(f"warning: masks with --hole-color {args.hole_color}: {summary['polarity_warning']}",
+                  file=sys.stderr)
+        return 1 if summary["skipped"] else 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
 from pconv import cli  # noqa: E402
+from pconv.apps.demo import DemoError, DemoSettings, run_demo  # noqa: E402
+from pconv.apps.local_s3 import LocalS3Error  # noqa: E402
 from pconv.config import ConfigError  # noqa: E402
-from pconv.demo import DemoError, DemoSettings, run_demo  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(out=args.out, datasets=args.datasets, config=args.config, s3=args.s3, run_name=args.run_name)
     settings = DemoSettings.tiny_settings(**kwargs) if args.tiny else DemoSettings(**kwargs)
     t0 = time.monotonic()
-    try:
+
+    def body() -> int:
         result = run_demo(settings)
-    except (DemoError, ConfigError) as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 2
-    print(result.summary())
-    print(f"total wall time {time.monotonic() - t0:.0f} s")
-    return 0
+        print(result.summary())
+        print(f"total wall time {time.monotonic() - t0:.0f} s")
+        return 0
+
+    return cli.run(body, prog="demo: error", expected=(DemoError, ConfigError, LocalS3Error))
 
 
 if __name__ == "__main__":

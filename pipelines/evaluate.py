@@ -15,6 +15,7 @@ Examples:
 --masks: mask shards (with their bin/border columns) or raw mask files with --hole-color.
 --promote ALIAS moves ALIAS to this model only when its mean PSNR over the same pairs is strictly higher than
 that of the version holding ALIAS (no holder: it moves); ties and regressions leave the alias and say why.
+Unreadable images or masks are skipped and listed; the evaluation still runs and then exits 1.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import json
 import sys
 
 from pconv import cli
+from pconv.evaluation import DEFAULT_IMAGE_SIZE, EVAL_EXPERIMENT, run_evaluation
+from pconv.registry import CHAMPION
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,17 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
     p.add_argument("--images", required=True, help="evaluation images: shard root or folder/zip/s3:// of files")
     p.add_argument("--masks", required=True, help="test masks: mask shard root, or folder/zip of files (+ --hole-color)")
-    p.add_argument("--hole-color", choices=("white", "black"), default=None,
-                   help="polarity of RAW mask files (NVIDIA test masks: white); not needed for mask shards")
+    cli.add_hole_color(p, required=False)  # only raw mask files need it; mask shards store their polarity
     p.add_argument("--limit", type=int, default=None, help="use at most N images (each is paired with every group)")
-    p.add_argument("--image-size", type=int, default=512, help="evaluation size in px (paper: 512)")
+    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="evaluation size in px (paper: 512)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-baseline", action="store_true", help="skip the non-learned baseline")
-    p.add_argument("--experiment", default="pconv-evaluation", help="MLflow experiment for the evaluation run")
+    p.add_argument("--experiment", default=EVAL_EXPERIMENT, help="MLflow experiment for the evaluation run")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation to MLflow")
     p.add_argument("--promote", metavar="ALIAS", default=None,
-                   help="move ALIAS (e.g. champion) to this registered version if it beats the current holder")
+                   help=f"move ALIAS (e.g. {CHAMPION}) to this registered version if it beats the current holder")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     cli.add_log_level(p)
     return p
@@ -50,24 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.log_level)
-    from pconv.evaluation import run_evaluation
+    return cli.run(lambda: _evaluate(args))
 
-    try:
-        result = run_evaluation(args.model, args.images, args.masks, image_size=args.image_size, limit=args.limit,
-                                hole_color=args.hole_color, batch_size=args.batch_size, device=args.device,
-                                baseline=not args.no_baseline,
-                                experiment=None if args.no_mlflow else args.experiment,
-                                promote_alias=args.promote)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def _evaluate(args: argparse.Namespace) -> int:
+    result = run_evaluation(args.model, args.images, args.masks, image_size=args.image_size, limit=args.limit,
+                            hole_color=args.hole_color, batch_size=args.batch_size, device=args.device,
+                            baseline=not args.no_baseline, experiment=None if args.no_mlflow else args.experiment,
+                            promote_alias=args.promote)
     print(result["markdown"])
     if result.get("mlflow_run_id"):
         print(f"logged to MLflow run {result['mlflow_run_id']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({k: v for k, v in result.items() if k != "markdown"}, fh, indent=2, default=str)
-    return 0
+    for reason in result.get("skipped") or []:
+        print(f"skipped {reason}", file=sys.stderr)
+    if result.get("skipped"):
+        print(f"{len(result['skipped'])} unreadable file(s) skipped", file=sys.stderr)
+    return 1 if result.get("skipped") else 0
 
 
 if __name__ == "__main__":

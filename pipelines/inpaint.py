@@ -11,6 +11,8 @@ Examples:
 --model takes models:/NAME@ALIAS or models:/NAME/VERSION (MLflow registry, MLFLOW_TRACKING_URI), a checkpoint
 folder or s3:// prefix (state.pt + config.yaml + meta.json), or a local MLflow model folder. Any image size
 works: the image is padded to the network's multiple and cropped back, or tiled when larger than --max-side.
+Output is lossless (.png, .webp, .tif, .bmp); .jpg only with --allow-lossy. A folder's unreadable pairs are
+skipped and listed (exit 1); refused input exits 2. A mask that is mostly holes gets a polarity warning.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
     p.add_argument("--image", required=True, help="image file or folder (local or s3://)")
     p.add_argument("--mask", required=True, help="mask file or folder, same size as its image")
-    p.add_argument("--out", required=True, help="output file, or folder when --image is a folder (PNG)")
-    p.add_argument("--hole-color", required=True, choices=("white", "black"),
-                   help="which colour marks HOLES in the mask files (NVIDIA's test masks: white). Required: "
-                        "a wrong guess would inpaint the wrong pixels")
+    p.add_argument("--out", required=True, help="output file (.png/.webp/.tif/.bmp: lossless), or folder when "
+                                                "--image is a folder (PNG)")
+    p.add_argument("--allow-lossy", action="store_true",
+                   help="allow a lossy --out (.jpg): valid pixels are then NOT kept exactly")
+    cli.add_hole_color(p)
     p.add_argument("--threshold", type=float, default=0.5,
                    help="grey level (0-1] at or above which a mask pixel counts as white (default 0.5)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
@@ -41,18 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.log_level)
-    from pconv.inference import inpaint_files
 
-    try:
+    def body() -> int:
+        from pconv.inference import inpaint_files
+
         rows = inpaint_files(args.model, args.image, args.mask, args.out, args.hole_color, args.threshold,
-                             device=args.device, max_side=args.max_side)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for row in rows:
-        print(f"{row['image']} + {row['mask']} -> {row['out']} ({row['width']}x{row['height']}, "
-              f"{100 * row['hole_ratio']:.1f}% holes)")
-    return 0
+                             device=args.device, max_side=args.max_side, allow_lossy=args.allow_lossy)
+        skipped = [row for row in rows if row.get("error")]
+        for row in rows:
+            if row.get("error"):
+                print(f"skipped {row['image']}: {row['error']}", file=sys.stderr)
+                continue
+            print(f"{row['image']} + {row['mask']} -> {row['out']} ({row['width']}x{row['height']}, "
+                  f"{100 * row['hole_ratio']:.1f}% holes)")
+            if row.get("warning"):
+                print(f"warning: {row['mask']} with --hole-color {args.hole_color}: {row['warning']}", file=sys.stderr)
+        if skipped:
+            print(f"{len(rows) - len(skipped)} of {len(rows)} written, {len(skipped)} skipped", file=sys.stderr)
+        return 1 if skipped else 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from pconv import cli
+from pconv.registry import CANDIDATE, CHAMPION, INPAINTING_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder or s3:// prefix (state.pt + config.yaml + meta.json), or a folder of "
                         "checkpoints (the latest is used)")
-    p.add_argument("--name", default="pconv-unet", help="registered model name (default pconv-unet)")
-    p.add_argument("--alias", default="candidate", help="alias for the new version (default candidate)")
+    p.add_argument("--name", default=INPAINTING_MODEL, help=f"registered model name (default {INPAINTING_MODEL})")
+    p.add_argument("--alias", default=CANDIDATE,
+                   help=f"alias for the new version (default {CANDIDATE}; {CHAMPION} moves only through evaluation)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the checkpoint's config)")
     p.add_argument("--run-id", default=None, help="log into this MLflow run (default: the checkpoint's run)")
     cli.add_log_level(p)
@@ -33,16 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.log_level)
-    from pconv.inference import register_checkpoint
 
-    try:
+    def body() -> int:
+        from pconv.registry import register_checkpoint
+
         version = register_checkpoint(args.checkpoint, name=args.name, alias=args.alias,
                                       experiment=args.experiment, run_id=args.run_id)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"registered {args.name} version {version} with alias {args.alias!r}: models:/{args.name}@{args.alias}")
-    return 0
+        print(f"registered {args.name} version {version} with alias {args.alias!r}: "
+              f"models:/{args.name}@{args.alias}")
+        return 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

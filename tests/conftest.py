@@ -1,7 +1,8 @@
 """Shared pytest fixtures (generic: any test module may use them; add new fixtures below).
 
 - ``repo_root`` / ``datasets_dir``: paths; ``datasets_dir`` skips with a reason when ../shared/datasets is absent.
-- ``s3_server`` (session): a REAL moto S3 server process on 127.0.0.1, reached over HTTP like AWS. While it runs,
+- ``s3_server`` (session): a REAL moto S3 server process on 127.0.0.1 (:mod:`pconv.apps.local_s3`, the one local S3
+  server of the demo, the tests and the benchmarks), reached over HTTP like AWS. While it runs,
   ``os.environ`` carries AWS_ENDPOINT_URL + test credentials + region (restored afterwards), so code under test
   finds it through the standard environment only.
 - ``s3_bucket``: a fresh, empty bucket per test, yielded as ``"s3://<name>"``.
@@ -10,17 +11,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from pconv.apps.local_s3 import LocalS3, free_port  # noqa: F401 - tests import free_port from here
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS_DIR = REPO_ROOT.parent / "shared" / "datasets"
@@ -42,9 +40,12 @@ def datasets_dir() -> Path:
 
 def load_benchmark(name: str):
     """The script ``benchmarks/<name>.py`` (a folder of scripts, not a package) imported as module ``name``. It is
-    registered in ``sys.modules`` (dataclasses look their module up there); pop it when done if that matters."""
+    registered in ``sys.modules`` (dataclasses look their module up there); pop it when done if that matters.
+    ``benchmarks/`` is put on ``sys.path``, as when a script runs, so its imports of sibling scripts work."""
     import importlib.util
 
+    if str(REPO_ROOT / "benchmarks") not in sys.path:
+        sys.path.append(str(REPO_ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -52,58 +53,12 @@ def load_benchmark(name: str):
     return module
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen | None = None
-
-
-def start_moto_server(log_path: Path) -> S3Server:
-    """Start ``python -m moto.server`` on a free 127.0.0.1 port and wait until it answers HTTP."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log_fh = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log_fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            log_fh.close()
-            raise RuntimeError(f"moto server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
-                break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto server did not answer on {endpoint} within 60 s")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    return S3Server(endpoint=endpoint, env=env, process=proc)
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A real moto S3 server for the whole session; os.environ points at it while it lives."""
-    server = start_moto_server(tmp_path_factory.mktemp("moto") / "moto.log")
-    try:
-        with pytest.MonkeyPatch.context() as env:  # restores os.environ when the session ends
-            # Variables that would send clients elsewhere are removed for the session.
-            for k in {"AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"} - set(server.env):
-                env.delenv(k, raising=False)
-            for k, v in server.env.items():
-                env.setenv(k, v)
-            yield server
-    finally:
-        stop_process(server.process, timeout=10)
+    """A real moto S3 server for the whole session (pconv.apps.local_s3, the one local S3 helper); os.environ
+    points at it while it lives. Yields the :class:`~pconv.apps.local_s3.LocalS3` (``endpoint``, ``env``)."""
+    with LocalS3(tmp_path_factory.mktemp("moto") / "moto.log") as server, server.environment():
+        yield server
 
 
 def stop_process(process: subprocess.Popen, timeout: float) -> None:
@@ -120,13 +75,7 @@ def stop_process(process: subprocess.Popen, timeout: float) -> None:
 @pytest.fixture
 def s3_bucket(s3_server) -> str:
     """A fresh empty bucket on the session's S3 server, as ``s3://name``."""
-    import boto3
-
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    client.create_bucket(Bucket=name)
-    return f"s3://{name}"
+    return s3_server.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
 
 
 # ---------------------------------------------------------------------------------------------

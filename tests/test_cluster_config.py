@@ -116,7 +116,7 @@ def test_image_and_pinned_ray_match():
     import ray
 
     cfg = load_cluster()
-    assert cfg["docker"]["image"] == expected_image(cfg), "rebuild/push the image and update the tag (make image)"
+    assert cfg["docker"]["image"] == expected_image(cfg), "pins changed: python infra/docker/image_ref.py --update, then make push-image"
     for node_type in cfg["available_node_types"].values():
         assert "docker" not in node_type, "no per-node-type image override"
     (base,) = re.findall(r"^FROM\s+(\S+)", DOCKERFILE.read_text(), re.M)

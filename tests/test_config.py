@@ -1,14 +1,17 @@
-"""TrainConfig: paper defaults, YAML round trip, validation messages, CLI flag mapping."""
+"""TrainConfig: paper defaults, YAML round trip, validation messages, CLI flag mapping, the generated key table."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
-from pconv.config import ConfigError, TrainConfig, default_layer_size, merge
+from pconv.config import REGISTER_AUTO, ConfigError, TrainConfig, default_text, markdown_table, merge
+from pconv.model import build_model, default_layer_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +32,22 @@ def test_paper_defaults():
 @pytest.mark.parametrize("size,layers", [(512, 8), (256, 7), (128, 6), (64, 5), (1024, 8)])
 def test_default_layer_size(size, layers):
     assert default_layer_size(size) == layers
+
+
+@pytest.mark.parametrize("size", [384, 96, 512, 64])
+def test_config_accepts_what_the_model_accepts(size):
+    """One rule (pconv.model.default_layer_size): 384 px was refused by the config's former copy of it."""
+    cfg = valid(image_size=size).validate()
+    assert cfg.layer_size == default_layer_size(size)
+    out, _ = build_model(cfg.layer_size)(torch.rand(1, 3, size, size), torch.ones(1, 1, size, size))
+    assert out.shape[-1] == size
+
+
+def test_config_refuses_what_the_model_refuses():
+    with pytest.raises(ValueError, match="not divisible"):
+        default_layer_size(100)
+    with pytest.raises(ConfigError, match="not divisible"):
+        valid(image_size=100).validate()
 
 
 def test_yaml_round_trip_and_dashed_keys(tmp_path):
@@ -91,5 +110,29 @@ def test_cli_help_lists_every_config_key():
     proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for name in TrainConfig.field_names():
+    for name in (f.name for f in fields(TrainConfig)):
         assert "--" + name.replace("_", "-") in proc.stdout
+    assert "(default: 2e-4)" in proc.stdout and "(default: auto)" in proc.stdout
+
+
+def test_every_key_has_one_description_and_a_readable_default():
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    assert all(f.metadata.get("help") for f in by_name.values())
+    shown = {name: default_text(f) for name, f in by_name.items()}
+    assert shown["lr"] == "2e-4" and shown["finetune_lr"] == "5e-5" and shown["phase1_steps"] == "10000"
+    assert shown["run_name"] == "`pconv`" and shown["images"] == "—" and shown["batch_size"] == "6 × workers"
+    assert TrainConfig().register_as == REGISTER_AUTO == "auto"
+
+
+README_START, README_END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+
+
+def test_readme_configuration_table_is_the_generated_one():
+    """README.md's configuration reference is markdown_table() verbatim (regenerate it after changing a key)."""
+    text = (ROOT / "README.md").read_text()
+    assert README_START in text and README_END in text, (
+        f"README.md needs the markers {README_START} and {README_END} around the configuration table")
+    table = text.split(README_START, 1)[1].split(README_END, 1)[0]
+    assert table.strip() == markdown_table().strip(), (
+        "README.md's configuration table differs from pconv.config.markdown_table(); paste the output of "
+        "`python -c \"from pconv.config import markdown_table; print(markdown_table())\"` between the markers")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pconv import data, shards, storage
+from pconv import data, model_inputs, shards, storage
 
 pytestmark = pytest.mark.integration
 SIZE = 32
@@ -38,10 +38,7 @@ def ray_cluster(s3_server):
 @pytest.fixture(scope="module")
 def s3_shards(prepared_shards, s3_server, tmp_path_factory) -> dict[str, str]:
     """The session's local shards uploaded to a fresh bucket: {"images": s3://..., "masks": s3://...}."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="data-shards")
+    s3_server.create_bucket("data-shards")
     out = {}
     for name, local in prepared_shards.items():
         uri = f"s3://data-shards/{name}"
@@ -58,7 +55,7 @@ def _train_keys(root: str) -> set[int]:
 
 def _epoch(ds) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
     ids, images, masks, skipped = [], {}, {}, 0
-    for batch in data.iter_batches(ds, 4, include_masked=True):
+    for batch in model_inputs.iter_batches(ds, 4, include_masked=True):
         assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.float32
         n = len(batch["id"])
         assert batch["image"].shape == (n, 3, SIZE, SIZE) and batch["mask"].shape == (n, 1, SIZE, SIZE)
@@ -126,7 +123,7 @@ def _corrupt_root(prepared_shards, tmp_path) -> tuple[str, int, int]:
         writer.add(r)
     writer.flush()
     bad_manifest = {**manifest, "shards": writer.shards, "counts": {"train": len(rows), "val": 0}}
-    storage.write_bytes_atomic(storage.join(root, "manifest.json"), json.dumps(bad_manifest).encode())
+    storage.write_bytes_atomic(storage.join(root, shards.MANIFEST), json.dumps(bad_manifest).encode())
     return root, good, len(rows) - good
 
 
@@ -244,10 +241,10 @@ def test_rows_are_compact_uint8_and_float_batches_follow_the_contract(ray_cluste
     raw = next(iter(build().iter_torch_batches(batch_size=4)))
     assert raw["image"].dtype == torch.uint8 and raw["mask"].dtype == torch.uint8
     assert set(torch.unique(raw["mask"]).tolist()) <= {0, 1}
-    batch = data.to_float_batch(raw, include_masked=True)
+    batch = model_inputs.to_float_batch(raw, include_masked=True)
     torch.testing.assert_close(batch["image"] * 255, raw["image"].float(), rtol=0, atol=1e-4)
     torch.testing.assert_close(batch["masked"], batch["image"] * raw["mask"].float())
-    same = next(data.iter_batches(build(), 4))  # the collate path gives the same floats
+    same = next(model_inputs.iter_batches(build(), 4))  # the collate path gives the same floats
     torch.testing.assert_close(same["image"], batch["image"])
     assert torch.equal(same["id"], raw["id"])
 
@@ -293,10 +290,10 @@ def test_the_next_read_unit_is_fetched_while_one_is_decoded(prepared_shards, mon
 _FAULTS_SCRIPT = """
 import ctypes, resource, sys
 import numpy as np
-from pconv import data
+from pconv import allocator
 ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KB pages only, so fault counts do not depend
                                          # on whether the kernel found free 2 MB huge pages this time
-applied = data.reuse_freed_memory() if sys.argv[1] == "tune" else False
+applied = allocator.reuse_freed_memory() if sys.argv[1] == "tune" else False
 def churn():  # allocate, touch and free a 48 MB buffer (above glibc's largest adaptive mmap threshold)
     a = np.empty(48 * 2**20, np.uint8)
     a.fill(1)
@@ -334,7 +331,7 @@ def test_decode_tasks_and_training_workers_tune_malloc(prepared_shards, monkeypa
     """The processes that allocate per image (read/decode tasks) and per batch (training workers) call it."""
     import inspect
 
-    from pconv import train
+    from pconv import train_loop
     from pconv import transforms as T
 
     calls = []
@@ -347,7 +344,7 @@ def test_decode_tasks_and_training_workers_tune_malloc(prepared_shards, monkeypa
     next(data._val_units_udf({"uri": block["uri"], "row_group": block["row_group"]}, bank=[None],
                              image_size=SIZE, pairing={}))
     assert calls == [1, 1]
-    assert "data.reuse_freed_memory()" in inspect.getsource(train.train_loop_per_worker)
+    assert "reuse_freed_memory()" in inspect.getsource(train_loop.train_loop_per_worker)
 
 
 def test_read_ahead_reads_the_next_unit_while_the_caller_decodes_this_one(monkeypatch):

@@ -1,6 +1,6 @@
 """benchmarks/data_throughput.py runs end to end (its own moto S3 server, Ray, a DataLoader) at a tiny size and
 prints the issue's two ratios and a CPU account in which the decode tasks are found. Speed is not asserted.
-The account's bookkeeping is also checked on its own, with processes of known CPU time."""
+The account's bookkeeping (benchmarks/cpu_account.py) is also checked on its own, with processes of known CPU time."""
 
 from __future__ import annotations
 
@@ -59,18 +59,18 @@ _BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {
 def test_cpu_account_keeps_the_time_of_processes_that_exit_mid_interval():
     """CPU burnt between two snapshots by a process that has exited by the second one is shown as "exited
     processes" (not lost, not subtracted from its group); a process alive at both is in its group."""
-    bench = load_benchmark("data_throughput")
-    account = bench.CpuAccount(s3_pid=None)
+    cpu_account = load_benchmark("cpu_account")
+    account = cpu_account.CpuAccount(s3_pid=None)
     alive = subprocess.Popen([sys.executable, "-c", _BURN.format(s=0.6) + "time.sleep(60)"])
     try:
         before = account.snapshot()
         subprocess.run([sys.executable, "-c", _BURN.format(s=0.8)], check=True)  # starts and exits in between
         time.sleep(0.8)  # let the live one finish its burn
-        cpu = bench.CpuAccount.delta(before, account.snapshot())
+        cpu = cpu_account.CpuAccount.delta(before, account.snapshot())
     finally:
         alive.kill()
         alive.wait()
-    assert set(cpu) == set(bench.CpuAccount.GROUPS)
+    assert set(cpu) == set(cpu_account.CpuAccount.GROUPS)
     assert cpu["exited processes"] >= 0.6, cpu  # the 0.8 s burn (10 ms ticks, plus interpreter start-up)
     assert cpu["other"] >= 0.3, cpu  # the live process's burn inside the interval
     assert all(v >= 0 for v in cpu.values()), cpu

@@ -1,5 +1,6 @@
 """pconv.evaluation: the paper's Table-1 protocol on real CBSD68 photos with NVIDIA test masks, the non-learned
-baseline, MLflow logging through a REAL server, and promotion of `champion` only when a model is better."""
+baseline's table, MLflow logging through a REAL server, and promotion of `champion` only when a model is better.
+(The baseline's fill itself: tests/test_baseline.py.)"""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pconv import evaluation as E
 from pconv import masks as M
 from pconv.config import TrainConfig
 from pconv.model import build_model
+from pconv.registry import CANDIDATE, CHAMPION, INPAINTING_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_SIZE, IMAGE_SIZE, N_IMAGES = 4, 64, 3
@@ -69,6 +71,14 @@ def test_fixed_pairing_covers_every_bin_and_border_group(eval_data, eval_set):
         E.build_eval_set(eval_data["images"], eval_data["raw"], IMAGE_SIZE, limit=1)
 
 
+def test_shard_roots_are_told_apart_from_file_sets(eval_data, datasets_dir):
+    from pconv.shards import is_dataset_root
+
+    assert is_dataset_root(eval_data["shards"])
+    assert not is_dataset_root(eval_data["raw"]) and not is_dataset_root(eval_data["images"])
+    assert not is_dataset_root(str(datasets_dir / "nvidia_irregular_mask_test.zip"))
+
+
 def test_image_shards_are_evaluated_on_their_val_split(eval_data, tmp_path, s3_bucket):
     import shutil
 
@@ -85,22 +95,6 @@ def test_image_shards_are_evaluated_on_their_val_split(eval_data, tmp_path, s3_b
     expected = sorted(n for n in names if key_hash01(n) < 0.5)
     assert 0 < len(expected) < len(names) and keys == expected
     assert all(im.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) for im in images)
-
-
-def test_pushpull_baseline_fills_holes_sensibly():
-    h, w = 37, 50
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    ramp = np.stack([xx / w, yy / h, np.full_like(xx, 0.3)], axis=-1)
-    valid = np.ones((h, w), np.float32)
-    valid[10:25, 15:40] = 0
-    filled = E.pushpull_fill(ramp, valid)
-    np.testing.assert_array_equal(filled[valid > 0], ramp[valid > 0])
-    hole = valid == 0
-    err = np.abs(filled[hole] - ramp[hole]).mean()
-    mean_fill_err = np.abs(ramp[hole] - ramp[~hole].mean(axis=0)).mean()
-    assert err < 0.3 * mean_fill_err  # a smooth field is recovered far better than by a mean fill
-    const = np.full((h, w, 3), 0.6, np.float32)
-    np.testing.assert_allclose(E.baseline_inpaint(const, valid), const, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +121,7 @@ def register(model: torch.nn.Module, run_name: str) -> str:
     cfg = TrainConfig(images="x", masks="y", image_size=IMAGE_SIZE, layer_size=LAYER_SIZE, run_name=run_name,
                       experiment="eval-exp", phase1_steps=1, phase2_steps=0)
     run_id = tracking.start_or_resume_run("eval-exp", run_name)
-    return log_and_register_model(model, cfg, run_id, name="pconv-unet", alias="candidate")
+    return log_and_register_model(model, cfg, run_id, name=INPAINTING_MODEL, alias=CANDIDATE)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +135,7 @@ def champion(server) -> str | None:
     from mlflow import MlflowClient
 
     try:
-        return MlflowClient(server.url).get_model_version_by_alias("pconv-unet", "champion").version
+        return MlflowClient(server.url).get_model_version_by_alias(INPAINTING_MODEL, CHAMPION).version
     except Exception:  # noqa: BLE001
         return None
 
@@ -153,14 +147,14 @@ def test_evaluate_cli_prints_per_bin_tables_and_logs_to_mlflow(mlflow_server, ve
 
     version = versions["grey"]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--model", f"models:/pconv-unet/{version}",
+        [sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--model", f"models:/{INPAINTING_MODEL}/{version}",
          "--images", eval_data["images"], "--masks", eval_data["shards"], "--limit", str(N_IMAGES),
          "--image-size", str(IMAGE_SIZE), "--device", "cpu", "--experiment", "eval-runs",
          "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, env={**os.environ}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "### Model: models:/pconv-unet/" in out and "### Baseline: push-pull diffusion fill" in out
+    assert f"### Model: models:/{INPAINTING_MODEL}/" in out and "### Baseline: push-pull diffusion fill" in out
     for lo, hi in M.HOLE_RATIO_BINS:
         label = f"| ({lo:g}, {hi:g}] |"
         assert out.count(f"{label} no | {N_IMAGES} |") == 2 and out.count(f"{label} yes | {N_IMAGES} |") == 2
@@ -178,15 +172,20 @@ def test_evaluate_cli_prints_per_bin_tables_and_logs_to_mlflow(mlflow_server, ve
     files = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
     assert files == {"evaluation/table.md", "evaluation/results.json", "evaluation/metrics_by_bin.png"}
     assert champion(mlflow_server) is None  # evaluation without --promote never touches the alias
+    # the registry shows the score of the version itself: the metrics are on its LoggedModel (MLflow 3 model_id)
+    model_id = result["model_info"]["model_id"]
+    assert model_id and client.get_model_version(INPAINTING_MODEL, version).source.endswith(model_id)
+    scored = {m.key: m.value for m in client.get_logged_model(model_id).metrics}
+    assert abs(scored["eval/psnr"] - result["model"]["overall"]["psnr"]) < 1e-9 and "eval/bin0_noborder/l1" in scored
 
 
 def test_promote_moves_champion_only_when_better(mlflow_server, versions, eval_data):
     from mlflow import MlflowClient
 
     def evaluate(version: str) -> dict:
-        return E.run_evaluation(f"models:/pconv-unet/{version}", eval_data["images"], eval_data["shards"],
+        return E.run_evaluation(f"models:/{INPAINTING_MODEL}/{version}", eval_data["images"], eval_data["shards"],
                                 IMAGE_SIZE, limit=N_IMAGES, device="cpu", baseline=False, experiment=None,
-                                promote_alias="champion")["promotion"]
+                                promote_alias=CHAMPION)["promotion"]
 
     black, grey = versions["black"], versions["grey"]
     first = evaluate(black)  # nobody holds champion yet: the first candidate takes it
@@ -198,7 +197,8 @@ def test_promote_moves_champion_only_when_better(mlflow_server, versions, eval_d
     assert champion(mlflow_server) == grey
 
     # the same weights as another version (a re-registration): a tie, the alias stays
-    same = MlflowClient(mlflow_server.url).copy_model_version(f"models:/pconv-unet/{grey}", "pconv-unet").version
+    client = MlflowClient(mlflow_server.url)
+    same = client.copy_model_version(f"models:/{INPAINTING_MODEL}/{grey}", INPAINTING_MODEL).version
     assert same not in (black, grey)
     tie = evaluate(same)
     assert not tie["promoted"] and "ties with" in tie["reason"] and champion(mlflow_server) == grey
@@ -211,4 +211,4 @@ def test_promote_moves_champion_only_when_better(mlflow_server, versions, eval_d
 
     with pytest.raises(ValueError, match="registered model"):
         E.run_evaluation("/some/checkpoint", eval_data["images"], eval_data["shards"], IMAGE_SIZE, limit=1,
-                         experiment=None, promote_alias="champion")
+                         experiment=None, promote_alias=CHAMPION)

@@ -1,6 +1,6 @@
-"""pconv.inference / pconv.registry / pconv.batch: loading from every kind of URI, exact composites at any
-size, registry round trip through a REAL mlflow server (artifacts in the moto S3 server), the inpaint CLI, and
-Ray Data batch inference writing to S3."""
+"""pconv.inference / pconv.registry / pconv.batch: exact composites at any size, the registry round trip through a
+REAL mlflow server (artifacts in the moto S3 server) loaded back by pconv.loading, the inpaint CLI and folder
+pairing, and Ray Data batch inference writing to S3. Loading from checkpoints and paths: tests/test_loading.py."""
 
 from __future__ import annotations
 
@@ -17,36 +17,13 @@ import torch
 from PIL import Image
 
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
-from pconv import checkpoint as ckpt
 from pconv import storage
-from pconv.config import TrainConfig
-from pconv.inference import Job, inpaint, inpaint_job, load_model, pair_files, register_checkpoint
-from pconv.model import build_model
+from pconv.inference import Job, inpaint, inpaint_job, net_multiple, pair_files
+from pconv.loading import load_model
+from pconv.registry import register_checkpoint
+from test_loading import IMAGE_SIZE, LAYER_SIZE, outputs, random_pair, save_checkpoint, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-LAYER_SIZE, IMAGE_SIZE = 4, 32  # tiny net: multiple of 16, trained size 32
-
-
-def tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_model(LAYER_SIZE).eval()
-
-
-def save_checkpoint(directory: Path, model: torch.nn.Module, step: int, run_id: str | None = None,
-                    run_name: str = "tiny") -> Path:
-    cfg = TrainConfig(images="x", masks="y", image_size=IMAGE_SIZE, layer_size=LAYER_SIZE, run_name=run_name,
-                      experiment="infer-exp", phase1_steps=step, phase2_steps=0)
-    state = {"model": model.state_dict(), "optimizer": {}, "scaler": {}, "step": step, "phase": 1, "epoch": 0,
-             "data_seed": 0}
-    return ckpt.save(directory, state, cfg.to_yaml(), {"mlflow_run_id": run_id, "step": step})
-
-
-def random_pair(h: int, w: int, seed: int = 0, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    shape = (n,) if n else ()
-    image = torch.rand(*shape, 3, h, w, generator=g)
-    mask = (torch.rand(*shape, 1, h, w, generator=g) > 0.3).float()
-    return image, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,38 +66,15 @@ def test_inpaint_tiles_large_images_and_rejects_bad_shapes():
         inpaint(model, image[:1], mask)
 
 
-# ---------------------------------------------------------------------------------------------
-# load_model(): checkpoints (local, folder of checkpoints, s3://)
-# ---------------------------------------------------------------------------------------------
-def _outputs(model: torch.nn.Module) -> torch.Tensor:
-    image, mask = random_pair(IMAGE_SIZE, IMAGE_SIZE, seed=7, n=2)
-    with torch.no_grad():
-        return model(image, mask)[0]
+def test_net_multiple_looks_through_wrappers():
+    class Wrapper(torch.nn.Module):  # what DDP does: the net under .module
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = inner
 
-
-def test_load_model_from_checkpoints(tmp_path, s3_bucket):
-    old, new = tiny_model(0), tiny_model(1)
-    save_checkpoint(tmp_path / "run" / "checkpoint_000001", old, step=10)
-    save_checkpoint(tmp_path / "run" / "checkpoint_000002", new, step=20)
-    model, info = load_model(str(tmp_path / "run" / "checkpoint_000001"))
-    assert info["kind"] == "checkpoint" and info["layer_size"] == LAYER_SIZE and info["image_size"] == IMAGE_SIZE
-    assert info["step"] == 10 and not model.training
-    assert torch.equal(_outputs(model), _outputs(old))
-    latest, info = load_model(str(tmp_path / "run"))  # a folder of checkpoints -> the highest step
-    assert info["step"] == 20 and torch.equal(_outputs(latest), _outputs(new))
-
-    storage.upload_dir(str(tmp_path / "run"), f"{s3_bucket}/runs/tiny")
-    remote, info = load_model(f"{s3_bucket}/runs/tiny/checkpoint_000001")
-    assert info["source"] == f"{s3_bucket}/runs/tiny/checkpoint_000001"
-    assert torch.equal(_outputs(remote), _outputs(old))
-    assert load_model(f"{s3_bucket}/runs/tiny")[1]["step"] == 20
-
-    (tmp_path / "run" / "checkpoint_000002" / "meta.json").unlink()  # incomplete: ignored
-    assert load_model(str(tmp_path / "run"))[1]["step"] == 10
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        load_model(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        load_model(f"{s3_bucket}/empty")
+    assert net_multiple(Wrapper(Wrapper(tiny_model()))) == 2 ** LAYER_SIZE
+    with pytest.raises(ValueError, match="layer_size"):
+        net_multiple(torch.nn.Linear(1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,8 +110,8 @@ def test_register_checkpoint_sets_candidate_and_loads_identically(registered, ml
 
     model, info = load_model("models:/pconv-unet@candidate")
     assert info["kind"] == "registry" and info["version"] == "1" and info["image_size"] == IMAGE_SIZE
-    assert torch.equal(_outputs(model), _outputs(registered["model"]))
-    assert torch.equal(_outputs(load_model("models:/pconv-unet/1")[0]), _outputs(registered["model"]))
+    assert torch.equal(outputs(model), outputs(registered["model"]))
+    assert torch.equal(outputs(load_model("models:/pconv-unet/1")[0]), outputs(registered["model"]))
 
     # the pt2 (torch.export) flavour loads without pickle and computes the same thing at the trained size
     exported = mlflow.pytorch.load_model("models:/pconv-unet@candidate")
@@ -174,11 +128,6 @@ def test_register_checkpoint_sets_candidate_and_loads_identically(registered, ml
     card = client.download_artifacts(registered["run_id"], "model_card.md", str(tmp_path))
     text = Path(card).read_text()
     assert "1 = valid" in text and "Partial Convolutions" in text and f"{IMAGE_SIZE} px" in text
-
-
-def test_register_rejects_non_checkpoints(registered, tmp_path):
-    with pytest.raises(FileNotFoundError):
-        register_checkpoint(str(tmp_path / "missing"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +219,7 @@ def test_batch_inpaint_with_ray_writes_to_s3(registered, s3_bucket, tmp_path):
     finally:
         ray.shutdown()
     assert summary["total"] == 4 and summary["written"] == 3 and summary["skipped"] == 1
+    assert summary["polarity_warning"] is None  # the masks are ~ 9 % holes: nothing to warn about
     assert summary["errors"][0][0].endswith("broken.png") and "ValueError" in summary["errors"][0][1]
     assert storage.list_files(f"{s3_bucket}/out") == [f"{s3_bucket}/out/{s}.png" for s in ("p0", "p1", "p2")]
     for stem, (img, holes) in pairs.items():

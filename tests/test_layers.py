@@ -1,15 +1,17 @@
-"""PartialConv2d against a slow, direct implementation of eq. 1-2 (Liu et al., ECCV 2018), plus its speed contract."""
+"""PartialConv2d against a slow, direct implementation of eq. 1-2 (Liu et al., ECCV 2018), plus its speed contract;
+GatedConv2d (Yu et al., ICCV 2019, Sec. 3.1) as its drop-in sibling, and the make_conv factory."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conv_recorder import ConvRecorder
-from pconv.layers import MaskedInput, PartialConv2d, cat_masked
+from pconv.layers import CONV_TYPES, GatedConv2d, MaskedInput, PartialConv2d, cat_masked, make_conv
 
 
 def reference_pconv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -283,3 +285,222 @@ def test_bad_arguments_are_rejected():
         layer(torch.randn(2, 5, 8, 8), torch.ones(2, 1, 8, 8))
     with pytest.raises(ValueError, match="at least one part"):
         cat_masked([])
+
+
+# ---- GatedConv2d -----------------------------------------------------------------------------------------------
+
+def make_gated(c_in: int, c_out: int, k: int, stride: int, padding: int, bias: bool = True,
+               activation=None) -> GatedConv2d:
+    torch.manual_seed(2)
+    return GatedConv2d(c_in, c_out, k, stride=stride, padding=padding, bias=bias, activation=activation).double()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mask_channels", [1, 3])
+def test_gated_shapes_match_partial(k, stride, mask_channels):
+    gen = torch.Generator().manual_seed(k + 10 * stride)
+    x = torch.randn(2, 3, 13, 12, generator=gen, dtype=torch.float64)
+    mask = random_mask(2, mask_channels, 13, 12, gen)
+    gated = make_gated(3, 5, k, stride, k // 2)
+    partial = make_layer(3, 5, k, stride, k // 2)
+    out, new_mask = gated(x, mask)
+    p_out, p_mask = partial(x, mask)
+    assert out.shape == p_out.shape == (2, 5, *p_out.shape[2:])
+    assert new_mask.shape == p_mask.shape and new_mask.dtype == p_mask.dtype
+    assert torch.equal(new_mask, torch.ones_like(new_mask))  # no mask update rule: every output pixel is valid
+    assert (gated.in_channels, gated.out_channels, gated.kernel_size, gated.stride) == \
+        (partial.in_channels, partial.out_channels, partial.kernel_size, partial.stride)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("k", [(3, 3), (5, 3), (7, 7)])
+def test_gated_parameter_count(bias, k):
+    """Gated = 2·C_out·(C_in+1)·kh·kw (+ 2·C_out with bias) = 2 × partial + 2·C_out·kh·kw."""
+    c_in, c_out = 6, 4
+    kh, kw = k
+    gated = GatedConv2d(c_in, c_out, k, bias=bias)
+    partial = PartialConv2d(c_in, c_out, k, bias=bias)
+    n_gated = sum(p.numel() for p in gated.parameters())
+    n_partial = sum(p.numel() for p in partial.parameters())
+    assert n_partial == c_out * c_in * kh * kw + (c_out if bias else 0)
+    assert n_gated == 2 * c_out * (c_in + 1) * kh * kw + (2 * c_out if bias else 0)
+    assert n_gated == 2 * n_partial + 2 * c_out * kh * kw
+
+
+def test_gated_gradients_reach_both_convs_and_the_input():
+    gen = torch.Generator().manual_seed(11)
+    layer = make_gated(3, 4, 3, 2, 1, activation=F.relu)
+    x = torch.randn(2, 3, 10, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = random_mask(2, 1, 10, 10, gen)
+    out, _ = layer(x, mask)
+    (out * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum().backward()
+    w, b = layer.conv.weight.grad, layer.conv.bias.grad
+    for half in (slice(0, 4), slice(4, 8)):  # Conv_f, then Conv_g
+        assert w[half].abs().sum() > 0 and b[half].abs().sum() > 0
+    assert w[:, 3].abs().sum() > 0  # the mask channel's weights learn too
+    assert x.grad.abs().sum() > 0
+    # the layer sees X⊙M: hole pixels get exactly zero gradient, as with PartialConv2d
+    assert torch.equal(x.grad * (1 - mask), torch.zeros_like(x.grad))
+
+
+def test_gated_matches_hand_computed_case():
+    """1×1 kernel, C_in = C_out = 1, LeakyReLU(0.2) as φ: O = φ(f)·σ(g) at each pixel, computed by hand."""
+    layer = GatedConv2d(1, 1, 1, activation=lambda t: F.leaky_relu(t, 0.2)).double()
+    with torch.no_grad():
+        # rows: Conv_f, Conv_g; columns: the feature channel x, the mask channel m
+        layer.conv.weight.copy_(torch.tensor([[2.0, 1.0], [0.5, -1.0]], dtype=torch.float64).view(2, 2, 1, 1))
+        layer.conv.bias.copy_(torch.tensor([-1.0, 0.25], dtype=torch.float64))
+    x = torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64).view(1, 1, 1, 3)
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64).view(1, 1, 1, 3)
+    out, new_mask = layer(x, mask)
+
+    def sigmoid(v: float) -> float:
+        return 1.0 / (1.0 + math.exp(-v))
+    # pixel 0: x=3, m=1 -> f = 2·3 + 1 - 1 = 6,   g = 0.5·3 - 1 + 0.25 = 0.75,  φ(6) = 6
+    # pixel 1: hole, X⊙M = 0, m=0 -> f = -1,     g = 0.25,                     φ(-1) = -0.2
+    # pixel 2: x=1, m=1 -> f = 2 + 1 - 1 = 2,     g = 0.5 - 1 + 0.25 = -0.25,   φ(2) = 2
+    expected = [6.0 * sigmoid(0.75), -0.2 * sigmoid(0.25), 2.0 * sigmoid(-0.25)]
+    assert out.view(-1).tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert torch.equal(new_mask, torch.ones(1, 1, 1, 3, dtype=torch.float64))
+    feature, gate = layer.branches(MaskedInput.from_mask(x, mask))
+    assert feature.view(-1).tolist() == pytest.approx([6.0, -1.0, 2.0])
+    assert gate.view(-1).tolist() == pytest.approx([sigmoid(0.75), sigmoid(0.25), sigmoid(-0.25)])
+
+
+def test_gate_is_strictly_between_zero_and_one():
+    gen = torch.Generator().manual_seed(12)
+    layer = make_gated(4, 6, 3, 1, 1)
+    x = torch.randn(2, 4, 9, 9, generator=gen, dtype=torch.float64) * 3
+    _, gate = layer.branches(MaskedInput.from_mask(x, random_mask(2, 1, 9, 9, gen)))
+    assert gate.min() > 0 and gate.max() < 1
+    assert gate.std() > 0.01  # a real gate, not a constant
+
+
+def test_activation_after_the_layer_equals_phi_inside_it():
+    """ReLU/LeakyReLU are positively homogeneous and σ > 0, so the U-Net block's activation after the layer is φ."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    mask = random_mask(2, 1, 8, 8, gen)
+    for phi in (F.relu, lambda t: F.leaky_relu(t, 0.2)):
+        inside, _ = make_gated(3, 4, 3, 2, 1, activation=phi)(x, mask)
+        after, _ = make_gated(3, 4, 3, 2, 1)(x, mask)
+        torch.testing.assert_close(inside, phi(after), rtol=1e-12, atol=1e-12)
+
+
+def test_gated_mask_channel_matters_and_hole_content_does_not():
+    gen = torch.Generator().manual_seed(14)
+    layer = make_gated(3, 4, 3, 1, 1)
+    x = torch.randn(1, 3, 8, 8, generator=gen, dtype=torch.float64)
+    m1 = (torch.rand(1, 1, 8, 8, generator=gen) > 0.2).double()
+    m2 = m1.clone()
+    m2[0, 0, 2:6, 2:6] = 0
+    assert not torch.equal(m1, m2)
+    # same masked features X⊙M, only the mask channel differs: zero x where the masks differ
+    x0 = x * (1 - (m1 - m2))
+    values = x0 * m2
+    a, _ = layer.forward_masked(MaskedInput.from_mask(values, m1, already_masked=True))
+    b, _ = layer.forward_masked(MaskedInput.from_mask(values, m2, already_masked=True))
+    assert torch.equal(x0 * m1, x0 * m2)
+    assert not torch.allclose(a, b)
+    # and through forward(x, mask) too
+    assert not torch.allclose(layer(x, m1)[0], layer(x, m2)[0])
+    # the content of hole pixels never matters (the layer sees X⊙M)
+    noisy = x + (1 - m1) * torch.randn(x.shape, generator=gen, dtype=torch.float64) * 100
+    assert torch.equal(layer(x, m1)[0], layer(noisy, m1)[0])
+
+
+def test_gated_multi_channel_mask_enters_as_its_channel_mean():
+    gen = torch.Generator().manual_seed(15)
+    layer = make_gated(3, 2, 3, 1, 1)
+    x = torch.randn(1, 3, 7, 7, generator=gen, dtype=torch.float64)
+    mask = random_mask(1, 3, 7, 7, gen)
+    out, _ = layer(x, mask)
+    inp = torch.cat([x * mask, mask.mean(dim=1, keepdim=True)], dim=1)
+    torch.testing.assert_close(out, layer.conv(inp)[:, :2] * torch.sigmoid(layer.conv(inp)[:, 2:]),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_gated_keeps_no_state_and_works_on_concatenations():
+    gen = torch.Generator().manual_seed(16)
+    layer = make_gated(8, 4, 3, 1, 1)
+    before_attrs = set(vars(layer))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    a = torch.randn(2, 5, 8, 8, generator=gen, dtype=torch.float64)
+    b = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    ma, mb = random_mask(2, 1, 8, 8, gen), random_mask(2, 1, 8, 8, gen)
+    inp = cat_masked([MaskedInput.from_mask(a, ma), MaskedInput.from_mask(b, mb)])
+    out1, _ = layer.forward_masked(inp)
+    layer(torch.randn(2, 8, 8, 8, generator=gen, dtype=torch.float64), torch.zeros(2, 1, 8, 8, dtype=torch.float64))
+    out2, _ = layer.forward_masked(inp)
+    assert torch.equal(out1, out2)
+    assert set(vars(layer)) == before_attrs
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    # a concatenation equals the multi-channel mask, whose channel mean is the mask channel
+    full_mask = torch.cat([ma.expand(-1, 5, -1, -1), mb.expand(-1, 3, -1, -1)], dim=1)
+    slow, _ = layer(torch.cat([a, b], dim=1), full_mask)
+    torch.testing.assert_close(out1, slow, rtol=1e-12, atol=1e-12)
+
+
+def test_gated_under_bf16_autocast():
+    layer = GatedConv2d(8, 4, 3, stride=2, padding=1)
+    x, mask = torch.randn(2, 8, 10, 10), (torch.rand(2, 1, 10, 10) > 0.3).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, new_mask = layer(x, mask)
+    assert out.dtype == torch.bfloat16 and new_mask.dtype == torch.float32
+    assert out.shape == (2, 4, 5, 5) and torch.isfinite(out.float()).all()
+
+
+def test_gated_is_a_drop_in_for_partial_in_the_unet():
+    """Swapping every PartialConv2d of the U-Net for a GatedConv2d of the same arguments keeps the net working."""
+    from pconv.model import PConvUNet
+
+    torch.manual_seed(17)
+    net = PConvUNet(layer_size=3)
+    swapped = 0
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PartialConv2d):
+                setattr(parent, name, make_conv("gated", child.in_channels, child.out_channels, child.kernel_size,
+                                                stride=child.stride, padding=child.padding,
+                                                bias=child.bias is not None))
+                swapped += 1
+    assert swapped == 6 and not any(isinstance(m, PartialConv2d) for m in net.modules())
+    net.eval()
+    image = torch.rand(2, 3, 16, 16)
+    mask = torch.ones(2, 1, 16, 16)
+    mask[:, :, 4:12, 4:12] = 0
+    out, out_mask = net(image, mask)
+    assert out.shape == (2, 3, 16, 16) and torch.equal(out_mask, torch.ones_like(out_mask))
+    noisy = image + (1 - mask) * torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(net(noisy, mask)[0], out, rtol=0, atol=0)  # hole content never matters
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_make_conv_builds_each_kind_and_rejects_typos():
+    assert CONV_TYPES == ("partial", "gated")
+    p = make_conv("partial", 3, 8, 5, stride=2, padding=2, bias=False)
+    g = make_conv("gated", 3, 8, 5, stride=2, padding=2, bias=False)
+    assert type(p) is PartialConv2d and type(g) is GatedConv2d
+    assert p.bias is None and g.conv.bias is None
+    assert (p.kernel_size, p.stride, p.padding) == (g.kernel_size, g.stride, g.padding) == ((5, 5), (2, 2), (2, 2))
+    with pytest.raises(ValueError, match=r"'gatd'.*valid choices: partial, gated"):
+        make_conv("gatd", 3, 8, 3)
+    with pytest.raises(ValueError, match="valid choices"):
+        make_conv("Partial", 3, 8, 3)
+
+
+def test_gated_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="groups=1"):
+        GatedConv2d(4, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="padding_mode"):
+        GatedConv2d(4, 4, 3, padding=1, padding_mode="reflect")
+    layer = GatedConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"N×1×H×W or N×C×H×W"):
+        layer(x, torch.ones(2, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"GatedConv2d: expected N×3×H×W"):
+        layer(torch.randn(2, 5, 8, 8), torch.ones(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="channel count must be N×1×H×W"):
+        layer.forward_masked(MaskedInput(x, torch.ones(2, 1, 8, 7)))

@@ -2,6 +2,7 @@
 
 The cheap tests exercise argument handling and the fail-fast paths (nothing is started). The slow integration test
 runs the real ``up``/``status``/``down`` cycle in a temp DIR with free ports and talks to each real service.
+Also here: pconv.apps.local_s3, the in-process local S3 server of the demo, the tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -120,6 +121,27 @@ def test_up_rejects_an_unknown_auth_mode(tmp_path):
     assert res.returncode == 1
     assert "STACK_RAY_AUTH must be 'token' or 'disabled'" in res.stderr
     assert not list((tmp_path / "stack").glob("*.pid"))
+
+
+# ---------------------------------------------------------------- pconv.apps.local_s3
+@pytest.mark.integration
+def test_local_s3_points_the_aws_environment_at_itself_only_while_entered(tmp_path, monkeypatch):
+    from pconv import storage
+    from pconv.apps.local_s3 import LocalS3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://elsewhere.invalid")  # would win over AWS_ENDPOINT_URL
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with LocalS3(tmp_path / "s3.log") as s3:
+        with s3.environment():
+            assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint and "AWS_ENDPOINT_URL_S3" not in os.environ
+            bucket = s3.create_bucket("local-s3-test")
+            storage.write_bytes_atomic(f"{bucket}/a/b.txt", b"hello")
+            assert storage.read_bytes(f"{bucket}/a/b.txt") == b"hello"
+        assert os.environ["AWS_ENDPOINT_URL_S3"] == "http://elsewhere.invalid"
+        assert "AWS_ENDPOINT_URL" not in os.environ
+        process = s3.process
+        assert process.poll() is None
+    assert process.poll() is not None and s3.process is None  # stopped on exit
 
 
 # ---------------------------------------------------------------- slow: the real stack

@@ -23,7 +23,7 @@ from pconv.masks import (
     encode_mask_png,
     generate_mask,
     hole_ratio,
-    iter_mask_zip,
+    polarity_warning,
     ratio_bin,
     resize_nearest,
     touches_border,
@@ -35,15 +35,12 @@ NVIDIA_ZIP = DATASETS / "nvidia_irregular_mask_test.zip"
 
 @pytest.fixture(scope="module")
 def nvidia_sample() -> list[tuple[int, str, bytes]]:
-    """(index, name, bytes) of 4 files per 1000-file block (48 files), read through iter_mask_zip."""
+    """(index, name, bytes) of 4 files per 1000-file block (48 files), in name order."""
     assert NVIDIA_ZIP.is_file(), f"missing dataset {NVIDIA_ZIP} (see ../shared/datasets/README.md)"
     wanted = {b * 1000 + k for b in range(12) for k in (0, 321, 654, 999)}
-    names = []
-    sample = []
-    for i, (name, data) in enumerate(iter_mask_zip(str(NVIDIA_ZIP))):
-        names.append(name)
-        if i in wanted:
-            sample.append((i, name, data))
+    with zipfile.ZipFile(NVIDIA_ZIP) as zf:
+        names = sorted(n for n in zf.namelist() if not n.endswith("/"))
+        sample = [(i, name, zf.read(name)) for i, name in enumerate(names) if i in wanted]
     assert len(names) == 12000
     assert names == sorted(names) and all(n.endswith(".png") for n in names)
     assert names[0].endswith("00000.png") and names[-1].endswith("11999.png")
@@ -151,18 +148,68 @@ def test_encode_rejects_non_binary():
         encode_mask_png(np.ones((1, 4, 4), dtype=np.uint8))
 
 
-def test_iter_mask_zip_filters_and_sorts(tmp_path):
-    path = tmp_path / "m.zip"
-    png = _png(np.zeros((4, 4), np.uint8))
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("b/", b"")
-        zf.writestr("b/2.png", png)
-        zf.writestr("a.JPG", png)
-        zf.writestr("notes.txt", b"x")
-        zf.writestr("b/1.png", png)
-    assert [name for name, _ in iter_mask_zip(str(path))] == ["a.JPG", "b/1.png", "b/2.png"]
-    with pytest.raises(ValueError, match="nozip"):
-        list(iter_mask_zip(str(tmp_path / "nozip.zip")))
+def test_decode_applies_exif_orientation_like_images():
+    """A mask photographed/exported with an EXIF orientation is read as displayed, like its image (issue 19.4)."""
+    from pconv.images import open_image
+
+    grey = np.zeros((20, 40), dtype=np.uint8)  # stored 40 wide x 20 high, hole in the top-left corner
+    grey[:5, :10] = 255
+    img = Image.fromarray(grey)
+    exif = img.getexif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", exif=exif)
+    m = decode_mask(buf.getvalue(), hole_color="white")
+    assert m.shape == (40, 20)  # as displayed: 20 wide x 40 high
+    assert m.shape == open_image(buf.getvalue()).size[::-1]  # the same orientation as an image file gets
+    assert (m[:10, -5:] == 0).all() and (m == 0).sum() == 50  # the hole moved to the top-right, as displayed
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+@pytest.mark.parametrize("hole_color", ["white", "black"])
+def test_decode_reads_alpha_when_it_is_the_only_signal(mode, hole_color):
+    """Holes marked only by transparency (one colour everywhere) were stored as 0 % holes (issue 19.3)."""
+    alpha = np.full((16, 16), 255, dtype=np.uint8)
+    alpha[4:8, 2:10] = 0  # transparent = hole
+    alpha[0, 0] = 100  # below the threshold: a hole too
+    for colour in (0, 255):
+        rgba = np.dstack([np.full((16, 16), colour, np.uint8)] * 3 + [alpha])
+        img = Image.fromarray(rgba, "RGBA").convert(mode)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        m = decode_mask(buf.getvalue(), hole_color=hole_color)
+        assert np.array_equal(m, (alpha >= 128).astype(np.uint8)), (mode, colour)
+        assert hole_ratio(m) == 33 / 256
+
+
+def test_decode_ignores_alpha_when_the_colours_carry_the_mask():
+    grey = np.zeros((8, 8), dtype=np.uint8)
+    grey[:, :2] = 255  # white = hole
+    alpha = np.full((8, 8), 255, dtype=np.uint8)
+    alpha[4:, :] = 0  # a transparent half that is NOT the mask: colour varies, so colour wins
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([grey] * 3 + [alpha]), "RGBA").save(buf, format="PNG")
+    assert np.array_equal(decode_mask(buf.getvalue(), "white"), (grey < 128).astype(np.uint8))
+
+
+def test_decompression_bomb_mask_is_a_value_error_naming_it(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 64 x 64 mask is then > 2x the limit: a "bomb"
+    with pytest.raises(ValueError, match=r"mask 'bomb.png': refused, too many pixels"):
+        decode_mask(_png(np.zeros((64, 64), np.uint8)), hole_color="white", name="bomb.png")
+
+
+def test_polarity_warning_for_one_mask_and_for_a_set():
+    assert polarity_warning(0.3) is None and polarity_warning([0.6]) is None  # 0.6 is still in the last bin
+    one = polarity_warning(0.94)
+    assert one and "94.0%" in one and "inverted" in one and "60%" in one
+    assert polarity_warning([]) is None
+    paper_like = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55]
+    assert polarity_warning(paper_like) is None
+    inverted = [1 - r for r in paper_like]  # 0.95 ... 0.45: four of six beyond every bin
+    text = polarity_warning(inverted)
+    assert text and "4 of 6 masks" in text and "inverted" in text
+    assert polarity_warning([0.9, 0.95, 0.1, 0.2]) is None  # half is not "most"
+    assert polarity_warning(np.array([0.99, 1.0, 0.7])) is not None
 
 
 # ------------------------------------------------------------------------------------- ratios and border

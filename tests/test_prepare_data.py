@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -41,7 +40,7 @@ def test_images_and_masks_to_s3(repo_root, photo_dir, mask_zip, tmp_path, s3_buc
     assert res.returncode == 0, res.stderr
     line = res.stdout.strip().splitlines()[-1]
     assert "ingested 6" in line and "skipped 2" in line and "shards" in line and "seconds" in line
-    manifest = json.loads(storage.read_bytes(f"{dst}/manifest.json"))
+    manifest = shards.read_manifest(dst)
     assert sum(manifest["counts"].values()) == 6
     assert sorted(s["key"] for s in manifest["skipped"]) == ["cut.jpg", "empty.jpg"]
     assert all(storage.exists(storage.join(dst, s["path"])) for s in manifest["shards"])
@@ -90,10 +89,21 @@ def test_rerun_is_consistent(repo_root, mask_zip, tmp_path):
         for name in sorted(src.namelist())[:8]:
             out.writestr(name, src.read(name))
     dst = tmp_path / "masks"
-    for _ in range(2):
+    manifests = []
+    for _ in range(3):
         res = run_cli(repo_root, "masks", small, dst, "--hole-color", "white")
         assert res.returncode == 0, res.stderr
-    manifest = shards.read_manifest(str(dst))
+        manifests.append(shards.read_manifest(str(dst)))
+    manifest = manifests[-1]
     assert manifest["counts"]["train"] == 8
-    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.parquet")) == \
-        sorted(s["path"] for s in manifest["shards"])
+
+    def on_disk():
+        return sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.parquet"))
+
+    # the last two manifests' shards are on disk (readers of the replaced one keep theirs), the first run's are gone
+    assert on_disk() == sorted(s["path"] for m in manifests[-2:] for s in m["shards"])
+    res = run_cli(repo_root, "cleanup", dst)
+    assert res.returncode == 0 and "removed 1 shard(s)" in res.stdout, (res.stdout, res.stderr)
+    assert on_disk() == sorted(s["path"] for s in manifest["shards"])
+    res = run_cli(repo_root, "cleanup", tmp_path / "no-dataset")
+    assert res.returncode == 2 and "no manifest" in res.stderr and "nothing is deleted" in res.stderr

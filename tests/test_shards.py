@@ -26,6 +26,8 @@ BROKEN = {  # file name -> substring expected in its skip reason
     "broken/empty.png": "empty",
     "broken/garbage.png": "not a readable image",
     "broken/README.txt": "unsupported file type",
+    "broken/tiny.png": "1x1 px, below the minimum of 32 px",  # issue 19.5: too small to train on
+    "broken/thin.jpg": "200x31 px, below the minimum of 32 px",
 }
 
 
@@ -39,14 +41,16 @@ def _make_source(photo_dir: Path, dest: Path) -> Path:
     (dest / "broken" / "empty.png").write_bytes(b"")
     (dest / "broken" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
     (dest / "broken" / "README.txt").write_text("notes")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(dest / "broken" / "tiny.png")
+    Image.new("RGB", (200, 31), (9, 9, 9)).save(dest / "broken" / "thin.jpg")
     odd = dest / "odd"
     odd.mkdir()
-    img = Image.new("RGB", (40, 20), (200, 10, 10))
+    img = Image.new("RGB", (80, 40), (200, 10, 10))
     exif = img.getexif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees on display
     img.save(odd / "rotated.jpg", exif=exif)
-    Image.new("CMYK", (24, 16), (0, 255, 255, 0)).save(odd / "cmyk.jpg")
-    Image.fromarray(np.full((10, 12), 40000, dtype=np.uint16)).save(odd / "grey16.png")
+    Image.new("CMYK", (48, 32), (0, 255, 255, 0)).save(odd / "cmyk.jpg")
+    Image.fromarray(np.full((32, 36), 40000, dtype=np.uint16)).save(odd / "grey16.png")
     return dest
 
 
@@ -75,7 +79,7 @@ def test_ingest_images_with_broken_files(where, photo_dir, tmp_path, request):
 
     summary = ingest.ingest_images(src_uri, dst, val_fraction=0.3, shard_size_mb=1.0, progress=False)
 
-    manifest = json.loads(storage.read_bytes(storage.join(dst, "manifest.json")))
+    manifest = shards.read_manifest(dst)
     assert manifest["schema_version"] == shards.SCHEMA_VERSION and manifest["kind"] == "images"
     assert manifest["source"] == src_uri
     assert {s["key"]: s["reason"] for s in manifest["skipped"]}.keys() == BROKEN.keys()
@@ -97,11 +101,11 @@ def test_ingest_images_with_broken_files(where, photo_dir, tmp_path, request):
         img = images.open_image(row["image"])
         assert img.mode == "RGB" and (img.width, img.height) == (row["width"], row["height"])
     by_key = {r["key"]: r for r in rows}
-    assert (by_key["odd/rotated.jpg"]["width"], by_key["odd/rotated.jpg"]["height"]) == (20, 40)  # EXIF applied
+    assert (by_key["odd/rotated.jpg"]["width"], by_key["odd/rotated.jpg"]["height"]) == (40, 80)  # EXIF applied
     assert by_key["faces/" + sorted(os.listdir(src / "faces"))[0]]["format"] == "jpeg"
     assert by_key["odd/grey16.png"]["format"] == "png"
     grey = np.asarray(images.open_image(by_key["odd/grey16.png"]["image"]))
-    assert grey.shape == (10, 12, 3) and int(grey[0, 0, 0]) == 40000 >> 8  # scaled, not clipped to 255
+    assert grey.shape == (32, 36, 3) and int(grey[0, 0, 0]) == 40000 >> 8  # scaled, not clipped to 255
     assert {r["width"] for r in rows if r["key"].startswith("scenes/")} <= {481, 321}
 
 
@@ -133,7 +137,8 @@ def test_rerun_replaces_shards_and_removes_stale_ones(photo_dir, tmp_path):
     assert second["run_id"] != first["run_id"]
     assert second["counts"] == first["counts"]
     on_disk = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.parquet"))
-    assert on_disk == sorted(s["path"] for s in second["shards"])
+    # the replaced manifest's shards stay for its readers (issue 19.2); the orphan of the dead run goes
+    assert on_disk == sorted(s["path"] for s in second["shards"] + first["shards"])
     assert orphan.as_posix().split("/dst/")[1] in summary.removed_stale
     assert unrelated.exists()  # only part-*.parquet under train/ and val/ is ours to delete
     assert not [p for p in dst.rglob("*.tmp")]
@@ -180,7 +185,8 @@ def test_ingest_nvidia_masks_bins_border_polarity(mask_zip, tmp_path):
 def test_black_hole_color_inverts_polarity(mask_zip, tmp_path):
     white, black = str(tmp_path / "w"), str(tmp_path / "b")
     ingest.ingest_masks(str(mask_zip), white, hole_color="white", progress=False)
-    ingest.ingest_masks(str(mask_zip), black, hole_color="black", val_fraction=0.5, progress=False)
+    ingest.ingest_masks(str(mask_zip), black, hole_color="black", val_fraction=0.5, progress=False,
+                        force=True)  # inverted NVIDIA masks are refused without force (tests/test_bad_input_ingest.py)
     w = {r["key"]: r for r in _read_rows(white, shards.read_manifest(white))}
     b = {r["key"]: r for r in _read_rows(black, shards.read_manifest(black))}
     assert w.keys() == b.keys()
@@ -205,6 +211,16 @@ def test_generate_masks_is_balanced_and_reproducible(tmp_path, s3_bucket):
         assert mask.shape == (96, 96) and set(np.unique(mask)) <= {0, 1}
         assert row["bin"] == i % 6 == M.ratio_bin(M.hole_ratio(mask))
         assert row["border"] == bool((i // 6) % 2)
+
+
+def test_read_manifest_checks_the_kind_and_is_dataset_root_finds_manifests(tmp_path, mask_zip):
+    root = str(tmp_path / "gen")
+    ingest.generate_masks(3, root, size=64, progress=False)
+    assert shards.read_manifest(root, kind=shards.MASKS_KIND)["kind"] == shards.MASKS_KIND
+    with pytest.raises(ValueError, match="manifest kind is 'masks', expected 'images'"):
+        shards.read_manifest(root, kind=shards.IMAGES_KIND)
+    assert shards.is_dataset_root(root)
+    assert not shards.is_dataset_root(str(tmp_path)) and not shards.is_dataset_root(str(mask_zip))
 
 
 def test_split_is_stable_across_processes():

@@ -58,6 +58,26 @@ def test_local_atomic_write_leaves_no_temp_files(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["x.json"]
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+@pytest.mark.parametrize("proc", [True, False])
+def test_local_atomic_write_respects_the_umask(tmp_path, monkeypatch, umask, mode, proc):
+    """Shards and manifests of a shared dataset must be readable by others when the umask says so (issue 19.9):
+    mkstemp alone creates 0600 files."""
+    if not proc:  # no /proc (macOS, some containers): the set-and-restore fallback gives the same answer
+        def no_proc(*_a, **_k):
+            raise OSError("no /proc here")
+        monkeypatch.setattr(storage, "open", no_proc, raising=False)
+    old = os.umask(umask)
+    try:
+        target = tmp_path / "shared" / "manifest.json"
+        storage.write_bytes_atomic(str(target), b"{}")
+        storage.write_bytes_atomic(str(target), b"{}")  # replacing keeps the rule
+        assert os.umask(umask) == umask  # the write did not change the umask
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == mode
+
+
 def test_missing_local_dir_and_bucket(tmp_path, s3_server):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         storage.list_files(str(tmp_path / "nope"))
@@ -66,7 +86,7 @@ def test_missing_local_dir_and_bucket(tmp_path, s3_server):
     assert not storage.exists("s3://no-such-bucket-xyz/prefix")
 
 
-def test_upload_download_dir(tmp_path, s3_bucket):
+def test_upload_dir(tmp_path, s3_bucket):
     src = tmp_path / "src"
     (src / "x").mkdir(parents=True)
     (src / "state.pt").write_bytes(b"\x00\x01" * 100)
@@ -74,18 +94,16 @@ def test_upload_download_dir(tmp_path, s3_bucket):
     uri = storage.join(s3_bucket, "ckpt")
     storage.upload_dir(str(src), uri)
     assert storage.list_files(uri) == [f"{uri}/state.pt", f"{uri}/x/meta.json"]
-    dst = tmp_path / "dst"
-    storage.download_dir(uri, str(dst))
-    assert (dst / "state.pt").read_bytes() == b"\x00\x01" * 100
-    assert (dst / "x" / "meta.json").read_text() == "{}"
+    assert storage.read_bytes(f"{uri}/state.pt") == b"\x00\x01" * 100
+    assert storage.read_bytes(f"{uri}/x/meta.json") == b"{}"
     with pytest.raises(FileNotFoundError):
-        storage.download_dir(storage.join(s3_bucket, "empty"), str(tmp_path / "e"))
+        storage.upload_dir(str(tmp_path / "missing"), uri)
 
 
 def test_pyarrow_filesystem_uses_env_endpoint(s3_server, s3_bucket):
     """The pyarrow filesystem reaches the moto server through AWS_ENDPOINT_URL; paths carry no scheme."""
     uri = storage.join(s3_bucket, "t", "x.parquet")
-    fs, path = storage.ray_filesystem(uri)
+    fs, path = storage.get_filesystem(uri)
     assert not path.startswith("s3://") and path == uri[len("s3://"):]
     assert os.environ["AWS_ENDPOINT_URL"] == s3_server.endpoint
     table = pa.table({"a": [1, 2, 3]})
@@ -98,3 +116,16 @@ def test_pyarrow_filesystem_uses_env_endpoint(s3_server, s3_bucket):
     assert paths == [path, path.replace("x.parquet", "y.parquet")]
     with pytest.raises(ValueError, match="mix"):
         storage.ray_paths([uri, "/tmp/local.parquet"])
+
+
+def test_one_list_of_aws_variables_keys_the_clients_and_is_forwarded(monkeypatch):
+    """storage.AWS_ENV_VARS (+ the profile) selects the cached clients; batch actors are given the same list."""
+    from pconv import batch
+
+    assert batch._FORWARD_ENV is storage.AWS_ENV_VARS
+    assert storage.AWS_PROFILE_VAR not in storage.AWS_ENV_VARS  # names a local file section: not forwarded
+    base = storage._env_key()
+    for name in (*storage.AWS_ENV_VARS, storage.AWS_PROFILE_VAR):
+        with monkeypatch.context() as env:
+            env.setenv(name, "changed-value")
+            assert storage._env_key() != base, name

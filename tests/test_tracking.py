@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
-from pconv import tracking
+from pconv import checkpoint, tracking
 from pconv.config import TrainConfig
 
 pytestmark = pytest.mark.integration
@@ -44,14 +44,39 @@ def test_sample_grid_layout():
     mask[:, :, 2:5, 3:7] = 0
     out = np.zeros_like(gt)
     comp = gt * mask + out * (1 - mask)
-    grid = tracking.make_sample_grid(gt * mask, mask, out, comp, gt, border=2)
+    grid = tracking.grid_image([gt * mask, mask, out, comp, gt], border=2)
     assert grid.shape == (n * h + (n + 1) * 2, 5 * w + 6 * 2, 3) and grid.dtype == np.uint8
     # row 1, column 4 (ground truth) holds gt[1]; column 1 (mask) is white where valid, black in the hole
     y, x_gt, x_mask = 2 + (h + 2), 2 + 4 * (w + 2), 2 + (w + 2)
     np.testing.assert_array_equal(grid[y:y + h, x_gt:x_gt + w], (gt[1].transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8))
     assert grid[y + 3, x_mask + 4].tolist() == [0, 0, 0] and grid[y, x_mask].tolist() == [255, 255, 255]
     with pytest.raises(ValueError, match="disagree"):
-        tracking.make_sample_grid(gt, mask[:, :, :4], out, comp, gt)
+        tracking.grid_image([gt, mask[:, :, :4], out, comp, gt])
+
+
+def test_grid_image_orientation_tensors_and_a_single_tile():
+    import torch
+
+    a, b = torch.zeros(2, 3, 4, 6), torch.ones(2, 3, 4, 6)
+    by_sample = tracking.grid_image([a, b.numpy()], border=1)  # rows = samples, columns = inputs
+    assert by_sample.shape == (2 * 4 + 3, 2 * 6 + 3, 3)
+    assert by_sample[1, 1].tolist() == [0, 0, 0] and by_sample[1, 1 + 6 + 1].tolist() == [255, 255, 255]
+    by_input = tracking.grid_image([a, b], nrow_is_batch=False, border=1)  # rows = inputs
+    assert by_input.shape == (2 * 4 + 3, 2 * 6 + 3, 3)
+    assert by_input[1, 1 + 6 + 1].tolist() == [0, 0, 0] and by_input[1 + 4 + 1, 1].tolist() == [255, 255, 255]
+    single = tracking.grid_image([torch.zeros(1, 3, 4, 4)], border=2)
+    assert single.shape == (8, 8, 3) and single[0, 0].tolist() == [255, 255, 255] and single[2, 2].tolist() == [0, 0, 0]
+
+
+def sample_grid_steps(client, run_id: str) -> dict[int, str]:
+    """step -> artifact path of the PNG logged under the sample-grid key (mlflow.log_image(key=, step=) layout)."""
+    prefix = f"{tracking.SAMPLES_KEY}+step+"
+    found = {}
+    for a in client.list_artifacts(run_id, "images"):
+        name = a.path.rsplit("/", 1)[-1]
+        if name.startswith(prefix) and name.endswith(".png"):
+            found[int(name[len(prefix):].split("+", 1)[0])] = a.path
+    return found
 
 
 def test_embedded_sqlite_puts_artifacts_next_to_the_db(monkeypatch, tmp_path):
@@ -104,7 +129,8 @@ def test_tracker_logs_params_metrics_and_sample_grids(mlflow_server, tmp_path):
     run_id = tracking.start_or_resume_run("track-exp", "short-run", policy=FAST)
     tracker = tracking.Tracker(run_id, policy=FAST)
     cfg = TrainConfig(images="s3://b/img", masks="s3://b/masks", image_size=64, phase1_steps=3, phase2_steps=1)
-    tracker.log_params(tracking.run_params(cfg, {"cluster": {"workers": 2, "gpu": "none"}}))
+    tracker.log_params(tracking.run_params(cfg, {"cluster": {"workers": 2, "gpu": "none"}},
+                                           versions=checkpoint.versions()))
     for step in range(3):
         tracker.log_metrics({"loss/total": 1.0 / (step + 1), "lr": 2e-4, "phase": 1}, step=step)
     n, h, w = 2, 16, 16
@@ -112,7 +138,7 @@ def test_tracker_logs_params_metrics_and_sample_grids(mlflow_server, tmp_path):
     gt = rng.random((n, 3, h, w)).astype(np.float32)
     mask = np.ones((n, 1, h, w), np.float32)
     mask[:, :, 4:12, 4:12] = 0
-    tracker.log_sample_grid(gt * mask, mask, gt * 0.5, gt, gt, step=2)
+    tracker.log_sample_grid([gt * mask, mask, gt * 0.5, gt, gt], step=2)
     tracker.log_params({"image_size": 128, "new_key": "x"})  # a resumed run with a changed value
     assert tracker.failures == 0
 
@@ -126,17 +152,17 @@ def test_tracker_logs_params_metrics_and_sample_grids(mlflow_server, tmp_path):
     history = client.get_metric_history(run_id, "loss/total")
     assert [(m.step, round(m.value, 6)) for m in history] == [(0, 1.0), (1, 0.5), (2, round(1 / 3, 6))]
 
-    files = [f.path for f in client.list_artifacts(run_id, "samples")]
-    assert files == ["samples/step_000002.png"]
-    local = client.download_artifacts(run_id, "samples/step_000002.png", str(tmp_path))
+    files = sample_grid_steps(client, run_id)
+    assert list(files) == [2]
+    local = client.download_artifacts(run_id, files[2], str(tmp_path))
     grid = np.asarray(Image.open(local))
     assert grid.shape == (n * h + (n + 1) * 2, 5 * w + 6 * 2, 3)
     # the artifact really went through the proxy into the S3 bucket
     s3 = boto3.client("s3", endpoint_url=mlflow_server.s3_endpoint, region_name="us-east-1",
                       aws_access_key_id="testing", aws_secret_access_key="testing")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=mlflow_server.bucket, Prefix="mlflow/")["Contents"]]
-    assert any(k.endswith(f"{run_id}/artifacts/samples/step_000002.png") for k in keys), keys
-    png = s3.get_object(Bucket=mlflow_server.bucket, Key=next(k for k in keys if k.endswith("step_000002.png")))
+    assert any(k.endswith(f"{run_id}/artifacts/{files[2]}") for k in keys), keys
+    png = s3.get_object(Bucket=mlflow_server.bucket, Key=next(k for k in keys if k.endswith(files[2])))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png["Body"].read()))), grid)
 
 
@@ -152,11 +178,22 @@ def test_unreachable_server_never_raises(caplog, monkeypatch):
     assert tracker.failures == 1 and "log_metrics failed" in caplog.text
     # during the cooldown, calls are dropped without touching the network (and still never raise)
     tracker.log_params({"a": 1})
-    tracker.log_sample_grid(np.zeros((1, 3, 4, 4)), np.ones((1, 1, 4, 4)), np.zeros((1, 3, 4, 4)),
-                            np.zeros((1, 3, 4, 4)), np.zeros((1, 3, 4, 4)), step=1)
+    tracker.log_sample_grid([np.zeros((1, 3, 4, 4)), np.ones((1, 1, 4, 4)), np.zeros((1, 3, 4, 4)),
+                             np.zeros((1, 3, 4, 4)), np.zeros((1, 3, 4, 4))], step=1)
     tracker.set_terminated("FAILED")
     assert tracker.failures == 1 and tracker.dropped == 3
     assert "dropped" in caplog.text
 
     off = tracking.Tracker.disabled()
     assert not off and off.log_metrics({"x": 1}, step=0) is None and off.failures == 0
+
+
+def test_metric_names_are_the_contract():
+    """ARCHITECTURE.md "Contracts": loss/<term>, val/<term>, lr, phase, throughput, data wait / skipped, nan steps."""
+    from pconv.losses import LOSS_TERMS
+
+    assert [tracking.loss_metric(t) for t in LOSS_TERMS][-1] == "loss/total"
+    assert tracking.val_metric("hole") == "val/hole" and (tracking.VAL_PSNR, tracking.VAL_SSIM) == ("val/psnr", "val/ssim")
+    assert (tracking.LR, tracking.PHASE, tracking.THROUGHPUT, tracking.DATA_WAIT, tracking.DATA_SKIPPED,
+            tracking.NAN_STEPS) == ("lr", "phase", "throughput/images_per_s", "data/wait_fraction", "data/skipped",
+                                    "train/nan_steps")

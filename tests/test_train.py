@@ -73,6 +73,15 @@ def bn_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     return pick(enc_bn), pick(dec_bn)
 
 
+def test_register_as_auto_is_the_inpainting_model_name():
+    from pconv import registry
+    from pconv.train import registered_name
+
+    assert registered_name(TrainConfig()) == registry.INPAINTING_MODEL  # default register_as: "auto"
+    assert registered_name(TrainConfig(register_as="").resolved()) is None
+    assert registered_name(TrainConfig(register_as="my-model")) == "my-model"
+
+
 def test_local_mode_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_path, sqlite_tracking, ray_local):
     from pconv.train import run
 
@@ -89,8 +98,12 @@ def test_local_mode_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_pat
     assert [s for s, _ in psnr] == [2, 4, 5] and all(v > 0 for _, v in psnr)
     from mlflow.tracking import MlflowClient
 
-    samples = [a.path for a in MlflowClient(sqlite_tracking).list_artifacts(summary.mlflow_run_id, "samples")]
-    assert "samples/step_000002.png" in samples and "samples/step_000005.png" in samples
+    from pconv.tracking import SAMPLES_KEY
+
+    images = [a.path for a in MlflowClient(sqlite_tracking).list_artifacts(summary.mlflow_run_id, "images")]
+    steps = {int(p.split("+step+", 1)[1].split("+", 1)[0]) for p in images
+             if p.startswith(f"images/{SAMPLES_KEY}+step+") and p.endswith(".png")}
+    assert 2 in steps and 5 in steps  # one sample grid per sampled step, on MLflow's image step slider
 
 
 def test_nan_losses_are_skipped_counted_and_stop_the_run(prepared_shards, tmp_path, sqlite_tracking, ray_local,
@@ -167,19 +180,19 @@ def test_finetune_only_from_a_checkpoint_runs_phase_two(prepared_shards, tmp_pat
     """--phase1-steps 0 --init-from CHECKPOINT: starts from those weights, encoder BN frozen, lr 5e-5 throughout."""
     import logging
 
-    from pconv import train
+    from pconv import train_loop
     from pconv.train import run
 
-    caplog.set_level(logging.INFO, logger="pconv.train")
+    caplog.set_level(logging.INFO, logger="pconv.train_loop")
     loaded = []
-    real_restore = train._restore
+    real_restore = train_loop._restore
 
     def spy_restore(model, cfg):
         out = real_restore(model, cfg)
         loaded.append({k: v.clone() for k, v in model.state_dict().items()})
         return out
 
-    monkeypatch.setattr(train, "_restore", spy_restore)
+    monkeypatch.setattr(train_loop, "_restore", spy_restore)
 
     source = build_model(4)
     with torch.no_grad():

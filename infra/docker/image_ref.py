@@ -7,17 +7,20 @@ tests/test_cluster_config.py compares with this function) cannot keep naming an 
 
     python infra/docker/image_ref.py --tag
     python infra/docker/image_ref.py --account 123456789012 --region us-east-1
+    python infra/docker/image_ref.py --update     # after changing a pin: rewrite the tag in the cluster files
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import tomllib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = "pconv-ray"  # the ECR repository (infra/aws/README.md creates it)
+CLUSTER_FILES = ("ray_cluster.yaml", "infra/k8s/rayjob.yaml", "infra/k8s/rayservice.yaml")
 
 
 def image_tag(root: Path = REPO_ROOT) -> str:
@@ -33,13 +36,32 @@ def image_ref(account: str, region: str, root: Path = REPO_ROOT) -> str:
     return f"{account}.dkr.ecr.{region}.amazonaws.com/{REPOSITORY}:{image_tag(root)}"
 
 
+def update_cluster_files(root: Path = REPO_ROOT) -> list[str]:
+    """Rewrite ``pconv-ray:<tag>`` in :data:`CLUSTER_FILES` to the current tag; returns the files changed."""
+    changed = []
+    for name in CLUSTER_FILES:
+        path = root / name
+        if not path.exists():
+            continue
+        text = path.read_text()
+        new = re.sub(rf"({REPOSITORY}):[0-9A-Za-z.\-]+", rf"\g<1>:{image_tag(root)}", text)
+        if new != text:
+            path.write_text(new)
+            changed.append(name)
+    return changed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tag", action="store_true", help="print only the tag")
     parser.add_argument("--account", default="123456789012", help="12-digit AWS account id")
     parser.add_argument("--region", default="us-east-1")
+    parser.add_argument("--update", action="store_true", help="rewrite the tag in " + ", ".join(CLUSTER_FILES))
     args = parser.parse_args()
-    print(image_tag() if args.tag else image_ref(args.account, args.region))
+    if args.update:
+        print("updated:", ", ".join(update_cluster_files()) or "nothing (tags already current)")
+    else:
+        print(image_tag() if args.tag else image_ref(args.account, args.region))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""pconv.serve on a REAL local Ray + Serve, serving a tiny random model registered on a REAL MLflow server:
+POST /inpaint with a real photo and an NVIDIA test mask (valid pixels unchanged, holes filled), bad inputs -> 4xx
+naming the problem, 40 concurrent requests all answered 200 or 503 (bounded queues, no hang), and moving the
+``champion`` alias switches the answering version without failing requests. Starts Ray: run under the Ray lock
+(``flock /tmp/pconv-ray.lock``)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from conftest import free_port
+from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
+from pconv import registry
+from pconv.config import TrainConfig
+from pconv.model import build_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+LAYER_SIZE, IMAGE_SIZE, SIDE = 4, 32, 512
+MASK_MEMBER = "mask/testing_mask_dataset/00671.png"
+
+
+def register_tiny(seed: int, alias: str | None) -> str:
+    torch.manual_seed(seed)
+    cfg = TrainConfig(images="x", masks="y", image_size=IMAGE_SIZE, layer_size=LAYER_SIZE, run_name=f"serve-{seed}",
+                      experiment="serve-exp", phase1_steps=1, phase2_steps=0)
+    return registry.log_and_register_model(build_model(LAYER_SIZE).eval(), cfg, None, alias=alias)
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo_and_mask(datasets_dir):
+    """A real photo cut to 512x512 (PNG) and an NVIDIA test mask (white = hole) of the same size."""
+    path = sorted((datasets_dir / "celeba_hq_sample").glob("*.jpg"))[0]
+    img = Image.open(path).convert("RGB").resize((SIDE, SIDE), Image.Resampling.BILINEAR)
+    with zipfile.ZipFile(datasets_dir / "nvidia_irregular_mask_test.zip") as z:
+        mask = Image.open(io.BytesIO(z.read(MASK_MEMBER))).convert("L").resize((SIDE, SIDE), Image.Resampling.NEAREST)
+    mask_arr = np.where(np.asarray(mask) >= 128, 255, 0).astype(np.uint8)
+    assert 0.01 < (mask_arr == 255).mean() < 0.7
+    return png(np.asarray(img)), png(mask_arr), np.asarray(img), mask_arr == 0
+
+
+@pytest.fixture(scope="module")
+def served(mlflow_server, tmp_path_factory):
+    """Two registered versions; champion -> the first; the app follows models:/pconv-unet@champion (poll 1 s)."""
+    import ray
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from pconv.serve import APP_NAME, build_app
+
+    v1 = register_tiny(1, alias=None)
+    v2 = register_tiny(2, alias=None)
+    client = MlflowClient(mlflow_server.url)
+    client.set_registered_model_alias(registry.INPAINTING_MODEL, registry.CHAMPION, v1)
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(f"models:/{registry.INPAINTING_MODEL}@{registry.CHAMPION}", mlflow_server.url,
+                            min_replicas=1, max_replicas=1, max_ongoing_requests=4, max_queued_requests=6,
+                            num_cpus=0.5, poll_s=1.0, max_pixels=1_000_000, device="cpu"),
+                  name=APP_NAME, route_prefix="/")
+        yield {"url": f"http://127.0.0.1:{port}", "v1": v1, "v2": v2, "client": client}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(url: str, image: bytes | None, mask: bytes | None, hole_color: str | None = "white",
+         timeout: float = 120) -> requests.Response:
+    files = {}
+    if image is not None:
+        files["image"] = ("photo.png", image, "image/png")
+    if mask is not None:
+        files["mask"] = ("mask.png", mask, "image/png")
+    data = {"hole_color": hole_color} if hole_color is not None else {}
+    return requests.post(f"{url}/inpaint", files=files, data=data, timeout=timeout)
+
+
+def test_page_and_health(served):
+    page = requests.get(served["url"] + "/", timeout=30)
+    assert page.status_code == 200 and "<canvas" in page.text and "Inpaint" in page.text
+    health = requests.get(served["url"] + "/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["version"] == served["v1"]
+
+
+def test_inpaint_real_photo_keeps_valid_pixels_and_fills_holes(served, photo_and_mask):
+    image, mask, arr, valid = photo_and_mask
+    resp = post(served["url"], image, mask)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "image/png"
+    assert resp.headers["X-Model-Version"] == served["v1"]
+    out = np.asarray(Image.open(io.BytesIO(resp.content)).convert("RGB"))
+    assert out.shape == arr.shape
+    assert np.array_equal(out[valid], arr[valid])                       # valid pixels bit for bit
+    changed = np.any(out[~valid] != arr[~valid], axis=-1).mean()
+    assert changed > 0.9, f"only {changed:.1%} of hole pixels differ from the photo"
+    # black-hole polarity: the inverted mask file with hole_color=black gives the same answer
+    inverted = png(np.where(valid, 255, 0).astype(np.uint8))
+    again = post(served["url"], image, inverted, hole_color="black")
+    assert again.status_code == 200 and again.content == resp.content
+
+
+def test_bad_inputs_get_4xx_naming_the_problem(served, photo_and_mask):
+    image, mask, arr, valid = photo_and_mask
+    url = served["url"]
+    grey = png(np.tile(np.linspace(0, 255, SIDE, dtype=np.uint8), (SIDE, 1)))
+    cases = [
+        (post(url, b"this is not an image", mask), 400, "image: not a readable image"),
+        (post(url, image, None), 400, "missing file field 'mask'"),
+        (post(url, None, mask), 400, "missing file field 'image'"),
+        (post(url, image, grey), 422, "mask is not binary"),
+        (post(url, image, png(np.zeros((100, 80), np.uint8))), 422, "mask is 80x100 but image is 512x512"),
+        (post(url, image, mask, hole_color="purple"), 400, "hole_color must be one of"),
+        (post(url, png(np.zeros((1001, 1000, 3), np.uint8)), png(np.zeros((1001, 1000), np.uint8))), 413,
+         "above the limit of 1,000,000"),
+        (requests.post(f"{url}/inpaint", json={"image": "x"}, timeout=60), 415, "multipart/form-data"),
+    ]
+    for resp, status, text in cases:
+        assert resp.status_code == status, (status, text, resp.status_code, resp.text)
+        assert text in resp.json()["error"], (text, resp.json())
+    assert post(url, image, mask).status_code == 200  # still serving
+
+
+def test_forty_concurrent_requests_are_all_answered(served, photo_and_mask):
+    image, mask, _, _ = photo_and_mask
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(40) as pool:
+        codes = list(pool.map(lambda _: post(served["url"], image, mask, timeout=180).status_code, range(40)))
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 4, codes
+    assert 503 in codes, f"bounded queues (4 ongoing + 6 queued) should have refused some of 40: {codes}"
+    assert time.monotonic() - t0 < 180
+
+
+def test_moving_champion_switches_version_without_failed_requests(served, photo_and_mask):
+    image, mask, _, _ = photo_and_mask
+    statuses, versions, stop = [], [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            r = post(served["url"], image, mask)
+            statuses.append(r.status_code)
+            versions.append(r.headers.get("X-Model-Version"))
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        time.sleep(1.0)
+        served["client"].set_registered_model_alias(registry.INPAINTING_MODEL, registry.CHAMPION, served["v2"])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not versions or versions[-1] != served["v2"]):
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        worker.join(timeout=180)
+    assert versions and versions[-1] == served["v2"], versions[-10:]
+    assert served["v1"] in versions, "no request was answered by the first version"
+    assert set(statuses) == {200}, statuses
+    # once switched, it stays switched
+    first_v2 = versions.index(served["v2"])
+    assert set(versions[first_v2:]) == {served["v2"]}
+
+
+def test_serve_deploy_configs_build_the_app(repo_root):
+    """infra/serve/serve_config.yaml and the RayService's serveConfigV2 are valid Serve configs whose import_path
+    and args build this app (no Ray needed to build)."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    service = yaml.safe_load((repo_root / "infra" / "k8s" / "rayservice.yaml").read_text())
+    for config in (yaml.safe_load((repo_root / "infra" / "serve" / "serve_config.yaml").read_text()),
+                   yaml.safe_load(service["spec"]["serveConfigV2"])):
+        schema = ServeDeploySchema.model_validate(config)
+        (app,) = schema.applications
+        module, attr = app.import_path.split(":")
+        built = getattr(importlib.import_module(module), attr)(app.args)
+        assert type(built).__name__ == "Application"
+        assert app.args["model_uri"] == f"models:/{registry.INPAINTING_MODEL}@{registry.CHAMPION}"
