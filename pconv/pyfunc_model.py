@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pconv.images import open_image
 from pconv.inference import encode_image, inpaint
-from pconv.masks import HOLE_COLORS, decode_mask
+from pconv.masks import HOLE_COLORS, decode_mask, polarity_warning
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class Decoded:
 
     image: torch.Tensor
     mask: torch.Tensor
+    warning: str | None = None  # masks.polarity_warning: the mask is probably inverted (logged, sent as a header)
 
 
 def as_bytes(value: Any, field: str) -> bytes:
@@ -106,23 +107,27 @@ def decode_request(image: Any, mask: Any, hole_color: Any = None,
         raise BadInput("image: empty file (0 bytes)")
     if not mask_bytes:
         raise BadInput("mask: empty file (0 bytes)")
-    (w, h), (mw, mh) = _size(image_bytes, "image"), _size(mask_bytes, "mask")
+    (w, h), _ = _size(image_bytes, "image"), _size(mask_bytes, "mask")
     if w * h > max_pixels:
         raise BadInput(f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}", status=413)
     try:
         img = open_image(image_bytes, name="image")
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
-    if (mw, mh) != img.size:  # compare after EXIF rotation, as the user sees the photo
-        raise BadInput(f"mask is {mw}x{mh} but image is {img.width}x{img.height} (width x height); the mask must "
-                       "have the image's size", status=422)
     _check_binary(mask_bytes)
     try:
-        valid = decode_mask(mask_bytes, color, name="mask")
+        valid = decode_mask(mask_bytes, color, name="mask")  # EXIF orientation applied, as for the image
     except ValueError as exc:
         raise BadInput(str(exc), status=422) from exc
+    mh, mw = valid.shape
+    if (mw, mh) != img.size:  # both compared after EXIF rotation, as the user sees them
+        raise BadInput(f"mask is {mw}x{mh} but image is {img.width}x{img.height} (width x height); the mask must "
+                       "have the image's size", status=422)
+    warning = polarity_warning(float(1.0 - valid.mean()))
+    if warning:
+        log.warning("hole_color=%s: %s", color, warning)
     arr = np.asarray(img, dtype=np.float32) / 255.0
-    return Decoded(torch.from_numpy(arr.transpose(2, 0, 1).copy()), torch.from_numpy(valid).float()[None])
+    return Decoded(torch.from_numpy(arr.transpose(2, 0, 1).copy()), torch.from_numpy(valid).float()[None], warning)
 
 
 def inpaint_decoded(model: torch.nn.Module, items: list[Decoded]) -> list[torch.Tensor]:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "pconv"
 PAGE_FILE = Path(__file__).with_name("serve_page.html")
 VERSION_HEADER = "X-Model-Version"
+WARNING_HEADER = "X-Mask-Warning"  # e.g. a mask that is probably inverted (masks.polarity_warning)
 DEFAULTS: dict[str, Any] = {
     "poll_s": 10.0,              # how often a replica checks where the alias points
     "max_pixels": DEFAULT_MAX_PIXELS,
@@ -162,7 +163,10 @@ class InpaintServer:
         except BadInput as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         png, version = await self._batched(decoded)
-        return Response(png, media_type="image/png", headers={VERSION_HEADER: version})
+        headers = {VERSION_HEADER: version}
+        if decoded.warning:
+            headers[WARNING_HEADER] = decoded.warning
+        return Response(png, media_type="image/png", headers=headers)
 
 
 def cluster_gpus() -> float:

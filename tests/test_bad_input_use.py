@@ -324,3 +324,34 @@ def test_a_failed_training_run_ends_failed_in_mlflow(prepared_shards, tmp_path, 
             run(TrainConfig(**base, run_name="driver-fails"), local_mode=True)
     assert status("driver-fails") == "FAILED"  # was left RUNNING
 
+
+
+def test_serve_request_warns_on_inverted_masks_and_orients_masks_like_images():
+    """The HTTP / pyfunc edge: a mask that is mostly holes is served with a warning that gives the ratio, and a mask
+    file with an EXIF rotation is compared with the image after orientation (both as the user sees them)."""
+    import io as _io
+
+    import numpy as _np
+    from PIL import Image as _Image
+
+    from pconv.pyfunc_model import decode_request
+
+    def png(img, exif=None) -> bytes:
+        buf = _io.BytesIO()
+        img.save(buf, format="PNG", **({"exif": exif} if exif is not None else {}))
+        return buf.getvalue()
+
+    photo = png(_Image.new("RGB", (48, 32), (100, 120, 140)))
+    inverted = _np.full((32, 48), 255, _np.uint8)
+    inverted[:4, :4] = 0                                    # white = hole: 99 % holes
+    d = decode_request(photo, png(_Image.fromarray(inverted)), "white")
+    assert d.warning and "99." in d.warning and "inverted" in d.warning
+    normal = _np.zeros((32, 48), _np.uint8)
+    normal[8:16, 8:24] = 255
+    assert decode_request(photo, png(_Image.fromarray(normal)), "white").warning is None
+
+    rotated = _Image.fromarray(normal.T.copy())            # stored 32 wide x 48 high, EXIF says rotate 90
+    exif = _Image.Exif()
+    exif[0x0112] = 6
+    d = decode_request(photo, png(rotated, exif), "white")
+    assert tuple(d.mask.shape[-2:]) == (32, 48)
