@@ -146,6 +146,9 @@ def _train_units_udf(units: dict[str, np.ndarray], *, bank: list, image_size: in
     order = range(len(units["uri"])) if positioned else np.argsort(units["_rand"], kind="stable")
     todo = [(str(units["uri"][i]), int(units["row_group"][i]), float(units["_rand"][i])) for i in order]
     for j, (uri, group, (keys, blobs, rands)) in enumerate(_read_ahead(todo, base_seed, shuffle=True)):
+        if positioned and "lo" in units:  # a slice [lo, hi) of the unit's seeded row order (small datasets)
+            lo, hi = int(units["lo"][order[j]]), int(units["hi"][order[j]])
+            keys, blobs, rands = keys[lo:hi], blobs[lo:hi], rands[lo:hi]
         skip = int(units["skip"][order[j]]) if positioned else 0
         pos = int(units["pos0"][order[j]]) + np.arange(len(keys), dtype=np.int64) if positioned else None
         keys, blobs, rands = keys[skip:], blobs[skip:], rands[skip:]

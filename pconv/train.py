@@ -93,7 +93,9 @@ def check_vgg_weights(weights: str) -> None:
     if cache.is_file():
         return
     try:
-        urllib.request.urlopen(urllib.request.Request(IMAGENET_VGG16_URL, method="HEAD"), timeout=20).close()
+        # A private opener: urlopen() would install a process-wide one that keeps this moment's proxy settings.
+        opener = urllib.request.build_opener()
+        opener.open(urllib.request.Request(IMAGENET_VGG16_URL, method="HEAD"), timeout=20).close()
     except Exception as exc:  # noqa: BLE001 - URLError, proxy and TLS errors alike: the download would fail
         raise ConfigError(f"--vgg-weights imagenet: not in the torch hub cache ({cache}) and {IMAGENET_VGG16_URL} "
                           f"cannot be reached from here ({tracking.short_error(exc)}); copy the file there (or set "

@@ -66,12 +66,18 @@ class DataPosition:
 def epoch_plan(units: list[dict[str, Any]], seed: int, epoch: int, world: int) -> list[list[dict[str, Any]]]:
     """Per rank, its read units of this epoch in order, each with its seeded ``_rand`` (see the module docstring)."""
     order = np.random.default_rng(derive_seed("train-units", seed, epoch) % 2**63).permutation(len(units))
+    # A unit larger than half a rank's share is dealt in slices of its seeded row order, so a small dataset (fewer
+    # or bigger units than ranks) still gives every rank rows; at production size (units << share) nothing splits.
+    cap = max(1, -(-sum(int(u["rows"]) for u in units) // (2 * world)))
     loads, plan = [0] * world, [[] for _ in range(world)]
     for i in order:
-        r = min(range(world), key=lambda k: (loads[k], k))
-        plan[r].append({"uri": units[i]["uri"], "row_group": int(units[i]["row_group"]), "rows": int(units[i]["rows"]),
-                        "_rand": derive_seed("unit", seed, epoch, int(i)) / 2.0**63})
-        loads[r] += int(units[i]["rows"])
+        n, rand = int(units[i]["rows"]), derive_seed("unit", seed, epoch, int(i)) / 2.0**63
+        for lo in range(0, n, cap):
+            hi = min(n, lo + cap)
+            r = min(range(world), key=lambda k: (loads[k], k))
+            plan[r].append({"uri": units[i]["uri"], "row_group": int(units[i]["row_group"]), "rows": hi - lo,
+                            "lo": lo, "hi": hi, "_rand": rand})
+            loads[r] += hi - lo
     return plan
 
 
@@ -82,7 +88,7 @@ def remaining_units(units: list[dict[str, Any]], start: int) -> list[dict[str, A
     for u in units:
         if pos0 + u["rows"] > start:
             out.append({"uri": u["uri"], "row_group": u["row_group"], "_rand": u["_rand"], "pos0": pos0,
-                        "skip": max(0, start - pos0)})
+                        "skip": max(0, start - pos0), "lo": u.get("lo", 0), "hi": u.get("hi", u["rows"])})
         pos0 += u["rows"]
     return out
 

@@ -31,14 +31,25 @@ def test_epoch_plan_deals_every_unit_once_by_rank_and_is_seeded():
     units = _units()
     for world in (1, 2, 3):
         plan = train_stream.epoch_plan(units, seed=4, epoch=2, world=world)
-        dealt = sorted((u["uri"], u["row_group"]) for rank in plan for u in rank)
-        assert dealt == sorted((u["uri"], u["row_group"]) for u in units)
+        dealt = sorted((u["uri"], u["row_group"], r) for rank in plan for u in rank for r in range(u["lo"], u["hi"]))
+        assert dealt == sorted((u["uri"], u["row_group"], r) for u in units for r in range(u["rows"]))  # each row once
         loads = [sum(u["rows"] for u in rank) for rank in plan]
         assert max(loads) - min(loads) <= max(u["rows"] for u in units)  # balanced by rows
         assert plan == train_stream.epoch_plan(units, seed=4, epoch=2, world=world)  # no timing, no state
     a, b = (train_stream.epoch_plan(units, seed=4, epoch=e, world=1)[0] for e in (0, 1))
     assert [u["uri"] + str(u["row_group"]) for u in a] != [u["uri"] + str(u["row_group"]) for u in b]
     assert {u["_rand"] for u in a}.isdisjoint({u["_rand"] for u in b})  # new row orders/crops every epoch
+
+
+def test_a_dataset_smaller_than_the_ranks_units_still_feeds_every_rank():
+    """One row group of 12 rows (a tiny dataset) and 2 ranks: it is dealt as slices of its seeded row order, so both
+    ranks get 6 rows and every row is seen once (the whole-unit deal left rank 1 with nothing)."""
+    plan = train_stream.epoch_plan([{"uri": "only.parquet", "row_group": 0, "rows": 12}], seed=0, epoch=0, world=2)
+    assert [sum(u["rows"] for u in rank) for rank in plan] == [6, 6]
+    assert sorted(r for rank in plan for u in rank for r in range(u["lo"], u["hi"])) == list(range(12))
+    assert len({u["_rand"] for rank in plan for u in rank}) == 1  # one seeded row order, sliced
+    tail = train_stream.remaining_units(plan[1], 2)
+    assert [(u["lo"], u["hi"], u["skip"], u["pos0"]) for u in tail][0][2] == 2 - tail[0]["pos0"]
 
 
 def test_remaining_units_skip_whole_units_and_rows_of_the_first():
@@ -63,7 +74,7 @@ def _rank_rows(prepared_shards, monkeypatch, start: int, epoch: int = 1, rank: i
     bank = T.load_mask_bank(prepared_shards["masks"])
     monkeypatch.setattr(data, "_resolve_bank", lambda holder: bank)
     todo = train_stream.remaining_units(train_stream.epoch_plan(units, 9, epoch, world)[rank], start)
-    block = {k: np.array([u[k] for u in todo]) for k in ("uri", "row_group", "_rand", "pos0", "skip")}
+    block = {k: np.array([u[k] for u in todo]) for k in ("uri", "row_group", "_rand", "pos0", "skip", "lo", "hi")}
     out = list(data._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=T.derive_seed("train", 9, epoch)))
     return {k: np.concatenate([o[k] for o in out]) for k in ("image", "mask", "id", "pos")}
 

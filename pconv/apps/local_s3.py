@@ -26,6 +26,8 @@ from typing import Any, Iterator
 from pconv import storage
 
 log = logging.getLogger(__name__)
+# The server is on loopback: never ask a proxy from the environment for it.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -81,7 +83,7 @@ class LocalS3:
                 raise LocalS3Error(f"the local S3 server (moto) exited with {code}{where} (moto is installed "
                                    "with the project's [test] extra)")
             try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                with _DIRECT.open(f"{endpoint}/moto-api/", timeout=2):
                     break
             except OSError:
                 if time.monotonic() > deadline:
