@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pconv.apps import local_s3
 from pconv.apps.local_s3 import LocalS3, free_port  # noqa: F401 - tests import free_port from here
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,14 +63,8 @@ def s3_server(tmp_path_factory):
 
 
 def stop_process(process: subprocess.Popen, timeout: float) -> None:
-    """TERM a server process, KILL it if it has not exited within ``timeout`` seconds."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """TERM a server process, KILL it if it has not exited within ``timeout`` seconds (the local S3 helper's)."""
+    local_s3.stop_process(process, timeout)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from pconv.config import PAPER_LR_PHASE1, PAPER_LR_PHASE2, ConfigError, TrainConfig
 

@@ -35,6 +35,17 @@ CREDENTIAL = "testing"   # moto accepts any access key / secret; one value for e
 START_TIMEOUT_S = 60.0
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """TERM a server process, KILL it if it has not exited within ``timeout_s`` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class LocalS3Error(RuntimeError):
     """The local S3 server could not be started (moto missing or exiting, no answer in time)."""
 
@@ -100,13 +111,8 @@ class LocalS3:
     def stop(self, timeout_s: float = 10.0) -> None:
         """TERM the server, KILL it if it has not exited within ``timeout_s``."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout_s)
 
     def __enter__(self) -> "LocalS3":
         return self.start()
