@@ -1,0 +1,69 @@
+"""Super-resolution as inpainting: the paper's grid of known pixels (one concern: where LR pixels go).
+
+Liu et al., ECCV 2018, Sec. 5 ("Extension to Image Super Resolution"): the low-resolution image is placed on a
+K-times larger canvas by *offsetting* its pixels and inserting holes between them: the LR pixel at (x, y) goes to
+(K*x + floor(K/2), K*y + floor(K/2)) on the high-resolution canvas; every other canvas pixel is a hole. The PConv
+U-Net then fills the holes exactly as it fills irregular holes. With this offset each LR pixel sits at the centre
+of the K x K block it summarises, which is also where an area (box) or bicubic downsampler centres it.
+
+Masks here follow the project's contract: float, 1 = valid (an LR pixel), 0 = hole. Core module: no Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: The upscaling factors the pipeline supports (the paper reports K = 4; K = 2 is its easier sibling).
+SR_SCALES: tuple[int, ...] = (2, 4)
+
+
+def check_scale(scale: int) -> int:
+    """``scale`` as an int, or a ValueError that names the supported factors."""
+    if isinstance(scale, bool) or int(scale) != scale or int(scale) not in SR_SCALES:
+        raise ValueError(f"super-resolution scale {scale!r} is not supported: use one of {list(SR_SCALES)}")
+    return int(scale)
+
+
+def grid_offset(scale: int) -> int:
+    """The paper's offset of an LR pixel inside its K x K block: floor(K / 2) (Sec. 5)."""
+    return check_scale(scale) // 2
+
+
+def sr_grid(height: int, width: int, scale: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """The ``1 x 1 x height x width`` float mask of the grid: 1 where an LR pixel lands, 0 elsewhere.
+
+    ``height`` and ``width`` are the HR canvas size and must be multiples of ``scale`` (so the grid holds exactly
+    ``(height // scale) * (width // scale)`` valid pixels, one per LR pixel).
+    """
+    k = check_scale(scale)
+    if height % k or width % k or height <= 0 or width <= 0:
+        raise ValueError(f"an SR canvas of {height}x{width} is not a positive multiple of the scale {k}")
+    mask = torch.zeros(1, 1, height, width, device=device)
+    off = k // 2
+    mask[..., off::k, off::k] = 1.0
+    return mask
+
+
+def place_on_grid(lr: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put an ``N x C x h x w`` LR batch on the HR canvas: ``(canvas N x C x hK x wK, mask N x 1 x hK x wK)``.
+
+    The canvas holds the LR values at the grid positions and 0 in the holes (PConv ignores hole values).
+    """
+    if lr.dim() != 4:
+        raise ValueError(f"expected an N x C x h x w batch, got shape {tuple(lr.shape)}")
+    k = check_scale(scale)
+    n, c, h, w = lr.shape
+    mask = sr_grid(h * k, w * k, k, device=lr.device).to(lr.dtype).expand(n, 1, h * k, w * k).contiguous()
+    canvas = lr.new_zeros(n, c, h * k, w * k)
+    off = k // 2
+    canvas[..., off::k, off::k] = lr
+    return canvas, mask
+
+
+def take_from_grid(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The inverse of :func:`place_on_grid` for the values: the ``N x C x H/K x W/K`` pixels at the grid."""
+    k = check_scale(scale)
+    if hr.shape[-1] % k or hr.shape[-2] % k:
+        raise ValueError(f"an SR canvas of {hr.shape[-2]}x{hr.shape[-1]} is not a multiple of the scale {k}")
+    off = k // 2
+    return hr[..., off::k, off::k]
