@@ -19,6 +19,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # The one resampling filter for photos (training crops, validation, evaluation). Masks never go through it:
 # they resize nearest-neighbour only (pconv.masks.resize_nearest).
 RESAMPLE = Image.Resampling.BILINEAR
+# Super-resolution's degradation (task sr, paper Sec. 5): the HR crop shrunk K times with Pillow's BICUBIC, which
+# widens its kernel by K when shrinking (antialiased, as MATLAB's imresize: the SR literature's usual LR images).
+# Not RESAMPLE: an LR image is a model INPUT whose statistics inference sees again (bicubic LR photos), not a view.
+SR_RESAMPLE = Image.Resampling.BICUBIC
 
 
 def open_image(data: bytes, draft_size: int | None = None, name: str = "") -> Image.Image:
@@ -80,3 +84,11 @@ def crop_resized(img: Image.Image, size: int, pick: Callable[[int, int], tuple[i
 def center_crop(img: Image.Image, size: int) -> np.ndarray:
     """The centre view (training validation AND the evaluation protocol, so both measure the same pixels): short side -> ``size``, centre ``size x size`` crop. uint8 ``size x size x 3``."""
     return np.asarray(crop_resized(img, size, lambda nw, nh: ((nw - size) // 2, (nh - size) // 2)), dtype=np.uint8)
+
+
+def downsample(pixels: np.ndarray, scale: int) -> np.ndarray:
+    """SR's LR image: uint8 ``H x W x 3`` -> uint8 ``H/K x W/K x 3`` with :data:`SR_RESAMPLE` (sides multiples of K)."""
+    h, w = pixels.shape[:2]
+    if h % scale or w % scale:
+        raise ValueError(f"a {h}x{w} image cannot be downsampled by {scale}: its sides are not multiples of it")
+    return np.asarray(Image.fromarray(pixels).resize((w // scale, h // scale), SR_RESAMPLE), dtype=np.uint8)

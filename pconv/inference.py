@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pconv import storage
 from pconv.images import IMAGE_SUFFIXES, open_image
-from pconv.loading import load_model, resolve_device
+from pconv.loading import INPAINTING_TASK, load_model, resolve_device
 from pconv.masks import MASK_SUFFIXES, decode_mask, polarity_warning
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,8 @@ def inpaint_files(model_uri: str, image: str, mask: str, out: str, hole_color: s
     jobs = pair_files(image, mask, out)  # pairing and output-format errors before the (slow) model load
     for job in jobs:
         output_suffix(job.out, allow_lossy)
-    model, info = load_model(model_uri, device=resolve_device(device), tracking_uri=tracking_uri)
+    model, info = load_model(model_uri, device=resolve_device(device), tracking_uri=tracking_uri,
+                             task=INPAINTING_TASK)  # an SR model here is refused with a clear message
     log.info("loaded %s (%s, layer_size %d, trained at %d px)", model_uri, info["kind"], info["layer_size"],
              info["image_size"])
     if len(jobs) == 1 and not _is_dir(image):

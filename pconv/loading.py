@@ -25,8 +25,9 @@ import torch
 
 from pconv import checkpoint as ckpt
 from pconv import registry, storage
-from pconv.tracking import redact_uri, resolve_tracking_uri
+from pconv.config import INPAINTING_TASK, SR_TASK  # a config's `task` (absent: inpainting)
 from pconv.model import build_model, check_conv, conv_of_state_dict, default_layer_size
+from pconv.tracking import redact_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,59 @@ def _build(state_dict: dict[str, torch.Tensor], cfg: dict[str, Any], source: str
     image_size, layer_size = _layer_size(cfg, source)
     conv = str(cfg.get("conv") or "partial")  # configs from before the variant existed are the paper's net
     model = from_state_dict(state_dict, layer_size, source, conv=conv)
-    return model, {"image_size": image_size, "layer_size": layer_size, "conv": conv, "source": source}
+    return model, {"image_size": image_size, "layer_size": layer_size, "conv": conv, "source": source,
+                   **task_of_config(cfg)}
+
+
+def task_of_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``{"task", "sr_scale"}`` of a config mapping (no ``task`` key: inpainting; ``sr_scale`` only for SR)."""
+    task = str(cfg.get("task") or INPAINTING_TASK)
+    return {"task": task, "sr_scale": int(cfg.get("sr_scale") or 0) or None if task == SR_TASK else None}
+
+
+def check_task(info: dict[str, Any], task: str) -> None:
+    """ValueError naming the model when it was trained for another task than ``task`` (inpainting / sr)."""
+    have, uri = info.get("task") or INPAINTING_TASK, info.get("uri") or info.get("source")
+    if have == task:
+        return
+    if have == SR_TASK:
+        raise ValueError(f"{uri} is a super-resolution model (task: sr, scale {info.get('sr_scale')}), not an "
+                         "inpainting model; use it with pipelines/super_resolve.py (HTTP: POST /super-resolve)")
+    raise ValueError(f"{uri} is a {have} model, not a super-resolution model; super-resolution needs a model "
+                     f"trained with task: sr (pipelines/train.py --task sr), e.g. "
+                     f"{REGISTRY_SCHEME}{registry.SR_MODEL}@{registry.CHAMPION}")
+
+
+def model_config(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The config mapping of the model at ``uri`` WITHOUT loading its weights (only ``config.yaml`` is read);
+    what a caller reads to dispatch on the model's ``task`` before the (slow) load."""
+    uri = str(uri)
+    if uri.startswith(REGISTRY_SCHEME):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        store = registry_store(uri, tracking_uri)
+        try:
+            name, version = resolve_version(uri, store)
+            with tempfile.TemporaryDirectory(prefix="pconv-config-") as tmp:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{REGISTRY_SCHEME}{name}/{version}/{registry.EXTRA_FILES_DIR}/{ckpt.CONFIG_FILE}",
+                    dst_path=tmp, tracking_uri=store, registry_uri=store)
+                return ckpt.load_config_dict(Path(local).parent)  # where MLflow put it (it keeps sub-paths)
+        except MlflowException as exc:
+            detail = redact_uri(str(getattr(exc, "message", exc))).splitlines()[0][:300]
+            raise ValueError(f"{uri}: no such registered model, alias or version in the MLflow store "
+                             f"{redact_uri(store)} ({detail})") from None
+    base = ckpt.resolve(uri)
+    if base is not None:
+        with ckpt.local_copy(base) as directory:
+            return ckpt.load_config_dict(directory)
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if not storage.is_remote(uri) and registry.is_model_dir(path):
+        return ckpt.load_config_dict(registry.model_files_dir(path))
+    raise FileNotFoundError(f"model {uri}: no checkpoint ({' + '.join(ckpt.CHECKPOINT_FILES)}) or MLflow model "
+                            "folder there (expected models:/NAME@ALIAS, a checkpoint folder/s3:// prefix or an "
+                            "MLflow model folder)")
 
 
 def _read_torch(load: Callable[[], Any], what: str) -> dict[str, Any]:
@@ -177,11 +230,13 @@ def _from_registry(uri: str, tracking_uri: str | None) -> tuple[torch.nn.Module,
     return model, info
 
 
-def load_model(uri: str, device: str | torch.device = "cpu", tracking_uri: str | None = None
-               ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a PConv U-Net (eval mode) from a registry URI, a checkpoint URI or a local path.
+def load_model(uri: str, device: str | torch.device = "cpu", tracking_uri: str | None = None,
+               task: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a PConv U-Net (eval mode) from a registry URI, a checkpoint URI or a local path; with ``task``
+    (inpainting / sr), a model trained for the other task is refused (:func:`check_task`).
 
-    Returns ``(model, info)``; ``info`` has ``image_size``, ``layer_size``, ``conv``, ``source``, ``kind``, ``uri``
+    Returns ``(model, info)``; ``info`` has ``image_size``, ``layer_size``, ``conv``, ``task``, ``sr_scale``,
+    ``source``, ``kind``, ``uri``
     (plus ``name``/``version``/``model_id`` (the LoggedModel) for registry URIs, ``step``/``mlflow_run_id`` for
     checkpoints).
     """
@@ -203,8 +258,10 @@ def load_model(uri: str, device: str | torch.device = "cpu", tracking_uri: str |
             model, info = _load_checkpoint(str(path), f"neither a checkpoint ({' + '.join(ckpt.CHECKPOINT_FILES)}), "
                                                       "an MLflow model folder, nor a folder holding checkpoints")
     info["uri"] = uri
+    if task is not None:
+        check_task(info, task)
     return model.to(resolve_device(device)).eval(), info
 
 
-__all__ = ["from_state_dict", "load_model", "parse_registry_uri", "registry_store", "resolve_device",
-           "resolve_version"]
+__all__ = ["INPAINTING_TASK", "SR_TASK", "check_task", "from_state_dict", "load_model", "model_config",
+           "parse_registry_uri", "registry_store", "resolve_device", "resolve_version", "task_of_config"]

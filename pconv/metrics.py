@@ -84,6 +84,27 @@ def psnr(pred: Any, gt: Any, data_range: float = 1.0) -> Any:
     return _finish(values, kind)
 
 
+# ITU-R BT.601 luma as the SR literature computes it (MATLAB ``rgb2ycbcr``): Y = 16 + 65.481 R + 128.553 G + 24.966 B
+# for R, G, B in [0, 1], in 8-bit units; :func:`rgb_to_y` returns Y / 255 (range [16, 235] / 255).
+BT601_Y_OFFSET = 16.0
+BT601_Y_WEIGHTS = (65.481, 128.553, 24.966)
+
+
+def rgb_to_y(image: Any) -> Any:
+    """BT.601 luma of RGB images in [0, 1], in [0, 1]: torch ``N x 3 x H x W`` / ``3 x H x W`` -> one channel
+    (``N x 1 x H x W`` / ``1 x H x W``); numpy ``H x W x 3`` / ``N x H x W x 3`` -> ``... x 1`` (float64)."""
+    wr, wg, wb = BT601_Y_WEIGHTS
+    if isinstance(image, torch.Tensor):
+        if image.dim() not in (3, 4) or image.shape[-3] != 3:
+            raise ValueError(f"rgb_to_y needs 3 x H x W or N x 3 x H x W, got {tuple(image.shape)}")
+        r, g, b = image.double().unbind(dim=-3)
+        return ((BT601_Y_OFFSET + wr * r + wg * g + wb * b) / 255.0).unsqueeze(-3)
+    arr = np.asarray(image, dtype=np.float64)
+    if arr.ndim not in (3, 4) or arr.shape[-1] != 3:
+        raise ValueError(f"rgb_to_y needs H x W x 3 or N x H x W x 3, got {arr.shape}")
+    return ((BT601_Y_OFFSET + arr @ np.array(BT601_Y_WEIGHTS)) / 255.0)[..., None]
+
+
 def _gaussian_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     radius = SSIM_WINDOW // 2
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)

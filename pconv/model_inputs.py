@@ -4,7 +4,12 @@ Rows carry ``image`` uint8 ``N x 3 x S x S`` (0..255) and ``mask`` uint8 ``N x 1
 the model takes float32 ``image`` in [0, 1], float32 ``mask`` and, where asked, ``masked`` = image * mask. The
 conversion is one cheap op at the consumer: :func:`to_float_batch` on the consumer's device (the training loop: 4x
 fewer bytes to move), :func:`float_collate` / :func:`iter_batches` in Ray's prefetch threads for other consumers,
-:func:`to_float` on numpy arrays (validation pairs, benchmarks). No pconv imports; torch and Ray are imported on use.
+:func:`to_float` on numpy arrays (validation pairs, benchmarks). Torch and Ray are imported on use.
+
+The net's image input (:func:`net_input`, key ``input`` of :func:`to_float_batch`): ``image`` itself for inpainting
+(the net masks it), and for super-resolution rows (an ``lr`` column, ``task: sr``) the HR canvas holding the LR
+pixels at their grid positions (:func:`pconv.sr_grid.place_on_grid`, as at inference) — not ``image * mask``,
+whose grid pixels would be HR samples rather than the downsampled values the net sees in use.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ def to_float(image: np.ndarray, mask: np.ndarray, include_masked: bool = False) 
 
 def to_float_batch(batch: dict[str, Any], device: Any = None, include_masked: bool = False) -> dict[str, Any]:
     """Torch batch of uint8 rows -> the model inputs, on ``device`` (moved first: 4x fewer bytes to copy):
-    float32 ``image`` in [0, 1], float32 ``mask``, ``masked`` = image * mask if asked; other keys unchanged."""
+    float32 ``image`` in [0, 1], float32 ``mask``, ``masked`` = image * mask if asked, ``input`` (:func:`net_input`);
+    other keys unchanged."""
     import torch
 
     out = dict(batch)
@@ -39,7 +45,23 @@ def to_float_batch(batch: dict[str, Any], device: Any = None, include_masked: bo
     out["mask"] = mask.to(torch.float32)
     if include_masked:
         out["masked"] = out["image"] * out["mask"]
+    out["input"] = net_input(out)
     return out
+
+
+def net_input(batch: dict[str, Any]) -> Any:
+    """The image the net takes with ``batch["mask"]`` (float torch): ``image``, or SR's canvas of ``lr`` (uint8 or
+    float in [0, 1], ``N x 3 x S/K x S/K``; K = S / its side) on the grid, on ``image``'s device."""
+    import torch
+
+    from pconv.sr_grid import place_on_grid
+
+    image, lr = batch["image"], batch.get("lr")
+    if lr is None:
+        return image
+    lr = lr.to(image.device, non_blocking=True)
+    lr = lr.to(torch.float32).mul_(1.0 / 255.0) if lr.dtype == torch.uint8 else lr.to(torch.float32)
+    return place_on_grid(lr, image.shape[-1] // lr.shape[-1])[0]
 
 
 @functools.cache

@@ -4,7 +4,9 @@ model that every registered version carries.
 Contract (../shared/ARCHITECTURE.md, "Contracts"): a DataFrame with columns ``image`` and ``mask`` (the bytes of
 encoded image files of any size; base64 strings when they arrive as JSON) and an optional ``hole_color``
 (``white``, the default, or ``black``) -> a DataFrame with column ``image``: PNG bytes of the composite at the input's
-size, valid pixels unchanged. The Ray Serve app (:mod:`pconv.serve`) uses the same decoding and checks
+size, valid pixels unchanged. A super-resolution model (``task: sr``) takes only column ``image`` (the LR file) and
+returns column ``image``: PNG bytes of the K-times larger composite (:func:`decode_lr_request`,
+:func:`pconv.super_resolution.super_resolve`). The Ray Serve app (:mod:`pconv.serve`) uses the same decoding and checks
 (:func:`decode_request`), so both front doors refuse the same bad inputs with the same messages.
 
 How MLflow finds it: :mod:`pconv.registry` adds a ``python_function`` flavour with ``loader_module`` =
@@ -29,7 +31,9 @@ from PIL import Image, UnidentifiedImageError
 
 from pconv.images import open_image
 from pconv.inference import encode_image, inpaint
+from pconv.loading import SR_TASK
 from pconv.masks import HOLE_COLORS, decode_mask, polarity_warning
+from pconv.super_resolution import resolve_scale, super_resolve
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,23 @@ def decode_request(image: Any, mask: Any, hole_color: Any = None,
     return Decoded(torch.from_numpy(arr.transpose(2, 0, 1).copy()), torch.from_numpy(valid).float()[None], warning)
 
 
+def decode_lr_request(image: Any, scale: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An SR request's LR image as float32 3×h×w in [0, 1]; BadInput (413) when its ``scale``-times larger output
+    would have more than ``max_pixels`` pixels (checked on the header, before decoding)."""
+    data = as_bytes(image, "image")
+    if not data:
+        raise BadInput("image: empty file (0 bytes)")
+    w, h = _size(data, "image")
+    if w * h * scale * scale > max_pixels:
+        raise BadInput(f"image is {w}x{h}: its x{scale} output ({w * scale}x{h * scale} = {w * h * scale * scale:,} "
+                       f"pixels) is above the limit of {max_pixels:,}", status=413)
+    try:
+        arr = np.asarray(open_image(data, name="image"), dtype=np.float32) / 255.0
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
 def inpaint_decoded(model: torch.nn.Module, items: list[Decoded]) -> list[torch.Tensor]:
     """Composites for several requests: requests of the same size run as one batch, others one by one."""
     out: list[torch.Tensor | None] = [None] * len(items)
@@ -153,6 +174,8 @@ class PConvPyfunc:
         import pandas as pd
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if self.info.get("task") == SR_TASK:
+            return pd.DataFrame({"image": self._super_resolve(df)})
         missing = [c for c in ("image", "mask") if c not in df.columns]
         if missing:
             raise BadInput(f"input is missing column(s) {missing}; expected image, mask and optional hole_color")
@@ -160,6 +183,14 @@ class PConvPyfunc:
         items = [decode_request(i, m, c, self.max_pixels) for i, m, c in zip(df["image"], df["mask"], colors)]
         comps = inpaint_decoded(self.model, items)
         return pd.DataFrame({"image": [encode_image(c) for c in comps]})
+
+    def _super_resolve(self, df) -> list[bytes]:
+        k = resolve_scale(self.info, None)
+        if "image" not in df.columns or ("mask" in df.columns and df["mask"].notna().any()):
+            raise BadInput(f"this is a super-resolution model (x{k}): send only column image (the low-resolution "
+                           "file), no mask")
+        return [encode_image(super_resolve(self.model, decode_lr_request(i, k, self.max_pixels), k))
+                for i in df["image"]]
 
 
 def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> PConvPyfunc:
@@ -173,4 +204,4 @@ def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> 
 
 
 __all__ = ["BadInput", "DEFAULT_HOLE_COLOR", "DEFAULT_MAX_PIXELS", "Decoded", "LOADER_MODULE", "PConvPyfunc",
-           "decode_request", "inpaint_decoded"]
+           "decode_lr_request", "decode_request", "inpaint_decoded"]

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from pconv import checkpoint as ckpt
-from pconv.config import TRAIN_EXPERIMENT, TrainConfig
+from pconv.config import SR_TASK, TRAIN_EXPERIMENT, TrainConfig
 from pconv.model import build_model
 from pconv.tracking import client_for, resolve_tracking_uri, start_or_resume_run
 
@@ -79,6 +79,7 @@ def model_card(cfg: TrainConfig, step: int | None, extra: Mapping[str, Any] | No
         f"- training image size: {cfg.image_size} px (square); runs on any size (padded to a multiple of "
         f"2**layer_size = {2 ** cfg.layer_size}, tiled when large)",
         f"- layer size (U-Net depth): {cfg.layer_size}; convolution: {cfg.conv} (`conv`, docs/variants.md)",
+        f"- task: {cfg.task}" + (f" (x{cfg.sr_scale} super-resolution, paper Sec. 5)" if cfg.task == SR_TASK else ""),
         f"- mask polarity: {MASK_POLARITY}",
         "- inputs: image float32 N×3×H×W in [0, 1], mask float32 N×1×H×W; outputs: (output, output_mask); "
         "the inpainted result is the composite mask*image + (1-mask)*output",
@@ -271,6 +272,7 @@ def log_and_register_model(model: torch.nn.Module, config: TrainConfig | Mapping
         outputs = net(image, mask)
     signature = _signature(image, mask, outputs)
     metadata = {"image_size": cfg.image_size, "layer_size": cfg.layer_size, "conv": cfg.conv, "in_channels": 3,
+                "task": cfg.task, "sr_scale": cfg.sr_scale if cfg.task == SR_TASK else None,
                 "mask_polarity": MASK_POLARITY, "training_steps": step, "paper": PAPER,
                 "pconv_format": FORMAT_TAG, "state_dict": f"{EXTRA_FILES_DIR}/{STATE_DICT_FILE}",
                 "config": f"{EXTRA_FILES_DIR}/{ckpt.CONFIG_FILE}",
@@ -307,6 +309,7 @@ def log_and_register_model(model: torch.nn.Module, config: TrainConfig | Mapping
         return None
     version = str(info.registered_model_version)
     tags = {"pconv.image_size": cfg.image_size, "pconv.layer_size": cfg.layer_size, "pconv.conv": cfg.conv,
+            "pconv.task": cfg.task, "pconv.sr_scale": cfg.sr_scale if cfg.task == SR_TASK else None,
             "pconv.step": step, "pconv.serialization": serialization, "pconv.run_name": cfg.run_name,
             "pconv.checkpoint": checkpoint_uri or (str(checkpoint_dir) if checkpoint_dir else None)}
     for key, value in tags.items():

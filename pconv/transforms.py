@@ -9,10 +9,18 @@ resize for validation. Output arrays are compact: ``image`` uint8 N x 3 x S x S 
 N x 1 x S x S in {0, 1} (1 = valid), plus ``skipped`` (see :mod:`pconv.data`); :mod:`pconv.model_inputs` makes
 the float32 model inputs. Shipping uint8 moves 4x fewer bytes through Ray's object store and to the GPU; the
 conversion to float is one cheap op at the consumer (on the GPU in training).
+
+Super-resolution (``task: sr``, paper Sec. 5): the pairing source is an :class:`SRPairs` instead of a mask bank.
+Each crop (the same random crop + flip, or centre crop) stays the ``image`` (the HR ground truth); the ``mask`` is
+the grid of :func:`pconv.sr_grid.sr_grid` (offset floor(K/2)); an extra column ``lr`` uint8 N x 3 x S/K x S/K holds
+the crop downsampled by K (:func:`pconv.images.downsample`, Pillow bicubic). The model's image input is the canvas
+of ``lr`` on the grid (:func:`pconv.model_inputs.to_float_batch`), NOT ``image * mask``: at the grid positions the
+net must see the downsampled values, as at inference, while the losses compare with the HR crop.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -24,6 +32,7 @@ from PIL import Image
 from pconv import images
 from pconv import masks as M
 from pconv import shards
+from pconv.sr_grid import check_scale, sr_grid
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +77,50 @@ def _split_with_rows(root: str, manifest: dict[str, Any], preferred: str) -> str
     raise ValueError(f"{root}: the manifest lists no rows (counts={counts})")
 
 
-def load_mask_bank(masks_uri: str, split: str = "train") -> MaskBank:
-    """Read every mask of ``split`` (falling back to the other split if it is empty) into a :class:`MaskBank`."""
+@dataclass(frozen=True)
+class SRPairs:
+    """The pairing source of ``task: sr`` (stands where a :class:`MaskBank` / mask URI goes): one "mask", the grid
+    of scale K, so ``keys``, ``bins`` and ``border`` answer as a one-mask bank's would."""
+
+    scale: int
+
+    def __post_init__(self) -> None:
+        check_scale(self.scale)
+
+    def __len__(self) -> int:
+        return 1
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"sr-grid-x{self.scale}"]
+
+    @property
+    def bins(self) -> np.ndarray:
+        return np.full(1, -1, dtype=np.int8)
+
+    @property
+    def border(self) -> np.ndarray:
+        return np.zeros(1, dtype=bool)
+
+    def lr(self, pixels: np.ndarray) -> np.ndarray:
+        """The LR image (uint8 ``S/K x S/K x 3``) of an HR crop ``S x S x 3``: :func:`pconv.images.downsample`."""
+        return images.downsample(pixels, self.scale)
+
+    def grid(self, size: int) -> np.ndarray:
+        """The ``size x size`` uint8 grid mask (1 = an LR pixel, :func:`pconv.sr_grid.sr_grid`)."""
+        return _grid(size, self.scale).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int, scale: int) -> np.ndarray:
+    return sr_grid(size, size, scale)[0, 0].numpy().astype(np.uint8)
+
+
+def load_mask_bank(masks_uri: "str | SRPairs", split: str = "train") -> "MaskBank | SRPairs":
+    """Read every mask of ``split`` (falling back to the other split if it is empty) into a :class:`MaskBank`
+    (an :class:`SRPairs` is its own bank)."""
+    if isinstance(masks_uri, SRPairs):
+        return masks_uri
     manifest = shards.read_manifest(masks_uri, kind=shards.MASKS_KIND)
     split = _split_with_rows(masks_uri, manifest, split)
     table = shards.read_table(shards.shard_uris(masks_uri, manifest, split), ["key", "mask", "bin", "border"])
@@ -104,9 +155,24 @@ def center_square_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return M.resize_nearest(mask[top:top + side, left:left + side], size)
 
 
-def _to_chw(pixels: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
-    """uint8 N x S x S x 3 and N x S x S -> uint8 N x 3 x S x S image, N x 1 x S x S mask."""
-    return {"image": np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), "mask": masks[:, None]}
+def _to_chw(pixels: np.ndarray, masks: np.ndarray, bank: "MaskBank | SRPairs | None" = None
+            ) -> dict[str, np.ndarray]:
+    """uint8 N x S x S x 3 and N x S x S -> uint8 N x 3 x S x S image, N x 1 x S x S mask (+ SR's ``lr``)."""
+    out = {"image": np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), "mask": masks[:, None]}
+    if isinstance(bank, SRPairs):
+        k, s = bank.scale, pixels.shape[1]
+        lr = np.stack([bank.lr(p) for p in pixels]) if len(pixels) else np.empty((0, s // k, s // k, 3), np.uint8)
+        out["lr"] = np.ascontiguousarray(lr.transpose(0, 3, 1, 2))
+    return out
+
+
+def _mask_for(bank: "MaskBank | SRPairs", s: int, rng: np.random.Generator | None, index: int = 0) -> np.ndarray:
+    """The S x S mask of one sample: SR's grid; a random augmented bank mask (``rng``); or fixed mask ``index``."""
+    if isinstance(bank, SRPairs):
+        return bank.grid(s)
+    if rng is not None:
+        return M.augment_mask(bank.mask(int(rng.integers(len(bank)))), rng, s)
+    return center_square_mask(bank.mask(index), s)
 
 
 def _skipped_column(n_out: int, skipped: int) -> np.ndarray:
@@ -117,7 +183,7 @@ def _skipped_column(n_out: int, skipped: int) -> np.ndarray:
 
 
 def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed: int,
-                    bank: MaskBank) -> dict[str, np.ndarray]:
+                    bank: "MaskBank | SRPairs") -> dict[str, np.ndarray]:
     """Training samples from a batch of shard rows (``key``, ``image``, ``_rand``, optional ``pos``): decode +
     crop + flip each image, pair it with a random mask of ``bank`` augmented by :func:`pconv.masks.augment_mask`.
     Output rows keep the input order (corrupt rows dropped); ``pos`` rides along when given.
@@ -138,8 +204,7 @@ def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed:
         try:
             img = images.open_image(bytes(blobs[i]), draft_size=s, name=key)
             pixels[ok] = random_crop_flip(img, s, rng)
-            j = int(rng.integers(len(masks_bank)))
-            masks_out[ok] = M.augment_mask(masks_bank.mask(j), rng, s)
+            masks_out[ok] = _mask_for(masks_bank, s, rng)
         except (ValueError, OSError) as exc:
             skipped += 1
             log.warning("training data: skipped corrupt row %s: %s", key, exc)
@@ -148,7 +213,7 @@ def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed:
         ok += 1
     if skipped and not ok:
         log.warning("training data: a decode batch of %d rows was entirely corrupt (count not in 'skipped')", n)
-    out = _to_chw(pixels[:ok], masks_out[:ok])  # input order (the caller's rows are already in a seeded order)
+    out = _to_chw(pixels[:ok], masks_out[:ok], masks_bank)  # input order (the caller's rows are already in a seeded order)
     out["id"] = ids[:ok]
     out["skipped"] = _skipped_column(ok, skipped)
     if "pos" in batch:  # the data position of each surviving row (pconv.train_stream)
@@ -156,7 +221,7 @@ def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed:
     return out
 
 
-def val_transform(batch: dict[str, np.ndarray], *, image_size: int, bank: MaskBank,
+def val_transform(batch: dict[str, np.ndarray], *, image_size: int, bank: "MaskBank | SRPairs",
                   pairing: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
     """Validation samples: rows whose key is in ``pairing`` (key -> (index, mask index)), centre crop, fixed mask."""
     masks_bank = bank
@@ -176,9 +241,9 @@ def val_transform(batch: dict[str, np.ndarray], *, image_size: int, bank: MaskBa
             log.warning("validation data: skipped corrupt row %s: %s", key, exc)
             continue
         index[ok], mask_index[ok] = pairing[key]
-        masks_out[ok] = center_square_mask(masks_bank.mask(int(mask_index[ok])), s)
+        masks_out[ok] = _mask_for(masks_bank, s, None, int(mask_index[ok]))
         ok += 1
-    out = _to_chw(pixels[:ok], masks_out[:ok])
+    out = _to_chw(pixels[:ok], masks_out[:ok], masks_bank)
     out["index"], out["mask_index"] = index[:ok], mask_index[:ok]
     out["skipped"] = _skipped_column(ok, skipped)
     return out

@@ -3,6 +3,8 @@
 
 L1 (%), PSNR and SSIM of the composite per hole-ratio bin, with and without holes near the border, on fixed
 (image, mask) pairs; the same table for a non-learned baseline; both logged to MLflow (table + bar chart).
+A super-resolution model (task: sr) is evaluated instead against bicubic upsampling (pconv.sr_evaluation: PSNR /
+SSIM on Y, the headline, and on RGB); it needs no --masks, and --scale must match the model's.
 
 Examples:
   python pipelines/evaluate.py --model models:/pconv-unet@candidate \\
@@ -33,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
     p.add_argument("--images", required=True, help="evaluation images: shard root or folder/zip/s3:// of files")
-    p.add_argument("--masks", required=True, help="test masks: mask shard root, or folder/zip of files (+ --hole-color)")
+    p.add_argument("--masks", help="inpainting: test masks, mask shard root or folder/zip of files (+ --hole-color)")
+    p.add_argument("--scale", type=int, default=None, help="super-resolution models: K (default: the model's)")
     cli.add_hole_color(p, required=False)  # only raw mask files need it; mask shards store their polarity
     p.add_argument("--limit", type=int, default=None, help="use at most N images (each is paired with every group)")
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="evaluation size in px (paper: 512)")
@@ -56,10 +59,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from pconv.loading import SR_TASK, model_config
+
+    if model_config(args.model).get("task") == SR_TASK:  # the model's task decides (config.yaml only, no weights)
+        from pconv.sr_evaluation import run_sr_evaluation
+
+        result = run_sr_evaluation(args.model, args.images, args.scale, image_size=args.image_size,
+                                   limit=args.limit, batch_size=args.batch_size, device=args.device,
+                                   baseline=not args.no_baseline, promote_alias=args.promote,
+                                   experiment=None if args.no_mlflow else args.experiment)
+        return _report(args, result)
+    if not args.masks:
+        raise ValueError(f"{args.model} is an inpainting model: --masks (the test masks) is required")
     result = run_evaluation(args.model, args.images, args.masks, image_size=args.image_size, limit=args.limit,
                             hole_color=args.hole_color, batch_size=args.batch_size, device=args.device,
                             baseline=not args.no_baseline, experiment=None if args.no_mlflow else args.experiment,
                             promote_alias=args.promote)
+    return _report(args, result)
+
+
+def _report(args: argparse.Namespace, result: dict) -> int:
     print(result["markdown"])
     if result.get("mlflow_run_id"):
         print(f"logged to MLflow run {result['mlflow_run_id']}")

@@ -8,6 +8,8 @@ Examples:
       --run-name places2-512 --workers 8 --vgg-weights s3://bucket/weights/vgg16.pth
   # locally, embedded defaults (local Ray, local folders, sqlite MLflow store):
   python pipelines/train.py --config configs/demo.yaml
+  # super-resolution x4 (paper Sec. 5) on the same image shards, no masks; registers pconv-sr:
+  python pipelines/train.py --task sr --sr-scale 4 --images s3://bucket/places2 --image-size 256 --run-name sr4
 
 Re-running the same command (same --run-name and --storage) resumes from the latest checkpoint;
 re-running a finished run does nothing and says so. Every flag is a key of pconv.config.TrainConfig, described

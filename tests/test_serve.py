@@ -75,7 +75,7 @@ def served(mlflow_server, tmp_path_factory):
                             min_replicas=1, max_replicas=1, max_ongoing_requests=4, max_queued_requests=6,
                             num_cpus=0.5, poll_s=1.0, max_pixels=1_000_000, device="cpu"),
                   name=APP_NAME, route_prefix="/")
-        yield {"url": f"http://127.0.0.1:{port}", "v1": v1, "v2": v2, "client": client}
+        yield {"url": f"http://127.0.0.1:{port}", "v1": v1, "v2": v2, "client": client, "tracking": mlflow_server.url}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -176,6 +176,43 @@ def test_moving_champion_switches_version_without_failed_requests(served, photo_
     # once switched, it stays switched
     first_v2 = versions.index(served["v2"])
     assert set(versions[first_v2:]) == {served["v2"]}
+
+
+def test_an_sr_model_is_served_on_post_super_resolve(served, photo_and_mask):
+    """A registered super-resolution model (task sr, x2) as a second app: POST /super-resolve gives the 2x image with
+    the LR pixels exact; each route answers 409 naming the other when the model is of the other task."""
+    from ray import serve
+
+    from pconv.serve import build_app
+
+    torch.manual_seed(3)
+    cfg = TrainConfig(images="x", task="sr", sr_scale=2, image_size=IMAGE_SIZE, layer_size=LAYER_SIZE,
+                      run_name="serve-sr", experiment="serve-exp", phase1_steps=1, phase2_steps=0)
+    version = registry.log_and_register_model(build_model(LAYER_SIZE).eval(), cfg, None, name=registry.SR_MODEL,
+                                              alias=registry.CHAMPION)
+    serve.run(build_app(f"models:/{registry.SR_MODEL}@{registry.CHAMPION}", served["tracking"],
+                        min_replicas=1, max_replicas=1, num_cpus=0.5, poll_s=60, max_pixels=1_000_000,
+                        device="cpu"), name="pconv-sr-test", route_prefix="/sr")
+    try:
+        lr = np.asarray(Image.open(io.BytesIO(photo_and_mask[0])).convert("RGB"))[::4, ::4].copy()  # 128x128
+        url = served["url"] + "/sr"
+        resp = requests.post(f"{url}/super-resolve", files={"image": ("lr.png", png(lr), "image/png")}, timeout=120)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["X-Model-Version"] == version
+        hr = np.asarray(Image.open(io.BytesIO(resp.content)).convert("RGB"))
+        assert hr.shape == (256, 256, 3)
+        assert np.array_equal(hr[1::2, 1::2], lr)  # the LR pixels at the paper's grid positions (offset K // 2)
+        assert requests.get(f"{url}/healthz", timeout=30).json()["task"] == "sr"
+        wrong = post(url, photo_and_mask[0], photo_and_mask[1])
+        assert wrong.status_code == 409 and "POST /super-resolve" in wrong.json()["error"]
+        big = requests.post(f"{url}/super-resolve", files={"image": ("lr.png", png(np.zeros((600, 600, 3), np.uint8)),
+                                                                     "image/png")}, timeout=60)
+        assert big.status_code == 413 and "above the limit of 1,000,000" in big.json()["error"]
+        other = requests.post(f"{served['url']}/super-resolve", files={"image": ("lr.png", png(lr), "image/png")},
+                              timeout=60)
+        assert other.status_code == 409 and "POST /inpaint" in other.json()["error"]
+    finally:
+        serve.delete("pconv-sr-test")
 
 
 def test_serve_deploy_configs_build_the_app(repo_root):
