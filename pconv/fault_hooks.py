@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 class FaultHooks:
     """Test-only hooks, off unless ``PCONV_TEST_HOOKS`` names a JSON file: ``trace_dir`` (append ``{step, epoch,
-    ids}`` per step to ``rank<r>.jsonl``) and ``crash`` = ``{rank, step, marker}`` (``os._exit`` once, right after
-    the checkpoint of that step, unless the marker file exists; it is created first)."""
+    ids, skipped}`` per step to ``rank<r>.jsonl``) and ``crash`` = ``{rank, step, marker}`` (``os._exit`` once,
+    right after the checkpoint of that step, unless the marker file exists; it is created first)."""
 
     def __init__(self, rank: int, spec: dict[str, Any]) -> None:
         self.rank, self.spec = rank, spec
@@ -30,7 +30,8 @@ class FaultHooks:
 
     def trace(self, step: int, epoch: int, batch: dict[str, Any]) -> None:
         if self.spec.get("trace_dir"):
-            line = json.dumps({"step": step + 1, "epoch": epoch, "ids": batch["id"].tolist()})
+            skipped = int(batch["skipped"].sum()) if "skipped" in batch else 0  # corrupt rows this batch carried
+            line = json.dumps({"step": step + 1, "epoch": epoch, "ids": batch["id"].tolist(), "skipped": skipped})
             with open(os.path.join(self.spec["trace_dir"], f"rank{self.rank}.jsonl"), "a") as f:
                 f.write(line + "\n")
 

@@ -25,9 +25,9 @@ def world_sum(values: torch.Tensor, ctx: Any) -> torch.Tensor:
     return values.cpu()
 
 
-def report(state: Any, ctx: Any, stream: WorkerStream) -> None:
+def report(state: Any, ctx: Any, stream: WorkerStream, counters: dict[str, int] | None = None) -> None:
     """Every rank reports (a barrier); rank 0 attaches a complete checkpoint directory with every rank's data
-    position (gathered here)."""
+    position (gathered here) and the run's ``counters`` (already summed over the ranks), which a resume continues."""
     import ray.train
 
     rows = torch.tensor([stream.rows if r == ctx.rank else 0 for r in range(ctx.world)], dtype=torch.int64)
@@ -41,7 +41,7 @@ def report(state: Any, ctx: Any, stream: WorkerStream) -> None:
             "total_steps": cfg.total_steps, "finished": state.step >= cfg.total_steps,
             "data_position": position.to_dict()}
     with tempfile.TemporaryDirectory(prefix="pconv-ckpt-") as tmp:
-        ckpt.save(tmp, state.checkpoint_state(cfg.seed, position), cfg.to_yaml(), meta)
+        ckpt.save(tmp, state.checkpoint_state(cfg.seed, position, counters), cfg.to_yaml(), meta)
         ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_step_{state.step:08d}")
 

@@ -53,7 +53,9 @@ def eval_set(eval_data):
 # ---------------------------------------------------------------------------------------------
 def test_fixed_pairing_covers_every_bin_and_border_group(eval_data, eval_set):
     es = eval_set
-    assert len(es.images) == N_IMAGES and es.images[0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert len(es.image_keys) == N_IMAGES and es.image_keys == sorted(os.listdir(eval_data["images"]))[:N_IMAGES]
+    first = next(es.image_batches())
+    assert [j for j, _ in first] == list(range(N_IMAGES)) and first[0][1].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     assert es.groups == {(b, f): 2 for b in range(6) for f in (False, True)}
     assert len(es.pairs) == 12 * N_IMAGES
     # the NVIDIA blocks are the paper's bins: block 2k (no border) and 2k+1 (border) hold bin k

@@ -252,17 +252,52 @@ def test_a_killed_job_resubmitted_ends_like_an_uninterrupted_run(prepared_shards
     _assert_same_run(tmp_path, "whole", "killed", trace_a, trace_b, 1)
 
 
+@pytest.fixture(scope="module")
+def corrupt_images(prepared_shards, tmp_path_factory) -> str:
+    """prepared_shards' images with 2 corrupt rows added to each train shard (the val split as is): a 2-worker run
+    drops rows on both ranks, so its ``data/skipped`` must be their sum."""
+    from pconv import shards, storage
+
+    src = prepared_shards["images"]
+    manifest = shards.read_manifest(src)
+    root, entries = str(tmp_path_factory.mktemp("corrupt") / "images"), []
+    for i, entry in enumerate(manifest["shards"]):
+        rows = shards.read_table([storage.join(src, entry["path"])], shards.IMAGE_SCHEMA.names).to_pylist()
+        if entry["split"] == "train":
+            rows.insert(1, {**rows[0], "key": f"bad/{i}-truncated", "image": rows[0]["image"][:200]})
+            rows.append({**rows[0], "key": f"bad/{i}-garbage.png", "image": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40})
+        writer = shards.ShardWriter(root, entry["split"], shards.IMAGE_SCHEMA, 2**40, f"c{i}", "image")
+        for row in rows:
+            writer.add(row)
+        writer.flush()
+        entries += writer.shards
+    counts = {s: sum(e["rows"] for e in entries if e["split"] == s) for s in shards.SPLITS}
+    manifest = {**manifest, "shards": entries, "counts": counts}
+    storage.write_bytes_atomic(storage.join(root, shards.MANIFEST), json.dumps(manifest).encode())
+    return root
+
+
 @pytest.mark.slow
-def test_a_lost_worker_restarted_by_ray_ends_like_an_uninterrupted_run(prepared_shards, tmp_path, ray_hooks,
-                                                                       monkeypatch):
+def test_a_lost_worker_restarted_by_ray_ends_like_an_uninterrupted_run(prepared_shards, corrupt_images, tmp_path,
+                                                                       ray_hooks, monkeypatch):
+    from mlflow import MlflowClient
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    _, trace_a = _run(prepared_shards, tmp_path, ray_hooks, "whole2", 2)
+    inputs = {**prepared_shards, "images": corrupt_images}  # corrupt rows on both ranks (data/skipped below)
+    whole, trace_a = _run(inputs, tmp_path, ray_hooks, "whole2", 2)
     crash = {"rank": 1, "step": 4, "marker": str(tmp_path / "crashed-worker")}
-    summary, trace_b = _run(prepared_shards, tmp_path, ray_hooks, "lost2", 2, crash=crash, max_failures=1)
+    summary, trace_b = _run(inputs, tmp_path, ray_hooks, "lost2", 2, crash=crash, max_failures=1)
     assert Path(crash["marker"]).exists() and summary.status == "finished" and summary.step == 8
     meta = ckpt.load_meta(ckpt.latest(str(tmp_path / "runs" / "lost2"))[0])
     assert meta["data_position"]["world"] == 2 and len(meta["data_position"]["rows"]) == 2
     _assert_same_run(tmp_path, "whole2", "lost2", trace_a, trace_b, 2)
+    # data/skipped (logged by rank 0) is the corrupt rows the batches of BOTH ranks carried, summed over the run
+    per_rank = [sum(json.loads(line)["skipped"] for line in (trace_a / f"rank{r}.jsonl").read_text().splitlines())
+                for r in (0, 1)]
+    assert min(per_rank) > 0, per_rank
+    for run in (whole, summary):  # the restarted group continues the count from its checkpoint
+        logged = {m.step: m.value for m in MlflowClient().get_metric_history(run.mlflow_run_id, "data/skipped")}
+        assert logged[8] == sum(per_rank), (run.mlflow_run_id, logged, per_rank)
 
 
 def test_val_pairs_read_and_decode_only_the_rows_they_use(prepared_shards, monkeypatch):
