@@ -3,11 +3,17 @@
 The floor is a plain-convolution U-Net of identical shapes: the same channels, kernels, strides, biases, BN,
 activations, nearest upsampling and concatenations, with ``nn.Conv2d`` and no masks. Both run forward + backward
 (+ zeroing gradients) on the same inputs, interleaved in one process (alternating order, several repeats), so
-machine noise hits both alike; the ratio is the median of the per-repeat ratios of adjacent runs. Prints per-model
-median milliseconds, on CPU the process CPU-time ratio too (robust when other processes compete for the cores: a
-wall-clock ratio on a loaded machine mostly measures the scheduler), and a line
+machine noise hits both alike; the ratio is the median of the per-repeat ratios of adjacent runs. Each pair runs eager
+and compiled (``torch.compile`` of both modules in place, as ``--compile`` does in training; the untimed warm-up steps
+absorb the compilation, whose time is printed). Prints per-model median milliseconds, on CPU the process CPU-time
+ratio too (robust when other processes compete for the cores: a wall-clock ratio on a loaded machine mostly measures
+the scheduler), compiled/eager per model, and one line per mode
 
-    ratio pconv/plain (cpu, 256px, batch 2): 1.08
+    ratio pconv/plain (cpu, 256px, batch 2, eager): 1.02
+    ratio pconv/plain (cpu, 256px, batch 2, compiled): 1.02
+
+(target for the compiled step: <= 1.10). ``--mode eager`` skips the compilation (minutes on a small CPU). Eager and
+compiled run one after the other, so compiled/eager is more exposed to machine drift than the paired ratios.
 
 CPU: 256 px, batch 2, layer_size 7, fp32. CUDA (when present): 512 px, layer_size 8, AMP (the training rule,
 ``pconv.train_loop.AmpSettings``: bf16 at compute capability 8.0+, fp16 below), channels_last.
@@ -31,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pconv.model import LEAKY_RELU_SLOPE, PConvUNet, decoder_spec, encoder_spec  # noqa: E402
 from pconv.train_loop import AmpSettings  # noqa: E402
+
+
+COMPILED_TARGET = 1.10  # issue 14: the compiled PConv step within 10 % of the plain-conv floor
 
 
 class PlainUNet(nn.Module):
@@ -91,10 +100,12 @@ class Result:
     plain_ms: float
     ratio: float           # median over repeats of the paired (adjacent-in-time) wall-clock ratios
     cpu_ratio: float       # the same for process CPU time (less sensitive to other processes on the machine)
+    pconv_first_s: float = 0.0  # the first (warm-up) step: compilation included when compiled
+    plain_first_s: float = 0.0
 
 
 def bench(device: torch.device, size: int, batch: int, layer_size: int, repeats: int, warmup: int,
-          amp_dtype: torch.dtype | None) -> Result:
+          amp_dtype: torch.dtype | None, compiled: bool = False) -> Result:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(batch, 3, size, size, generator=gen)
@@ -107,6 +118,9 @@ def bench(device: torch.device, size: int, batch: int, layer_size: int, repeats:
     n_pconv = sum(p.numel() for p in pconv.parameters())
     n_plain = sum(p.numel() for p in plain.parameters())
     assert n_pconv == n_plain, (n_pconv, n_plain)
+    if compiled:  # in place, as pconv.train_loop does for --compile
+        pconv.compile()
+        plain.compile()
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -123,7 +137,8 @@ def bench(device: torch.device, size: int, batch: int, layer_size: int, repeats:
             out = plain(image)
         out.float().square().mean().backward()
 
-    for _ in range(warmup):
+    first = {"pconv": time_step(step_pconv, device)[0] / 1e3, "plain": time_step(step_plain, device)[0] / 1e3}
+    for _ in range(warmup - 1):
         step_pconv()
         step_plain()
     times: dict[str, list[tuple[float, float]]] = {"pconv": [], "plain": []}
@@ -135,7 +150,8 @@ def bench(device: torch.device, size: int, batch: int, layer_size: int, repeats:
     return Result(pconv_ms=statistics.median(t[0] for t in times["pconv"]),
                   plain_ms=statistics.median(t[0] for t in times["plain"]),
                   ratio=statistics.median(p[0] / q[0] for p, q in pairs),
-                  cpu_ratio=statistics.median(p[1] / q[1] for p, q in pairs))
+                  cpu_ratio=statistics.median(p[1] / q[1] for p, q in pairs),
+                  pconv_first_s=first["pconv"], plain_first_s=first["plain"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,15 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CPU always, plus CUDA when a GPU is present")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per model (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (>= 1)")
+    parser.add_argument("--mode", choices=("both", "eager", "compiled"), default="both",
+                        help="eager, torch.compile'd, or both (default; compiling takes minutes on a small CPU)")
+    parser.add_argument("--layer-size", type=int, default=None, help="U-Net depth (default: the image size's)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--cpu-size", type=int, default=256)
     parser.add_argument("--cuda-size", type=int, default=512)
     parser.add_argument("--cuda-batch", type=int, default=None, help="batch on CUDA (default: --batch)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    if args.repeats < 1 or args.warmup < 1:
+        parser.error("--repeats and --warmup must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     from pconv.model import default_layer_size
@@ -165,18 +184,29 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--device cuda but no GPU is available")
         amp = AmpSettings.choose("auto", torch.device("cuda")).dtype  # the training rule: fp16 below sm80
         runs.append((torch.device("cuda"), args.cuda_size, args.cuda_batch or args.batch, amp))
+    modes = ("eager", "compiled") if args.mode == "both" else (args.mode,)
     for device, size, batch, amp in runs:
-        layer_size = default_layer_size(size)
-        res = bench(device, size, batch, layer_size, args.repeats, args.warmup, amp)
+        layer_size = args.layer_size or default_layer_size(size)
         label = f"{device.type}, {size}px, batch {batch}" + (f", {str(amp).removeprefix('torch.')} autocast"
                                                               if amp else "")
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-        print(f"[{label}; layer_size {layer_size}; {name}; torch {torch.__version__}]")
-        print(f"  pconv  forward+backward: {res.pconv_ms:8.1f} ms (median of {args.repeats})")
-        print(f"  plain  forward+backward: {res.plain_ms:8.1f} ms (median of {args.repeats})")
-        if device.type == "cpu":
-            print(f"  process CPU-time ratio pconv/plain: {res.cpu_ratio:.2f}")
-        print(f"ratio pconv/plain ({label}): {res.ratio:.2f}", flush=True)
+        print(f"[{label}; layer_size {layer_size}; {name}; torch {torch.__version__}]", flush=True)
+        results = {}
+        for mode in modes:
+            res = results[mode] = bench(device, size, batch, layer_size, args.repeats, args.warmup, amp,
+                                        compiled=mode == "compiled")
+            print(f"  {mode:8s} pconv forward+backward: {res.pconv_ms:8.1f} ms, plain: {res.plain_ms:8.1f} ms "
+                  f"(median of {args.repeats}; first step {res.pconv_first_s:.1f} s / {res.plain_first_s:.1f} s)")
+            if device.type == "cpu":
+                print(f"  {mode:8s} process CPU-time ratio pconv/plain: {res.cpu_ratio:.2f}")
+        if len(results) == 2:
+            eager, comp = results["eager"], results["compiled"]
+            print(f"  compiled/eager (separate runs): pconv {comp.pconv_ms / eager.pconv_ms:.2f}, "
+                  f"plain {comp.plain_ms / eager.plain_ms:.2f}")
+        for mode, res in results.items():
+            target = f" (target <= {COMPILED_TARGET:.2f}: {'met' if res.ratio <= COMPILED_TARGET else 'NOT met'})"
+            print(f"ratio pconv/plain ({label}, {mode}): {res.ratio:.2f}{target if mode == 'compiled' else ''}",
+                  flush=True)
     return 0
 
 

@@ -120,3 +120,56 @@ def test_ddp_comm_hook_and_bucket_size_on_two_gloo_workers(compression, tmp_path
         assert rep["hooks"] == (["fp16_compress_hook"] if compression == "fp16" else [])
         assert rep["bucket_bytes"] == 1024 * 1024
         assert rep["losses"][-1] < 0.8 * rep["losses"][0], rep["losses"]
+
+
+@pytest.mark.slow  # 44-62 s with a cold Inductor cache on 2 shared CPU cores (C++ code generation), ~13 s warm
+def test_compiled_training_steps_match_eager_through_both_phases():
+    """``--compile`` makes the worker call ``model.compile()`` and ``loss_fn.compile()`` (pconv.train_loop): the
+    compiled net and loss give eager's loss terms, step after step with Adam, and again after the phase-2 switch
+    (encoder BN frozen: a recompile); compiling in place keeps the state-dict keys the checkpoints use."""
+    import copy
+
+    import torch
+
+    from pconv.losses import InpaintingLoss, VGG16FeatureExtractor
+    from pconv.model import build_model
+    from pconv.train_loop import make_optimizer
+
+    cfg = cfg_for(image_size=32, layer_size=2, compile=True).validate()  # 4 PConv blocks: less to compile
+    torch.manual_seed(0)
+    eager = build_model(cfg.layer_size)
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    loss_c = InpaintingLoss(VGG16FeatureExtractor(weights="random"))
+    loss_c.compile()
+    runs = {"eager": [eager, InpaintingLoss(VGG16FeatureExtractor(weights="random"))], "compiled": [compiled, loss_c]}
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    graphs = [torch._dynamo.utils.counters["stats"]["unique_graphs"]]  # graphs Dynamo captured so far
+    try:
+        for step, phase in enumerate((1, 1, 2, 2)):
+            if step == 2:
+                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+            image = torch.rand(2, 3, 32, 32, generator=gen)
+            mask = (torch.rand(2, 1, 32, 32, generator=gen) > 0.4).float()
+            terms = {}
+            for name, run in runs.items():
+                model, loss_fn = run[:2]
+                if len(run) == 2 or (phase == 2 and not model.encoder_bn_frozen):
+                    if phase == 2:
+                        model.freeze_encoder_bn()
+                    run[2:] = [make_optimizer(model, phase, cfg)]
+                model.train()
+                output, _ = model(image, mask)
+                terms[name] = loss_fn(mask, output, image)
+                run[2].zero_grad(set_to_none=True)
+                terms[name]["total"].backward()
+                run[2].step()
+            for key, value in terms["eager"].items():
+                torch.testing.assert_close(terms["compiled"][key].detach(), value.detach(), rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f"step {step} (phase {phase}) {key}: {m}")
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        assert graphs[0] < graphs[1] < graphs[2], f"compiled graphs before / after phase 1 / after phase 2: {graphs}"
+        assert compiled.encoder_bn_frozen and list(compiled.state_dict()) == list(eager.state_dict())
+    finally:
+        torch._dynamo.reset()

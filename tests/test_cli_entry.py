@@ -1,0 +1,123 @@
+"""The installed ``pconv`` command (pyproject's ``[project.scripts]``): one command whose subcommands are the
+``pipelines/*.py`` scripts' own ``main(argv)``, run as a user runs it (subprocesses), and a non-editable build that
+ships it (wheel contents, then the wheel installed outside the source tree and run from there)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _commands() -> dict[str, tuple[str, str]]:
+    """pipelines/__main__.py's table, read from the source tree (standard library only, so no install needed)."""
+    spec = importlib.util.spec_from_file_location("pconv_command", REPO / "pipelines" / "__main__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.COMMANDS
+
+
+COMMANDS = _commands()
+
+PCONV = Path(sys.executable).parent / "pconv"
+ENV = {**os.environ, "COLUMNS": "100"}  # argparse wraps help at $COLUMNS: the same width in both runs
+
+
+def run(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: float = 120):
+    return subprocess.run(args, capture_output=True, text=True, cwd=cwd or REPO, env=env or ENV, timeout=timeout)
+
+
+def test_the_entry_point_is_installed_in_the_venv():
+    eps = [ep for ep in entry_points(group="console_scripts") if ep.name == "pconv"]
+    assert [ep.value for ep in eps] == ["pipelines.__main__:main"], \
+        "the pconv entry point is not installed: run `make setup` (or `pip install -e .`) after changing pyproject.toml"
+    assert PCONV.is_file() and os.access(PCONV, os.X_OK), PCONV
+
+
+def test_top_level_help_lists_every_command_on_one_line():
+    proc = run([str(PCONV), "--help"], env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for name, (_, help_line) in COMMANDS.items():
+        assert any(line.split() == [name, *help_line.split()] for line in lines), (name, proc.stdout)
+    assert len(COMMANDS) == len({module for module, _ in COMMANDS.values()})
+    assert {module for module, _ in COMMANDS.values()} == {
+        p.stem for p in (REPO / "pipelines").glob("*.py") if not p.stem.startswith("__")}, "a script has no command"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_each_command_help_is_its_scripts_help(command):
+    """`pconv CMD --help` prints the script's own parser (only the program name differs)."""
+    module = COMMANDS[command][0]
+    via_pconv = run([str(PCONV), command, "--help"])
+    via_script = run([sys.executable, f"pipelines/{module}.py", "--help"])
+    assert via_pconv.returncode == 0 == via_script.returncode, via_pconv.stderr + via_script.stderr
+    assert via_pconv.stdout.startswith(f"usage: pconv {command} ")
+    def words(text: str, prog: str) -> list[str]:  # usage lines are indented by the program name's length
+        return re.sub(rf"(?<![\w/]){re.escape(prog)}\b", "PROG", text).split()
+
+    assert words(via_pconv.stdout, f"pconv {command}") == words(via_script.stdout, f"{module}.py")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["trian"], "unknown command 'trian' (did you mean 'train'?)"),
+    (["prepare_data", "images"], "unknown command 'prepare_data' (did you mean 'ingest'?)"),
+    (["frobnicate"], "unknown command 'frobnicate'; choose from ingest, train,"),
+    ([], "a COMMAND is required"),
+])
+def test_unknown_or_missing_command_is_a_usage_error(argv, message):
+    proc = run([str(PCONV), *argv])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("usage: pconv ") and f"pconv: error: {message}" in proc.stderr, proc.stderr
+
+
+def test_a_commands_exit_status_and_error_line_come_through():
+    """A refused input exits 2 with the script's one-line error, not a traceback."""
+    proc = run([str(PCONV), "inpaint", "--model", "/nonexistent/ckpt", "--image", "a.png", "--mask", "m.png",
+                "--out", "o.png", "--hole-color", "white"])
+    assert proc.returncode == 2, proc.stderr
+    assert "error: model /nonexistent/ckpt: no such file or directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_non_editable_install_ships_the_command(tmp_path):
+    """`pip wheel .` of the sources the node image copies (Dockerfile): the wheel holds pipelines, pconv.apps and the
+    Serve page; installed outside the source tree, `pconv` runs from the installed copy."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for folder in ("pconv", "pipelines"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    build = run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                 "-w", str(tmp_path / "dist")], cwd=src)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("pconv-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"pipelines/{p.name}" for p in (REPO / "pipelines").glob("*.py")}
+    expected |= {p.relative_to(REPO).as_posix() for p in (REPO / "pconv").rglob("*.py")} | {"pconv/serve_page.html"}
+    assert expected <= names, sorted(expected - names)
+    assert not any(n.startswith(("tests/", "benchmarks/", "configs/")) for n in names)
+    entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "pconv = pipelines.__main__:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+    site = tmp_path / "site"
+    install = run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
+                   str(wheel)])
+    assert install.returncode == 0, install.stderr
+    env = {**ENV, "PYTHONPATH": str(site)}  # before the venv's editable finder: the installed copy wins
+    where = run([sys.executable, "-c", "import pipelines, pconv.serve as s; print(pipelines.__file__, "
+                 "s.PAGE_FILE.is_file())"], cwd=tmp_path, env=env)
+    assert where.stdout.split() == [str(site / "pipelines" / "__init__.py"), "True"], where.stdout + where.stderr
+    proc = run([str(site / "bin" / "pconv"), "serve", "--help"], cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: pconv serve "), proc.stderr
