@@ -3,22 +3,25 @@
 Pairs come from :func:`pconv.inference.pair_files` (the one pairing rule for files). The model is resolved ONCE on
 the driver (registry / checkpoint / path, see :func:`pconv.loading.load_model`);
 its plain state dict goes into Ray's object store and every actor rebuilds the net from it once, so actors
-need neither MLflow access nor pickled modules. Actors take one GPU each when the cluster has GPUs (CPU
-otherwise), read images and masks from local paths or object storage, and write PNG composites to the output
-URI. A pair that cannot be processed (unreadable file, size mismatch) is skipped, counted and reported with
-its reason; it never stops the job. When the masks' hole ratios say their polarity is probably inverted
+need neither MLflow access nor pickled modules. Actors take one GPU each when the cluster has GPUs or its
+autoscaler can launch GPU nodes (CPU otherwise); the pool starts with one actor and grows as nodes join (Ray
+Data's autoscaling actor pool, bounded by what the cluster can reach: :mod:`pconv.cluster`). Actors read images
+and masks from local paths or object storage, and write PNG composites to the output URI. A pair that cannot be
+processed (unreadable file, size mismatch) is skipped, counted and reported with its reason; it never stops the
+job. When the masks' hole ratios say their polarity is probably inverted
 (:func:`pconv.masks.polarity_warning`), the summary carries the warning with the ratio.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
 import numpy as np
 
-from pconv import storage
+from pconv import cluster, storage
 from pconv.inference import DEFAULT_MAX_SIDE, Job, inpaint_job, pair_files
 from pconv.loading import from_state_dict, load_model
 from pconv.masks import polarity_warning
@@ -65,9 +68,11 @@ def batch_inpaint(model_uri: str, images: str, masks: str, out: str, hole_color:
                   max_side: int = DEFAULT_MAX_SIDE, tracking_uri: str | None = None) -> dict[str, Any]:
     """Inpaint every image under ``images`` with the same-named mask under ``masks``; PNGs go to ``out``.
 
-    ``num_actors`` defaults to the cluster's GPU count (GPU actors) or to half its CPUs (CPU actors, at least
-    1). Returns ``{"total", "written", "skipped", "errors": [(image, reason), ...], "use_gpu", "num_actors",
-    "polarity_warning"}`` (None, or the warning text with the hole ratio).
+    GPU actors when ``use_gpu`` says so, or (None) when the cluster has GPUs or its autoscaler can launch GPU nodes
+    (:func:`pconv.cluster.decide_gpu`). The actor pool is Ray Data's autoscaling pool: it starts with one actor and
+    grows, as nodes join, to ``num_actors`` (default: the GPUs the cluster can reach, or half its CPUs; never more
+    than there are images). Returns ``{"total", "written", "skipped", "errors": [(image, reason), ...], "use_gpu",
+    "num_actors" (the pool's maximum), "polarity_warning"}`` (None, or the warning text with the hole ratio).
     Uses the running Ray cluster if there is one (``ray.init()`` otherwise, honouring ``RAY_ADDRESS``).
     """
     import ray
@@ -78,15 +83,8 @@ def batch_inpaint(model_uri: str, images: str, masks: str, out: str, hole_color:
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
         ray.init(runtime_env={"env_vars": env} if env else None)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = gpus > 0 if use_gpu is None else use_gpu
-    if use_gpu and gpus == 0:
-        raise RuntimeError("use_gpu=True but the Ray cluster has no GPUs")
-    if num_actors is None:
-        num_actors = gpus if use_gpu else max(1, int(resources.get("CPU", 1)) // 2)
-    num_actors = max(1, min(num_actors, len(jobs)))
-    log.info("batch inpainting %d images with %d %s actor(s), model %s (layer_size %d)", len(jobs), num_actors,
+    num_actors, use_gpu = _actor_pool(cluster.read_view(), num_actors, use_gpu, len(jobs))
+    log.info("batch inpainting %d images with up to %d %s actor(s), model %s (layer_size %d)", len(jobs), num_actors,
              "GPU" if use_gpu else "CPU", model_uri, info["layer_size"])
 
     ds = ray.data.from_items([{"image": j.image, "mask": j.mask, "out": j.out} for j in jobs])
@@ -95,7 +93,7 @@ def batch_inpaint(model_uri: str, images: str, masks: str, out: str, hole_color:
         fn_constructor_kwargs={"state": ray.put(state), "layer_size": info["layer_size"], "hole_color": hole_color,
                                "threshold": threshold, "use_gpu": use_gpu, "max_side": max_side},
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     ).take_all()
@@ -111,6 +109,28 @@ def batch_inpaint(model_uri: str, images: str, masks: str, out: str, hole_color:
                "polarity_warning": warning}
     log.info("batch inpainting done: %d written, %d skipped", summary["written"], summary["skipped"])
     return summary
+
+
+def _actor_pool(view: cluster.ClusterView, num_actors: int | None, use_gpu: bool | None,
+                n_jobs: int) -> tuple[int, bool]:
+    """(the most actors, GPU actors?) planned on the cluster as its autoscaler can make it. RuntimeError when no
+    node can ever hold one actor; logs what the job waits for when no node holds one yet."""
+    use_gpu, why = cluster.decide_gpu(use_gpu, view)
+    request = {"CPU": 1.0, **({"GPU": 1.0} if use_gpu else {})}
+    try:
+        waiting = cluster.check_workers(view, 1, request, what="inpainting actor")
+    except cluster.Infeasible as exc:
+        raise RuntimeError(str(exc)) from None
+    log.info("%s actors (%s)", "GPU" if use_gpu else "CPU", why)
+    if waiting:
+        log.warning("%s", waiting)
+    if num_actors is None:  # floats until clamped: unbounded node types reach math.inf
+        key = "GPU" if use_gpu else "CPU"
+        most = cluster.reachable(view, key)
+        most = view.now(key) if most is None else most
+        capacity = cluster.worker_capacity(view, request)
+        num_actors = min(most if use_gpu else most // 2, math.inf if capacity is None else capacity, n_jobs)
+    return int(max(1, min(num_actors, n_jobs))), use_gpu
 
 
 __all__ = ["InpaintActor", "batch_inpaint"]

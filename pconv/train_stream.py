@@ -119,16 +119,19 @@ def build_worker_dataset(images_uri: str, masks_uri: str, image_size: int, units
 
 def worker_stream(images_uri: str, masks_uri: str, image_size: int, units: list[dict[str, Any]] | None, *,
                   seed: int, batch_size: int, position: DataPosition | None, rank: int, world: int,
-                  device: Any = "cpu") -> "WorkerStream":
+                  device: Any = "cpu", decode_concurrency: int | None = None) -> "WorkerStream":
     """Rank ``rank``'s stream inside a Ray Train worker group, from ``position``; the ranks agree on every step
-    with an all-reduce (MIN) on ``device``. ``units``: :func:`pconv.data.read_units` (read here if None)."""
+    with an all-reduce (MIN) on ``device``. ``units``: :func:`pconv.data.read_units` (read here if None).
+    ``decode_concurrency``: the most read/decode tasks of ALL ranks (the driver's plan; this rank's share is
+    divided by ``world``); None: from the cluster as this worker sees it."""
     import torch
 
     units = units if units is not None else data.read_units(images_uri, "train")
+    concurrency = max(1, decode_concurrency // world) if decode_concurrency else None
 
     def build(epoch: int, start: int):
         return build_worker_dataset(images_uri, masks_uri, image_size, units, seed=seed, epoch=epoch, rank=rank,
-                                    world=world, start=start)
+                                    world=world, start=start, concurrency=concurrency)
 
     def agree(has_batch: bool) -> bool:
         ok = torch.tensor([1.0 if has_batch else 0.0], device=device)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Offline inpainting at scale with Ray Data (map_batches + an actor pool; GPU actors when the cluster has GPUs).
+"""Offline inpainting at scale with Ray Data (map_batches + an autoscaling actor pool; GPU actors when the cluster
+has GPUs or can launch GPU nodes).
 
 Example:
   ray job submit --working-dir . -- python pipelines/batch_inpaint.py \\
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="grey level (0-1] counted as white (default 0.5)")
     p.add_argument("--batch-size", type=int, default=4, help="images per actor call")
     p.add_argument("--num-actors", type=int, default=None,
-                   help="actor pool size (default: number of GPUs, or half the CPUs without GPUs)")
+                   help="most actors; the pool starts with one and grows as nodes join (default: the GPUs, or "
+                        "half the CPUs without GPUs, that the cluster has or its autoscaler can launch)")
     p.add_argument("--cpu", action="store_true", help="use CPU actors even if the cluster has GPUs")
     cli.add_log_level(p)
     return p
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                                 batch_size=args.batch_size, num_actors=args.num_actors,
                                 use_gpu=False if args.cpu else None)
         print(f"{summary['written']} of {summary['total']} written to {summary['out']} "
-              f"({summary['num_actors']} {'GPU' if summary['use_gpu'] else 'CPU'} actors)")
+              f"(up to {summary['num_actors']} {'GPU' if summary['use_gpu'] else 'CPU'} actors)")
         for image, reason in summary["errors"]:
             print(f"skipped {image}: {reason}", file=sys.stderr)
         if summary.get("polarity_warning"):

@@ -202,12 +202,6 @@ def test_torch_trainer_two_workers(ray_cluster, s3_shards, tmp_path):
         assert len(seen) == len(set(seen)) and len(seen) >= n_train - 4  # disjoint shards, drop_last only
 
 
-def test_check_headroom_turns_a_hang_into_an_error():
-    data.check_headroom(cluster_cpus=2, training_cpus=1.0)  # 2 workers x 0.5 CPU: fine
-    with pytest.raises(ValueError, match="free CPU"):
-        data.check_headroom(cluster_cpus=2, training_cpus=2.0)  # 2 workers x 1 CPU: would hang
-
-
 def test_read_units_cover_every_row_with_or_without_recorded_row_groups(prepared_shards, tmp_path):
     root = prepared_shards["images"]
     manifest = shards.read_manifest(root)
