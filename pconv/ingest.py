@@ -1,8 +1,10 @@
 """Ingestion: folders / zips / s3:// prefixes of images or masks (or generated masks) -> shards + manifest.
 
 The inputs are listed and read by :mod:`pconv.sources`, the shard format lives in :mod:`pconv.shards`, the mask
-polarity and generator in :mod:`pconv.masks`; ``pipelines/prepare_data.py`` is the CLI over this module. The work
-runs in this process on a thread pool (no Ray).
+polarity and generator in :mod:`pconv.masks`, one file -> one row in :mod:`pconv.ingest_rows`. This module is the
+single-process engine (``prepare_data.py --engine threads``: a thread pool, no Ray) and what both engines share:
+option and destination checks, and the end of a run (:func:`finish_run`); :mod:`pconv.ingest_job` is the Ray Data
+engine (the default of ``pipelines/prepare_data.py``).
 
 - Every input file is decoded once to validate it. Broken input (truncated JPEG, non-image, empty object,
   unreadable PNG) and files with other extensions are skipped, counted and listed in the manifest with a reason;
@@ -26,7 +28,6 @@ probably inverted (``force``) raise :class:`IngestError` and leave DST as it was
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -38,25 +39,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from pconv import masks as M
 from pconv import shards, storage
-from pconv.images import IMAGE_SUFFIXES, open_image_with_format
+from pconv.images import IMAGE_SUFFIXES
+from pconv.ingest_rows import (MIN_SIDE, STATS_COLUMNS, generated_key, generated_mask_row, process_image,  # noqa: F401
+                               process_mask, skip_reason, unsupported)
 from pconv.masks import MASK_SUFFIXES
 from pconv.sources import Source, SourceError, SourceItem
 from pconv.shards import (IMAGE_SCHEMA, IMAGES_KIND, MANIFEST, MASK_SCHEMA, MASKS_KIND, SCHEMA_VERSION, SPLITS,
-                          ShardWriter, border_band, key_hash01, mask_row, split_of)
+                          ShardWriter, key_hash01)
 
 log = logging.getLogger(__name__)
-
-
-#: Smallest short side (px) of an ingested image or mask; smaller files are skipped and counted. Such files hold
-#: no texture or hole shape worth training on (every training crop, 256-512 px in the paper, would be upsampled
-#: 8x or more from them), and 1x1 files are placeholders or tracking pixels, not photos.
-MIN_SIDE = 32
 
 
 class IngestError(RuntimeError):
@@ -112,6 +107,7 @@ class IngestSummary:
     removed_stale: list[str] = field(default_factory=list)
     kept_previous: int = 0  # shards of the replaced manifest kept for its readers (until the next run / cleanup)
     out_of_bins: int | None = None  # masks: rows in no paper bin
+    nodes: int | None = None  # Ray nodes whose tasks decoded and wrote shards (None: this process, no Ray)
 
     @property
     def ingested(self) -> int:
@@ -121,12 +117,14 @@ class IngestSummary:
         """The closing summary line printed by the pipeline."""
         return (f"{self.kind}: ingested {self.ingested} (train {self.counts.get('train', 0)}, "
                 f"val {self.counts.get('val', 0)}), skipped {len(self.skipped)}, shards {self.shards}, "
-                f"bytes {self.bytes}, seconds {self.seconds:.1f}"
+                f"bytes {self.bytes}, seconds {self.seconds:.1f} "
+                f"({(self.ingested + len(self.skipped)) / max(self.seconds, 1e-9):.1f} files/s"
+                + (f" on {self.nodes} node(s))" if self.nodes else ")")
                 + (f", {self.out_of_bins} mask(s) in no paper bin" if self.out_of_bins else "")
                 + f" -> {self.manifest_uri}")
 
 
-def _ordered_parallel(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+def ordered_parallel(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
     """``map(fn, items)`` on a thread pool with a bounded window, results in input order."""
     window = max(1, workers * 4)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pconv-ingest") as pool:
@@ -144,17 +142,18 @@ def _default_workers(remote: bool) -> int:
     return min(32, cpus * 4) if remote else min(8, cpus + 1)
 
 
-def _run_ingest(*, kind: str, dst: str, keys_and_work: list[tuple[str, Callable[[], dict | str]]],
-                schema: pa.Schema, payload: str, shard_size_mb: float, source: str, options: dict[str, Any],
-                workers: int, progress: bool, extra_manifest: Callable[[list[dict]], dict] | None = None,
-                allow_empty: bool = False, refuse: Callable[[list[dict]], str | None] | None = None,
-                ) -> IngestSummary:
-    """Run ``work()`` per key (row dict, or a skip reason string), write shards per split, then the manifest.
+def new_run_id() -> str:
+    """A fresh run id (UTC time + random suffix): every shard of a run carries it in its name."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
-    Before the manifest is replaced: no row (unless ``allow_empty``) or a reason from ``refuse(rows)`` deletes this
-    run's shards and raises IngestError, so DST keeps its previous dataset."""
+
+def _run_ingest(*, kind: str, dst: str, keys_and_work: list[tuple[str, Callable[[], dict | str]]],
+                schema: pa.Schema, payload: str, shard_size_mb: float, workers: int, progress: bool,
+                **finish: Any) -> IngestSummary:
+    """Run ``work()`` per key (row dict, or a skip reason string), write shards per split, then
+    :func:`finish_run` (``finish``: its keyword arguments)."""
     t0 = time.monotonic()
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    run_id = new_run_id()
     target = int(shard_size_mb * 2**20)
     writers = {s: ShardWriter(dst, s, schema, target, run_id, payload) for s in SPLITS}
     skipped: list[dict[str, str]] = []
@@ -167,27 +166,41 @@ def _run_ingest(*, kind: str, dst: str, keys_and_work: list[tuple[str, Callable[
         try:
             return key, work()
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run; it is listed instead
-            return key, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            return key, skip_reason(exc)
 
     from tqdm import tqdm
 
     bar = tqdm(total=len(ordered), desc=f"ingest {kind}", unit="file", disable=not progress, dynamic_ncols=True)
     try:
-        for key, result in _ordered_parallel(do, ordered, workers):
+        for key, result in ordered_parallel(do, ordered, workers):
             bar.update(1)
             if isinstance(result, str):
                 skipped.append({"key": key, "reason": result})
                 log.warning("skipped %s: %s", key, result)
                 continue
             writers[result["split"]].add(result)
-            if extra_manifest is not None or refuse is not None:
-                stats_rows.append({k: v for k, v in result.items() if k != payload})
+            stats = {k: result[k] for k in STATS_COLUMNS if k in result}
+            if stats:
+                stats_rows.append(stats)
     finally:
         bar.close()
     for w in writers.values():
         w.flush()
     written = [s for split in SPLITS for s in writers[split].shards]
-    counts = {s: sum(x["rows"] for x in writers[s].shards) for s in SPLITS}
+    return finish_run(kind=kind, dst=dst, run_id=run_id, t0=t0, written=written, skipped=skipped,
+                      stats_rows=stats_rows, columns=schema.names, **finish)
+
+
+def finish_run(*, kind: str, dst: str, run_id: str, t0: float, written: list[dict], skipped: list[dict[str, str]],
+               stats_rows: list[dict], columns: list[str], source: str, options: dict[str, Any],
+               extra_manifest: Callable[[list[dict]], dict] | None = None, allow_empty: bool = False,
+               refuse: Callable[[list[dict]], str | None] | None = None, nodes: int | None = None) -> IngestSummary:
+    """The end of every run, whatever wrote the shards ``written`` (manifest entries): refuse or write the
+    manifest (atomically, LAST), then delete older shards that neither it nor the one it replaced lists.
+
+    No row (unless ``allow_empty``) or a reason from ``refuse(stats_rows)`` deletes this run's shards and raises
+    IngestError, so DST keeps its previous dataset."""
+    counts = {s: sum(x["rows"] for x in written if x["split"] == s) for s in SPLITS}
     total_bytes = sum(s["bytes"] for s in written)
     problem = refuse(stats_rows) if refuse is not None else None
     if problem is None and sum(counts.values()) == 0 and not allow_empty:
@@ -201,7 +214,7 @@ def _run_ingest(*, kind: str, dst: str, keys_and_work: list[tuple[str, Callable[
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "kind": kind, "source": source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": run_id,
-        "counts": counts, "total_bytes": total_bytes, "columns": schema.names, "shards": written,
+        "counts": counts, "total_bytes": total_bytes, "columns": list(columns), "shards": written,
         "skipped_count": len(skipped), "skipped": sorted(skipped, key=lambda s: s["key"]), "options": options,
     }
     if extra_manifest is not None:
@@ -220,7 +233,7 @@ def _run_ingest(*, kind: str, dst: str, keys_and_work: list[tuple[str, Callable[
     if sum(counts.values()) == 0:
         log.warning("%s: nothing was ingested from %s (%d file(s) skipped)", kind, source, len(skipped))
     return IngestSummary(kind, dst, counts, manifest["skipped"], len(written), total_bytes, time.monotonic() - t0,
-                         manifest_uri, removed, kept, manifest.get("out_of_bins"))
+                         manifest_uri, removed, kept, manifest.get("out_of_bins"), nodes)
 
 
 def _check_common(val_fraction: float, shard_size_mb: float) -> None:
@@ -231,32 +244,12 @@ def _check_common(val_fraction: float, shard_size_mb: float) -> None:
 
 
 # -------- Images ----------------------------------------------------------------------------------
-def _unsupported(key: str, suffixes: tuple[str, ...]) -> str | None:
-    ext = os.path.splitext(key)[1].lower()
-    return None if ext in suffixes else (f"unsupported file type {ext or '(no extension)'!r} "
-                                         f"(expected one of {', '.join(suffixes)})")
-
-
-def _check_size(width: int, height: int, what: str) -> None:
-    if min(width, height) < MIN_SIDE:
-        raise ValueError(f"{what} is {width}x{height} px, below the minimum of {MIN_SIDE} px on the short side")
-
-
-def process_image(key: str, data: bytes, val_fraction: float, max_side: int | None) -> dict[str, Any]:
-    """Validate one encoded image (full decode) and build its shard row; ValueError on a broken file."""
-    img, fmt = open_image_with_format(data, name=key)
-    out_bytes = data
-    if max_side and max(img.size) > max_side:
-        scale = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        fmt = fmt if fmt in ("jpeg", "webp") else "png"
-        img.save(buf, format=fmt.upper(), **({} if fmt == "png" else {"quality": 95}))
-        out_bytes = buf.getvalue()
-    _check_size(img.width, img.height, "image")
-    return {"key": key, "image": out_bytes, "height": img.height, "width": img.width, "format": fmt,
-            "split": split_of(key, val_fraction)}
+def image_options(val_fraction: float, shard_size_mb: float, max_side: int | None) -> dict[str, Any]:
+    """The manifest's ``options`` of an image run, after checking them (IngestError before any work)."""
+    _check_common(val_fraction, shard_size_mb)
+    if max_side is not None and max_side < MIN_SIDE:
+        raise IngestError(f"--max-side must be at least {MIN_SIDE} pixels, got {max_side}")
+    return {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "max_side": max_side}
 
 
 def ingest_images(src: str, dst: str, *, val_fraction: float = 0.01, shard_size_mb: float = 256.0,
@@ -269,21 +262,18 @@ def ingest_images(src: str, dst: str, *, val_fraction: float = 0.01, shard_size_
     missing SRC / unwritable DST / bad option / DST holding masks (unless ``replace_kind``), and at the end when no
     image was usable (unless ``allow_empty``).
     """
-    _check_common(val_fraction, shard_size_mb)
-    if max_side is not None and max_side < MIN_SIDE:
-        raise IngestError(f"--max-side must be at least {MIN_SIDE} pixels, got {max_side}")
+    options = image_options(val_fraction, shard_size_mb, max_side)
     with open_source(src) as source:
         check_destination(dst, IMAGES_KIND, replace_kind)
         work = []
         for item in source.items():
-            reason = _unsupported(item.key, IMAGE_SUFFIXES)
+            reason = unsupported(item.key, IMAGE_SUFFIXES)
             if reason:
                 work.append((item.key, (lambda r=reason: r)))
                 continue
             work.append((item.key, (lambda it=item: process_image(it.key, it.read(), val_fraction, max_side))))
         if not work:
             raise IngestError(f"source {src} contains no files")
-        options = {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "max_side": max_side}
         return _run_ingest(kind=IMAGES_KIND, dst=dst, keys_and_work=work, schema=IMAGE_SCHEMA, payload="image",
                            shard_size_mb=shard_size_mb, source=src, options=options,
                            workers=workers or _default_workers(storage.is_remote(src)), progress=progress,
@@ -291,7 +281,8 @@ def ingest_images(src: str, dst: str, *, val_fraction: float = 0.01, shard_size_
 
 
 # -------- Masks -----------------------------------------------------------------------------------
-def _mask_stats(rows: list[dict]) -> dict[str, Any]:
+def mask_stats(rows: list[dict]) -> dict[str, Any]:
+    """The mask manifest's ``bins`` and ``out_of_bins`` from per-row :data:`STATS_COLUMNS`."""
     per_bin: dict[str, dict[str, int]] = {}
     for r in rows:
         label = str(r["bin"])
@@ -304,7 +295,8 @@ def _mask_stats(rows: list[dict]) -> dict[str, Any]:
     return {"bins": dict(sorted(per_bin.items(), key=lambda kv: int(kv[0]))), "out_of_bins": out}
 
 
-def _polarity_check(force: bool) -> Callable[[list[dict]], str | None]:
+def polarity_check(force: bool) -> Callable[[list[dict]], str | None]:
+    """``refuse`` for :func:`finish_run`: masks whose hole ratios say the polarity is probably inverted."""
     def refuse(rows: list[dict]) -> str | None:
         warning = M.polarity_warning([r["hole_ratio"] for r in rows]) if rows else None
         if warning is None:
@@ -316,6 +308,17 @@ def _polarity_check(force: bool) -> Callable[[list[dict]], str | None]:
     return refuse
 
 
+def mask_options(hole_color: str, threshold: float, val_fraction: float, shard_size_mb: float) -> dict[str, Any]:
+    """The manifest's ``options`` of a mask run, after checking them (IngestError before any work)."""
+    if hole_color not in M.HOLE_COLORS:
+        raise IngestError(f"--hole-color must be one of {', '.join(M.HOLE_COLORS)}, got {hole_color!r}")
+    if not 0.0 < threshold <= 1.0:
+        raise IngestError(f"--threshold must be in (0, 1], got {threshold}")
+    _check_common(val_fraction, shard_size_mb)
+    return {"hole_color": hole_color, "threshold": threshold, "val_fraction": val_fraction,
+            "shard_size_mb": shard_size_mb}
+
+
 def ingest_masks(src: str, dst: str, *, hole_color: str, threshold: float = 0.5, val_fraction: float = 0.0,
                  shard_size_mb: float = 256.0, workers: int | None = None, progress: bool = True,
                  allow_empty: bool = False, replace_kind: bool = False, force: bool = False) -> IngestSummary:
@@ -325,61 +328,45 @@ def ingest_masks(src: str, dst: str, *, hole_color: str, threshold: float = 0.5,
 
     Refused (IngestError, DST untouched) when most masks are beyond every paper bin, i.e. the polarity is probably
     inverted (:func:`pconv.masks.polarity_warning`), unless ``force``; see :func:`ingest_images` for the rest."""
-    if hole_color not in M.HOLE_COLORS:
-        raise IngestError(f"--hole-color must be one of {', '.join(M.HOLE_COLORS)}, got {hole_color!r}")
-    if not 0.0 < threshold <= 1.0:
-        raise IngestError(f"--threshold must be in (0, 1], got {threshold}")
-    _check_common(val_fraction, shard_size_mb)
+    options = mask_options(hole_color, threshold, val_fraction, shard_size_mb)
     with open_source(src) as source:
         check_destination(dst, MASKS_KIND, replace_kind)
 
         def process(item: SourceItem) -> dict:
-            data = item.read()
-            if not data:
-                raise ValueError("empty file (0 bytes)")
-            mask = M.decode_mask(data, hole_color, threshold, name=item.key)
-            _check_size(mask.shape[1], mask.shape[0], "mask")
-            return mask_row(item.key, mask, src, split_of(item.key, val_fraction))
+            return process_mask(item.key, item.read(), hole_color, threshold, src, val_fraction)
 
         work = []
         for item in source.items():
-            reason = _unsupported(item.key, MASK_SUFFIXES)
+            reason = unsupported(item.key, MASK_SUFFIXES)
             work.append((item.key, (lambda r=reason: r) if reason else (lambda it=item: process(it))))
         if not work:
             raise IngestError(f"source {src} contains no files")
-        options = {"hole_color": hole_color, "threshold": threshold, "val_fraction": val_fraction,
-                   "shard_size_mb": shard_size_mb}
         return _run_ingest(kind=MASKS_KIND, dst=dst, keys_and_work=work, schema=MASK_SCHEMA, payload="mask",
                            shard_size_mb=shard_size_mb, source=src, options=options,
                            workers=workers or _default_workers(storage.is_remote(src)), progress=progress,
-                           extra_manifest=_mask_stats, allow_empty=allow_empty, refuse=_polarity_check(force))
+                           extra_manifest=mask_stats, allow_empty=allow_empty, refuse=polarity_check(force))
+
+
+def generate_options(n: int, size: int, seed: int, val_fraction: float, shard_size_mb: float) -> dict[str, Any]:
+    """The manifest's ``options`` of a generated-mask run, after checking them (IngestError before any work)."""
+    if n < 1:
+        raise IngestError(f"--generate needs a positive count, got {n}")
+    if size < MIN_SIDE:
+        raise IngestError(f"--size must be at least {MIN_SIDE} pixels, got {size}")
+    _check_common(val_fraction, shard_size_mb)
+    return {"generate": n, "size": size, "seed": seed, "val_fraction": val_fraction, "shard_size_mb": shard_size_mb}
 
 
 def generate_masks(n: int, dst: str, *, size: int = 512, seed: int = 0, val_fraction: float = 0.0,
                    shard_size_mb: float = 256.0, workers: int | None = None, progress: bool = True,
                    replace_kind: bool = False) -> IngestSummary:
     """Generate ``n`` irregular masks (pconv.masks.generate_mask) into mask shards, balanced like the paper's
-    test set: mask i gets bin ``i % 6`` and the border constraint alternates every 6 masks. Mask i uses the RNG
-    ``default_rng([seed, i])``, so the set is reproducible and independent of threading."""
-    if n < 1:
-        raise IngestError(f"--generate needs a positive count, got {n}")
-    if size < MIN_SIDE:
-        raise IngestError(f"--size must be at least {MIN_SIDE} pixels, got {size}")
-    _check_common(val_fraction, shard_size_mb)
+    test set (:func:`generated_mask_row`)."""
+    options = generate_options(n, size, seed, val_fraction, shard_size_mb)
     check_destination(dst, MASKS_KIND, replace_kind)
-    band = border_band(size, size)
-    nbins = len(M.HOLE_RATIO_BINS)
-    width = max(5, len(str(n - 1)))
-
-    def make(i: int) -> dict:
-        rng = np.random.default_rng([seed, i])
-        mask = M.generate_mask(size, rng, bin_index=i % nbins, border=bool((i // nbins) % 2), band=band)
-        key = f"generated/{i:0{width}d}.png"
-        return mask_row(key, mask, f"generated(seed={seed},size={size})", split_of(key, val_fraction))
-
-    work = [(f"generated/{i:0{width}d}.png", (lambda i=i: make(i))) for i in range(n)]
-    options = {"generate": n, "size": size, "seed": seed, "val_fraction": val_fraction, "shard_size_mb": shard_size_mb}
+    work = [(generated_key(i, n), (lambda i=i: generated_mask_row(i, n, size, seed, val_fraction)))
+            for i in range(n)]
     return _run_ingest(kind=MASKS_KIND, dst=dst, keys_and_work=work, schema=MASK_SCHEMA, payload="mask",
                        shard_size_mb=shard_size_mb, source=f"generated(n={n},size={size},seed={seed})",
                        options=options, workers=workers or _default_workers(False), progress=progress,
-                       extra_manifest=_mask_stats)
+                       extra_manifest=mask_stats)

@@ -103,7 +103,8 @@ class ShardWriter:
     """Buffers rows of one split and writes a Parquet shard whenever ``target_bytes`` of payload accumulate."""
 
     def __init__(self, dst: str, split: str, schema: pa.Schema, target_bytes: int, run_id: str,
-                 payload_column: str):
+                 payload_column: str, first_index: int = 0):
+        self.first_index = first_index  # shard numbers start here (writers of one run in several tasks)
         self.dst, self.split, self.schema = dst, split, schema
         self.target_bytes, self.run_id, self.payload = max(1, int(target_bytes)), run_id, payload_column
         self.rows: list[dict[str, Any]] = []
@@ -128,7 +129,7 @@ class ShardWriter:
         pq.write_table(table, buf, row_group_size=rows_per_group, compression=compression,
                        use_dictionary=[n for n in self.schema.names if n != self.payload])
         data = buf.getvalue()
-        rel = f"{self.split}/{shard_name(len(self.shards), self.run_id)}"
+        rel = f"{self.split}/{shard_name(self.first_index + len(self.shards), self.run_id)}"
         storage.write_bytes_atomic(storage.join(self.dst, rel), data)
         groups = [min(rows_per_group, len(self.rows) - i) for i in range(0, len(self.rows), rows_per_group)]
         self.shards.append({"path": rel, "split": self.split, "rows": len(self.rows), "bytes": len(data),
@@ -165,16 +166,20 @@ def current_manifest(root: str) -> dict[str, Any] | None:
 
 def remove_unlisted_shards(root: str, keep: set[str]) -> list[str]:
     """Delete ``part-*.parquet`` files under ``root/train`` and ``root/val`` whose path (relative to ``root``) is
-    not in ``keep``; other files are left alone. Returns the removed relative paths."""
+    not in ``keep``, and the temporary files of shard writes that never finished (``.part-*.tmp``, left by a
+    killed writer; one writer per root, so none is in progress); other files are left alone. Returns the removed
+    relative paths."""
     removed = []
     for split in SPLITS:
         try:
-            files = storage.list_files(storage.join(root, split), suffixes=(".parquet",))
+            files = storage.list_files(storage.join(root, split))
         except FileNotFoundError:
             continue
         for f in files:
-            rel = f"{split}/{f.rsplit('/', 1)[-1]}"
-            if rel.split("/")[1].startswith("part-") and rel not in keep:
+            name = f.rsplit('/', 1)[-1]
+            rel = f"{split}/{name}"
+            stale = name.startswith("part-") and name.endswith(".parquet") and rel not in keep
+            if stale or (name.startswith(".part-") and name.endswith(".tmp")):
                 storage.delete(f)
                 removed.append(rel)
     return removed

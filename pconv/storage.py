@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -293,25 +293,38 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
         return sfx is None or name.lower().endswith(sfx)
 
     if is_remote(uri):
-        bucket, key = _split_s3(uri)
-        scheme = str(uri).split("://", 1)[0]
-        prefix = f"{key}/" if key else ""
-        out = []
-        try:
-            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    if not obj["Key"].endswith("/") and keep(obj["Key"]):
-                        out.append(f"{scheme}://{bucket}/{obj['Key']}")
-        except Exception as exc:  # noqa: BLE001
-            if _is_not_found(exc):
-                raise FileNotFoundError(f"{uri}: bucket {bucket!r} does not exist") from exc
-            raise
-        return sorted(out)
+        return sorted(u for u, _ in iter_files(uri) if keep(u))
     root = _local_path(uri)
     if not root.is_dir():
         raise FileNotFoundError(f"{uri}: no such directory")
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and keep(p.name))
+
+
+def iter_files(uri: str) -> Iterator[tuple[str, int]]:
+    """``(URI, size in bytes)`` of every file under ``uri`` (recursive), streamed in no guaranteed order: an S3
+    prefix one LIST page (1,000 keys) at a time, with no request per object; a local folder one entry at a time.
+    FileNotFoundError as :func:`list_files`."""
+    if is_remote(uri):
+        bucket, key = _split_s3(uri)
+        scheme = str(uri).split("://", 1)[0]
+        prefix = f"{key}/" if key else ""
+        try:
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):
+                        yield f"{scheme}://{bucket}/{obj['Key']}", int(obj.get("Size", 0))
+        except Exception as exc:  # noqa: BLE001
+            if _is_not_found(exc):
+                raise FileNotFoundError(f"{uri}: bucket {bucket!r} does not exist") from exc
+            raise
+        return
+    root = _local_path(uri)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{uri}: no such directory")
+    for p in root.rglob("*"):
+        if p.is_file():
+            yield str(p), p.stat().st_size
 
 
 def makedirs(uri: str) -> None:

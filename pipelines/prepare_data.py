@@ -3,11 +3,14 @@
 
 Examples:
   python pipelines/prepare_data.py images ~/places2/train s3://bucket/places2 --val-fraction 0.01
-  python pipelines/prepare_data.py masks ../shared/datasets/nvidia_irregular_mask_test.zip s3://bucket/masks \\
-      --hole-color white
+  python pipelines/prepare_data.py masks ../shared/datasets/nvidia_irregular_mask_test.zip s3://b/m --hole-color white
   python pipelines/prepare_data.py masks --generate 12000 s3://bucket/masks-gen --size 512 --seed 0
   python pipelines/prepare_data.py cleanup s3://bucket/places2   # delete shards the manifest no longer lists
+  ray job submit --working-dir . -- python pipelines/prepare_data.py images s3://bucket/raw s3://bucket/places2
 
+Engines: `--engine ray` (default): a Ray Data job, 1-CPU tasks on all nodes of the current cluster (RAY_ADDRESS, `ray
+job submit`) or of a local Ray (local SRC/DST: seen by every node). `--engine threads`: this process, no Ray (tiny
+inputs; the single-machine baseline of benchmarks/ingest_throughput.py).
 S3 endpoint and credentials come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
 A re-run keeps the shards of the manifest it replaces (for readers still reading it) until the next run or
 `cleanup`. Exit status: 0 on success (broken input files are skipped and listed in the manifest), 2 on a usage
@@ -21,13 +24,14 @@ import argparse
 import logging
 import sys
 
-from pconv import cli, ingest
+from pconv import cli, ingest, ingest_job
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--engine", choices=("ray", "threads"), default="ray", help="see 'Engines' below (default ray)")
     common = argparse.ArgumentParser(add_help=False)  # -q also accepted after the subcommand
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bar, warnings only")
@@ -47,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="downscale (and re-encode) images whose longer side exceeds N pixels; default: keep all")
 
     mk = sub.add_parser("masks", parents=[common], help="mask archive/folder/prefix, or generated masks -> mask shards",
-                        usage="prepare_data.py masks SRC DST --hole-color white|black [--threshold T] [options]\n"
-                              "       prepare_data.py masks --generate N DST [--size 512] [--seed S] [options]",
+                        usage="%(prog)s SRC DST --hole-color white|black [--threshold T] [options]\n"
+                              "       %(prog)s --generate N DST [--size 512] [--seed S] [options]",
                         description="Store binary masks (1-bit PNG, white = valid) with hole ratio, paper bin "
                                     "and border flag. Give SRC and DST with --hole-color, or --generate N and DST.")
     mk.add_argument("paths", nargs="+", metavar="PATH",
@@ -62,34 +66,31 @@ def _parser() -> argparse.ArgumentParser:
     mk.add_argument("--size", type=int, default=512, help="generated mask size in pixels (default 512)")
     mk.add_argument("--seed", type=int, default=0, help="seed of the generated set (default 0)")
     mk.add_argument("--force", action="store_true", help="ingest even when most masks are > 60%% holes (inverted?)")
-    sub.add_parser("cleanup", help="delete shards under DST its manifest does not list (readers of an earlier "
-                                   "manifest lose them)").add_argument("dst", metavar="DST")
+    sub.add_parser("cleanup", help="delete the shards under DST that its manifest does not list").add_argument("dst")
     return p
 
 
 def _ingest(args: argparse.Namespace, progress: bool) -> str:
     if args.command == "cleanup":
         return f"cleanup: removed {len(ingest.cleanup(args.dst))} shard(s) not listed in the manifest of {args.dst}"
-    common = {k: getattr(args, k) for k in ("val_fraction", "shard_size_mb", "replace_kind")} | {"progress": progress}
+    common = {k: getattr(args, k) for k in ("val_fraction", "shard_size_mb", "replace_kind", "engine")}
+    common["progress"] = progress
     if args.command == "images":
-        return ingest.ingest_images(args.src, args.dst, max_side=args.max_side, allow_empty=args.allow_empty,
-                                    **common).line()
+        return ingest_job.ingest_images(args.src, args.dst, max_side=args.max_side, allow_empty=args.allow_empty,
+                                        **common).line()
     if args.generate is not None:
-        return ingest.generate_masks(args.generate, args.paths[0], size=args.size, seed=args.seed, **common).line()
-    return ingest.ingest_masks(args.paths[0], args.paths[1], hole_color=args.hole_color, threshold=args.threshold,
-                               allow_empty=args.allow_empty, force=args.force, **common).line()
+        return ingest_job.generate_masks(args.generate, args.paths[0], size=args.size, seed=args.seed, **common).line()
+    return ingest_job.ingest_masks(args.paths[0], args.paths[1], hole_color=args.hole_color, threshold=args.threshold,
+                                   allow_empty=args.allow_empty, force=args.force, **common).line()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "masks" and args.generate is not None and len(args.paths) != 1:
-        parser.error("masks --generate N takes exactly one path: DST")
-    if args.command == "masks" and args.generate is None:
-        if len(args.paths) != 2:
-            parser.error("masks takes SRC and DST (or --generate N DST)")
-        if args.hole_color is None:
-            parser.error("masks SRC DST needs --hole-color white|black (the polarity of the source files)")
+    if args.command == "masks" and len(args.paths) != (1 if args.generate is not None else 2):
+        parser.error("masks takes SRC and DST, or --generate N and only DST")
+    if args.command == "masks" and args.generate is None and args.hole_color is None:
+        parser.error("masks SRC DST needs --hole-color white|black (the polarity of the source files)")
     cli.setup_logging(logging.WARNING if args.quiet else logging.INFO)
     return cli.run(lambda: print(_ingest(args, progress=not args.quiet)), prog="prepare_data: error",
                    expected=(ingest.IngestError,))

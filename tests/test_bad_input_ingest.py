@@ -24,8 +24,9 @@ SCRIPT = "pipelines/prepare_data.py"
 
 
 def run_cli(repo_root, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, "-q", *map(str, args)], cwd=repo_root, capture_output=True,
-                          text=True, timeout=300)
+    # the single-process engine: these tests are about the CLI's contract, Ray-free (tests/test_ingest_ray.py: Ray)
+    return subprocess.run([sys.executable, SCRIPT, "-q", "--engine", "threads", *map(str, args)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=300)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -15,8 +15,9 @@ SCRIPT = "pipelines/prepare_data.py"
 
 
 def run_cli(repo_root, *args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, "-q", *map(str, args)], cwd=repo_root, capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+    # the single-process engine: these tests are about the CLI's contract, Ray-free (tests/test_ingest_ray.py: Ray)
+    return subprocess.run([sys.executable, SCRIPT, "-q", "--engine", "threads", *map(str, args)], cwd=repo_root,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
 def test_help_explains_subcommands(repo_root):

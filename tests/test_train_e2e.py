@@ -25,37 +25,13 @@ import torch
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture)
+from ray_jobs import JobsCli, submit_job, wait_for_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TOTAL_STEPS = 60
-
-
-class JobsCli:
-    """`ray job status/logs/list` against one cluster's job API."""
-
-    def __init__(self, address: str, env: dict[str, str]) -> None:
-        self.address, self.env = address, env
-
-    def _run(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "ray"), "job", *args, "--address", self.address], capture_output=True,
-                              text=True, env=self.env, timeout=120)
-
-    def ready(self) -> bool:
-        return self._run("list").returncode == 0
-
-    def get_job_status(self, job_id: str) -> str:
-        out = self._run("status", job_id)
-        text = out.stdout + out.stderr
-        for word, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
-            if f"Job '{job_id}' {word}" in text:
-                return status
-        return "RUNNING" if out.returncode == 0 else f"UNKNOWN: {text[-500:]}"
-
-    def get_job_logs(self, job_id: str) -> str:
-        return self._run("logs", job_id).stdout
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +78,24 @@ def ray_cluster(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def s3_shards(s3_server, photo_dir, mask_zip):
+def s3_shards(ray_cluster, s3_server, photo_dir, mask_zip):
+    """Shards made ON the cluster from photos and a mask zip in S3: `ray job submit -- python
+    pipelines/prepare_data.py` (the Ray Data ingest, issue 17), so the training job trains on what it wrote."""
     import boto3
+
+    from pconv import storage
 
     bucket = "e2e-train"
     boto3.client("s3").create_bucket(Bucket=bucket)
-    for args in (["images", str(photo_dir), f"s3://{bucket}/images", "--val-fraction", "0.25", "--shard-size-mb", "1"],
-                 ["masks", str(mask_zip), f"s3://{bucket}/masks", "--hole-color", "white"]):
-        proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "prepare_data.py"), *args],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
+    storage.upload_dir(str(photo_dir), f"s3://{bucket}/raw/photos")
+    storage.write_bytes_atomic(f"s3://{bucket}/raw/masks.zip", mask_zip.read_bytes())
+    for name, args in (("images", [f"s3://{bucket}/raw/photos", f"s3://{bucket}/images", "--val-fraction", "0.25",
+                                   "--shard-size-mb", "1"]),
+                       ("masks", [f"s3://{bucket}/raw/masks.zip", f"s3://{bucket}/masks", "--hole-color", "white"])):
+        submit_job(ray_cluster["address"], ray_cluster["env"], f"ingest-{name}",
+                   ["python", "pipelines/prepare_data.py", "-q", name, *args])
+        status = wait_for_job(ray_cluster["client"], f"ingest-{name}", timeout=300)
+        assert status == "SUCCEEDED", ray_cluster["client"].get_job_logs(f"ingest-{name}")[-4000:]
     return bucket
 
 
@@ -143,16 +127,6 @@ def checkpoint_metas(bucket: str) -> dict[int, str]:
             meta = json.loads(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
             out[meta["step"]] = obj["Key"].rsplit("/", 1)[0]
     return out
-
-
-def wait_for_job(client, submission_id: str, timeout: float = 600) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = str(client.get_job_status(submission_id))
-        if status.endswith(("SUCCEEDED", "FAILED", "STOPPED")):
-            return status
-        time.sleep(2)
-    raise AssertionError(f"job {submission_id} did not finish in {timeout} s:\n{client.get_job_logs(submission_id)[-4000:]}")
 
 
 def kill_one_training_worker() -> int:
