@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from pconv.model import CONV_TYPES, PAPER_IMAGE_SIZE, PAPER_LAYER_SIZE, default_layer_size
+from pconv.sr_grid import SR_SCALES, check_scale
 
 # Paper Sec. 4.1 ("Training procedure"): initial training with BN at lr 2e-4, fine-tuning with the
 # encoder's BN frozen at lr 5e-5; batch size 6 on one V100 (Sec. 4.1, "Network training").
@@ -32,6 +33,8 @@ LR_SCALING_CHOICES = ("none", "linear", "sqrt")  # lr x (global batch / 6)^1, ^1
 GRAD_COMPRESSION_CHOICES = ("none", "fp16")      # DDP gradient all-reduce in fp32 or fp16 (fp16_compress_hook)
 TRAIN_EXPERIMENT = "pconv-inpainting"  # default MLflow experiment of training runs
 REGISTER_AUTO = "auto"  # register_as: the task's default registered name (resolved by pconv.train via the registry)
+INPAINTING_TASK, SR_TASK = "inpainting", "sr"  # `task`: the paper's hole filling, or its Sec. 5 super-resolution
+TASKS = (INPAINTING_TASK, SR_TASK)
 
 
 class ConfigError(ValueError):
@@ -50,7 +53,13 @@ class TrainConfig:
     # --- data -------------------------------------------------------------------------------
     images: str = _key("", "URI of the image shards (a folder or `s3://` prefix holding `manifest.json`), made by "
                            "`prepare_data.py images`; required")
-    masks: str = _key("", "URI of the mask shards, made by `prepare_data.py masks`; required")
+    masks: str = _key("", "URI of the mask shards, made by `prepare_data.py masks`; required for `inpainting`, "
+                          "not given for `sr`")
+    task: str = _key(INPAINTING_TASK, "`inpainting` (holes from the mask shards) or `sr`: super-resolution as "
+                                      "inpainting (paper Sec. 5): the crop downsampled by `sr_scale` (Pillow "
+                                      "bicubic), its pixels on the HR grid, the rest holes; no mask shards")
+    sr_scale: int = _key(4, f"upscaling factor K of `task: sr`, one of {', '.join(map(str, SR_SCALES))} "
+                            "(`image_size` must be a multiple of it); ignored for inpainting")
     image_size: int = _key(PAPER_IMAGE_SIZE, "training crop size in pixels (the paper's, Sec. 4.1)")
     val_size: int = _key(8, "number of fixed validation (image, mask) pairs for val metrics and sample grids")
     # --- run identity and outputs ------------------------------------------------------------
@@ -58,10 +67,12 @@ class TrainConfig:
     storage: str = _key("runs", "where checkpoints go: a local folder or `s3://` prefix")
     experiment: str = _key(TRAIN_EXPERIMENT, "MLflow experiment name")
     register_as: str | None = _key(REGISTER_AUTO, "registered model name of the final model; `auto`: the task's "
-                                                  "default name (`pconv-unet` for inpainting); `''`: do not register")
+                                                  "default name (`pconv-unet` for inpainting, `pconv-sr` for sr); "
+                                                  "`''`: do not register")
     # --- cluster -----------------------------------------------------------------------------
     workers: int = _key(1, "number of data-parallel training workers (one GPU each when GPUs are used)")
-    use_gpu: bool | None = _key(None, "train on GPUs; `auto`: if the cluster has GPUs", shown="auto")
+    use_gpu: bool | None = _key(None, "train on GPUs; `auto`: if the cluster has GPUs or its autoscaler can launch "
+                                      "GPU nodes", shown="auto")
     cpus_per_worker: float | None = _key(None, "CPUs reserved per worker; `auto`: 1 with GPUs, 0.5 on CPU-only "
                                                "clusters (leaving CPUs to Ray Data)", shown="auto")
     max_failures: int = _key(3, "worker-group restarts Ray Train may do before the run fails")
@@ -105,7 +116,8 @@ class TrainConfig:
     num_to_keep: int = _key(3, "checkpoints kept in storage")
     val_every: int = _key(1_000, "validate on the fixed pairs every N steps")
     sample_every: int = _key(1_000, "log the validation sample grid (masked | mask | output | composite | "
-                                    "truth) as MLflow image `samples` every N steps")
+                                    "truth; sr: canvas | output | composite | truth) as MLflow image `samples` "
+                                    "every N steps")
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -145,7 +157,18 @@ class TrainConfig:
         problems: list[str] = []
         if not cfg.images:
             problems.append("images: an image shard URI is required (--images)")
-        if not cfg.masks:
+        if cfg.task not in TASKS:
+            problems.append(f"task: must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+        elif cfg.task == SR_TASK:
+            if cfg.masks:  # an error, not a warning: the run would silently train on something else than asked
+                problems.append("masks: not used with task sr (the pairs are built from the image crops); drop --masks")
+            try:
+                check_scale(cfg.sr_scale)
+                if cfg.image_size % cfg.sr_scale:
+                    problems.append(f"image_size {cfg.image_size} is not a multiple of sr_scale {cfg.sr_scale}")
+            except ValueError as exc:
+                problems.append(f"sr_scale: {exc}")
+        elif not cfg.masks:
             problems.append("masks: a mask shard URI is required (--masks)")
         if not cfg.run_name or "/" in cfg.run_name:
             problems.append(f"run_name: must be a non-empty name without '/', got {cfg.run_name!r}")
@@ -283,5 +306,6 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-__all__ = ["AMP_CHOICES", "ConfigError", "GRAD_COMPRESSION_CHOICES", "LR_SCALING_CHOICES", "PAPER_BATCH_PER_GPU", "PAPER_LR_PHASE1", "PAPER_LR_PHASE2",
+__all__ = ["AMP_CHOICES", "ConfigError", "GRAD_COMPRESSION_CHOICES", "INPAINTING_TASK", "LR_SCALING_CHOICES",
+           "PAPER_BATCH_PER_GPU", "PAPER_LR_PHASE1", "PAPER_LR_PHASE2", "SR_TASK", "TASKS",
            "REGISTER_AUTO", "TRAIN_EXPERIMENT", "TrainConfig", "default_text", "markdown_table", "merge"]

@@ -33,8 +33,9 @@ seed too, so rebuilding the dataset for epoch e + 1 (:func:`iter_train_batches`)
 Resources. The read+decode tasks request a small explicit CPU share (``num_cpus``, default 0.5) with a bounded
 ``concurrency``, so they still schedule when training workers hold most CPUs of a small machine (with 1-CPU
 tasks and two 1-CPU workers on 2 CPUs nothing would ever run: "Cluster resources are not enough" is a hang).
-Ray Train excludes its workers' resources from Ray Data's budget: :func:`check_headroom` turns a cluster with
-no room left for the data pipeline into an error before training starts.
+The training driver plans CPUs for them beside its workers on the cluster as its autoscaler can make it
+(:mod:`pconv.cluster`); ``concurrency`` bounds the task pool by the CPUs the cluster can reach, and Ray Data runs as
+many tasks as the CPUs present allow, so decoding grows as nodes join.
 
 Masks are small (12,000 x ~2.5 KB): the whole mask set is read once on the driver into one contiguous byte
 buffer + offsets, ``ray.put`` once, and every task samples from it (zero-copy numpy from the object store).
@@ -51,11 +52,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from pconv import shards, storage
+from pconv import cluster, shards, storage
 from pconv import transforms as T
 from pconv.allocator import reuse_freed_memory
 from pconv.model_inputs import iter_batches, to_float
-from pconv.transforms import MaskBank, derive_seed, load_mask_bank, val_pairing
+from pconv.transforms import MaskBank, SRPairs, derive_seed, load_mask_bank, val_pairing
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -71,9 +72,11 @@ _BANK_LOCAL: dict[str, MaskBank] = {}  # task side: ObjectRef hex -> bank, one r
 
 
 def _bank_ref(masks_uri: str, split: str = "train") -> Any:
-    """ObjectRef of the mask bank, put once per driver/job and reused across epochs/rebuilds."""
+    """ObjectRef of the mask bank, put once per driver/job and reused across epochs/rebuilds (SRPairs: itself)."""
     import ray
 
+    if isinstance(masks_uri, SRPairs):
+        return masks_uri
     manifest = shards.read_manifest(masks_uri)
     ctx = ray.get_runtime_context()  # a new cluster (ray.shutdown + ray.init) may reuse job ids, not node ids
     key = (masks_uri, manifest.get("run_id"), split, ctx.get_job_id(), ctx.get_node_id())
@@ -89,6 +92,8 @@ def _resolve_bank(holder: list) -> MaskBank:
     import ray
 
     ref = holder[0]
+    if isinstance(ref, SRPairs):
+        return ref
     hexid = ref.hex()
     if hexid not in _BANK_LOCAL:
         _BANK_LOCAL.clear()  # one bank per process at a time
@@ -206,24 +211,17 @@ def read_units(images_uri: str, split: str, manifest: dict[str, Any] | None = No
 MIN_FREE_CPUS = 1.0  # one CPU's worth of decode tasks: less starves training of data on any real cluster
 
 
-def check_headroom(cluster_cpus: float, training_cpus: float, num_cpus: float = DEFAULT_NUM_CPUS) -> None:
-    """ValueError if the CPUs left after the training workers cannot run the data pipeline (it would hang)."""
-    free = cluster_cpus - training_cpus
-    need = max(MIN_FREE_CPUS, num_cpus)
-    if free < need:
-        raise ValueError(
-            f"the Ray cluster has {cluster_cpus:g} CPUs and training workers take {training_cpus:g}: the data "
-            f"pipeline needs at least {need:g} free CPU(s) for its read/decode tasks, or it stalls. Lower the "
-            "CPUs per worker (e.g. 0.5 on CPU-only machines), use fewer workers, or add CPUs.")
-
-
-def default_concurrency(num_cpus: float) -> int:
-    """Concurrent read/decode tasks: ~75 % of the cluster's CPUs in requests, and at most one task per CPU —
+def default_concurrency(num_cpus: float, cpus: float | None = None) -> int:
+    """The most concurrent read/decode tasks: ~75 % of ``cpus`` in requests, and at most one task per CPU —
     decoding is CPU-bound, so more tasks than cores only add worker processes (which Ray then stops and
-    restarts around every epoch, re-importing everything)."""
+    restarts around every epoch, re-importing everything). ``cpus``: the CPUs the cluster can reach (with an
+    autoscaler: at full scale, :func:`pconv.cluster.reachable`); by default those of the connected cluster."""
     import ray
 
-    cpus = float(ray.cluster_resources().get("CPU", 1.0)) if ray.is_initialized() else 1.0
+    if cpus is None and ray.is_initialized():
+        view = cluster.read_view()
+        cpus = cluster.reachable(view, "CPU") or view.now("CPU")
+    cpus = max(1.0, min(float(cpus or 1.0), _MAX_INPUT_BLOCKS / 4))  # unbounded node types: the input-block limit
     return max(1, min(int(cpus * 0.75 / num_cpus), int(cpus)))
 
 
@@ -323,7 +321,7 @@ def build_val_dataset(images_uri: str, masks_uri: str, image_size: int, limit: i
         raise ValueError(f"{images_uri}: the val split is empty (counts={manifest.get('counts')}); "
                          "re-run prepare_data.py images with --val-fraction > 0")
     ref = _bank_ref(masks_uri, "val")
-    n_masks = len(ray.get(ref))
+    n_masks = len(ref) if isinstance(ref, SRPairs) else len(ray.get(ref))
     pairing = val_pairing(keys, n_masks, limit)
     ds, n_blocks = _units_dataset(images_uri, "val", shuffle_seed=None, concurrency=concurrency, manifest=manifest)
     ds = ds.map_batches(_val_units_udf, batch_size=None, batch_format="numpy",  # the block's units: read-ahead
@@ -358,7 +356,7 @@ def load_val_pairs(images_uri: str, masks_uri: str, image_size: int, limit: int 
             parts.append(T.val_transform({"key": np.array(table.column("key").to_pylist(), dtype=object),
                                           "image": np.array(table.column("image").to_pylist(), dtype=object)},
                                          image_size=image_size, bank=bank, pairing=pairing))
-    out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "mask", "index", "mask_index", "skipped")}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # val_transform's columns (sr: + "lr")
     order = np.argsort(out["index"], kind="stable")
     result: dict[str, Any] = to_float(out["image"][order], out["mask"][order], include_masked)
     inv = {i: k for k, (i, _) in pairing.items()}
@@ -367,6 +365,7 @@ def load_val_pairs(images_uri: str, masks_uri: str, image_size: int, limit: int 
     result["mask_keys"] = [bank.keys[int(j)] for j in mi]
     result["bin"], result["border"] = bank.bins[mi], bank.border[mi]
     result["skipped"] = int(out["skipped"].sum())
+    result.update({"lr": out["lr"][order]} if "lr" in out else {})  # task sr: uint8 LR crops (pconv.transforms)
     return result
 
 

@@ -4,16 +4,19 @@ a registered model version to ``champion`` when it beats the current holder on t
 - masks are grouped by the paper's hole-ratio bin (0.01, 0.1] ... (0.5, 0.6] and border flag (holes within
   the 50-px band or not), taken from the mask shards' ``bin``/``border`` columns (computed at ingestion on the
   mask's own resolution) or, for a raw folder/zip of masks, computed the same way here;
-- FIXED pairing: images sorted by key; masks of each (bin, border) group sorted by key; image ``j`` is paired
-  with mask ``j mod len(group)`` of EVERY group (a cover of the bins; training validation gives each image ONE
-  mask), so each image is evaluated once per group and two models see exactly the same pairs;
+- FIXED pairing (:mod:`pconv.eval_data`): images sorted by key; masks of each (bin, border) group sorted by key;
+  image ``j`` is paired with mask ``j mod len(group)`` of EVERY group (a cover of the bins; training validation
+  gives each image ONE mask), so each image is evaluated once per group and two models see exactly the same pairs;
+- the images are STREAMED (:class:`pconv.eval_data.ImageStream`): with ``limit`` N only N images are read and
+  decoded, and each batch of decoded images is paired with every group, scored by every method (model, baseline)
+  in the same pass, and dropped, so memory stays bounded on a set of any size (Places2 val is ~29 GB decoded);
 - each image is resized (shorter side to ``image_size``) and centre-cropped to ``image_size``² by
   :func:`pconv.images.center_crop`, the same view as training validation; masks are resized nearest only;
 - metrics (``pconv.metrics``: L1 %, PSNR, SSIM) are computed on the COMPOSITE (valid pixels from the input)
   against the ground truth, and averaged per (bin, border) cell with ``BinnedMetrics``.
 
-The same table is computed for the non-learned :mod:`pconv.baseline`. Files are listed by
-:class:`pconv.sources.Source`, shard roots read by :mod:`pconv.shards`, models loaded by :mod:`pconv.loading`.
+The same table is computed for the non-learned :mod:`pconv.baseline`. Images and masks are listed and read by
+:mod:`pconv.eval_data`, models loaded by :mod:`pconv.loading`.
 
 Promotion rule ("beats"): the candidate's mean PSNR over all evaluated pairs must exceed the champion's by more
 than ``min_delta_db`` (default 1e-6 dB, i.e. strictly greater up to float noise), both evaluated here on the
@@ -26,19 +29,16 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pconv import images as I
-from pconv import masks as M
-from pconv import metrics, shards
+from pconv import metrics
 from pconv.baseline import baseline_inpaint, baseline_name
+from pconv.eval_data import EvalSet, MaskRecord, build_eval_set, load_images, load_masks
 from pconv.registry import CHAMPION
-from pconv.sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -47,173 +47,83 @@ DEFAULT_MIN_DELTA_DB = 1e-6
 EVAL_EXPERIMENT = "pconv-evaluation"      # MLflow experiment of evaluation runs
 
 
-# --- Inputs: images, masks, fixed pairs ------------------------------------------------------------------------
-def _shard_rows(root: str, columns: list[str], prefer_val: bool = False) -> list[dict[str, Any]]:
-    """Rows of a shard root: every split, or with ``prefer_val`` only the ``val`` split when it has shards
-    (image datasets ingested for training hold their held-out images there; test sets are all ``train``)."""
-    manifest = shards.read_manifest(root)
-    splits: tuple[str, ...] = shards.SPLITS
-    if prefer_val and shards.shard_uris(root, manifest, "val"):
-        splits = ("val",)
-        log.info("%s: evaluating on its 'val' split", root)
-    uris = [u for split in splits for u in shards.shard_uris(root, manifest, split)]
-    return shards.read_table(uris, columns).to_pylist()
-
-
-def _raw_items(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, Callable[[], bytes]]]:
-    with Source(uri) as src:
-        items = [(it.key, it.read) for it in src.items() if it.key.lower().endswith(suffixes)]
-        if src.kind == "zip":  # the zip closes with the Source: read now
-            items = [(k, (lambda data=read(): data)) for k, read in items]
-    return items
-
-
-@dataclass
-class MaskRecord:
-    key: str
-    bin: int
-    border: bool
-    data: bytes            # encoded mask
-    stored: bool           # True: internal polarity PNG (shards); False: raw file with ``hole_color``
-
-
-@dataclass
-class EvalSet:
-    """Images (uint8 S×S×3), masks by group, and the fixed list of (image index, mask record) pairs."""
-
-    image_size: int
-    image_keys: list[str]
-    images: list[np.ndarray]
-    pairs: list[tuple[int, MaskRecord]]
-    hole_color: str = "white"
-    threshold: float = 0.5
-    groups: dict[tuple[int, bool], int] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)  # "<file>: <reason>" of every unreadable image or mask
-
-    def mask(self, rec: MaskRecord) -> np.ndarray:
-        """uint8 S×S mask (1 = valid), nearest-resized."""
-        if rec.stored:
-            m = M.decode_stored_mask(rec.data, name=rec.key)
-        else:
-            m = M.decode_mask(rec.data, self.hole_color, self.threshold, name=rec.key)
-        return m if m.shape == (self.image_size,) * 2 else M.resize_nearest(m, self.image_size)
-
-
-def load_images(uri: str, image_size: int, limit: int | None = None,
-                skipped: list[str] | None = None) -> tuple[list[str], list[np.ndarray]]:
-    """Eval images from a shard root (manifest.json; its ``val`` split if it has one) or a folder / zip /
-    s3:// prefix of image files; sorted by key, the first ``limit``; unreadable files skipped and counted. Each is
-    decoded and cut to the centre view by :func:`pconv.images.center_crop`, the same as training validation."""
-    if shards.is_dataset_root(uri):
-        rows = sorted(_shard_rows(uri, ["key", "image"], prefer_val=True), key=lambda r: r["key"])
-        items = [(r["key"], (lambda d=r["image"]: d)) for r in rows]
-    else:
-        items = sorted(_raw_items(uri, I.IMAGE_SUFFIXES), key=lambda kv: kv[0])
-    if limit:
-        items = items[:limit]
-    if not items:
-        raise ValueError(f"no images found under {uri}")
-    keys, images, bad = [], [], []
-    for key, read in items:
-        try:
-            images.append(I.center_crop(I.open_image(read(), draft_size=image_size, name=f"{uri}:{key}"), image_size))
-            keys.append(key)
-        except ValueError as exc:
-            bad.append(str(exc))
-    if bad:
-        log.warning("skipped %d unreadable image(s): %s", len(bad), "; ".join(bad[:5]))
-    if skipped is not None:
-        skipped.extend(bad)
-    if not images:
-        raise ValueError(f"none of the {len(items)} images under {uri} could be decoded: {bad[:3]}")
-    return keys, images
-
-
-def load_masks(uri: str, hole_color: str | None = None, threshold: float = 0.5,
-               skipped: list[str] | None = None) -> list[MaskRecord]:
-    """Masks with their (bin, border) labels from mask shards, or from raw files (``hole_color`` required);
-    unreadable raw files are skipped, logged and appended to ``skipped``."""
-    if shards.is_dataset_root(uri):
-        rows = _shard_rows(uri, ["key", "mask", "bin", "border"])
-        return [MaskRecord(r["key"], int(r["bin"]), bool(r["border"]), r["mask"], True) for r in rows]
-    if hole_color not in M.HOLE_COLORS:
-        raise ValueError(f"{uri} holds raw mask files: say their polarity with --hole-color white|black "
-                         "(NVIDIA's test masks: white = hole), or ingest them first with pipelines/prepare_data.py")
-    out = []
-    for key, read in _raw_items(uri, M.MASK_SUFFIXES):
-        try:
-            m = M.decode_mask(data := read(), hole_color, threshold, name=f"{uri}:{key}")
-        except (ValueError, OSError, Image.DecompressionBombError) as exc:
-            log.warning("skipped mask %s: %s", key, exc)
-            (skipped if skipped is not None else []).append(f"{uri}:{key}: {exc}")
-            continue
-        out.append(MaskRecord(key, M.ratio_bin(M.hole_ratio(m)), M.touches_border(m, shards.border_band(*m.shape)),
-                              data, False))
-    return out
-
-
-def build_eval_set(images_uri: str, masks_uri: str, image_size: int = DEFAULT_IMAGE_SIZE, limit: int | None = None,
-                   hole_color: str | None = None, threshold: float = 0.5) -> EvalSet:
-    """Load images and masks and fix the pairing (see the module docstring)."""
-    skipped: list[str] = []
-    records = load_masks(masks_uri, hole_color, threshold, skipped)
-    groups: dict[tuple[int, bool], list[MaskRecord]] = {}
-    for rec in records:
-        if rec.bin >= 0:
-            groups.setdefault((rec.bin, rec.border), []).append(rec)
-    if not groups:
-        raise ValueError(f"no mask under {masks_uri} falls into the paper's hole-ratio bins (0.01, 0.6]")
-    keys, images = load_images(images_uri, image_size, limit, skipped)
-    pairs = []
-    for gkey in sorted(groups):
-        group = sorted(groups[gkey], key=lambda r: r.key)
-        pairs.extend((j, group[j % len(group)]) for j in range(len(images)))
-    missing = [(b, f) for b in range(len(M.HOLE_RATIO_BINS)) for f in (False, True) if (b, f) not in groups]
-    if missing:
-        log.warning("no masks for %d (bin, border) cell(s): %s", len(missing), missing)
-    return EvalSet(image_size, keys, images, pairs, hole_color or "white", threshold,
-                   {k: len(v) for k, v in groups.items()}, skipped)
-
-
 # --- Running the protocol --------------------------------------------------------------------------------------
-def _batches(es: EvalSet, batch_size: int):
-    for i in range(0, len(es.pairs), batch_size):
-        chunk = es.pairs[i:i + batch_size]
-        imgs = np.stack([es.images[j] for j, _ in chunk]).astype(np.float32) / 255.0
-        msks = np.stack([es.mask(rec) for _, rec in chunk]).astype(np.float32)
-        yield chunk, torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(msks)[:, None]
+Fill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (image N×3×S×S, mask N×1×S×S) -> composite
 
 
-def _add(table: metrics.BinnedMetrics, chunk, pred: torch.Tensor, gt: torch.Tensor) -> None:
-    table.add_batch([rec.bin for _, rec in chunk], [rec.border for _, rec in chunk], metrics.l1_percent(pred, gt),
-                    metrics.psnr(pred, gt), metrics.ssim(pred, gt))
+def model_fill(model: torch.nn.Module, batch_size: int = 4, device: str | torch.device | None = None) -> Fill:
+    """The model's composite (:func:`pconv.inference.inpaint`: valid pixels from the input)."""
+    from pconv.inference import inpaint
+
+    return lambda image, mask: inpaint(model, image, mask, device=device, batch_size=batch_size)
+
+
+def baseline_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The non-learned baseline's composite (:func:`pconv.baseline.baseline_inpaint`), image by image."""
+    imgs = image.permute(0, 2, 3, 1).numpy()
+    out = np.stack([baseline_inpaint(imgs[k], mask[k, 0].numpy()) for k in range(len(imgs))])
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def evaluate_fills(es: EvalSet, fills: dict[str, Fill], batch_size: int = 4) -> dict[str, metrics.BinnedMetrics]:
+    """Per-(bin, border) metrics of each fill's composites on the fixed pairs, in ONE streamed pass over the images:
+    each batch of decoded images is paired with every group and dropped once its pairs are scored. The numbers do
+    not depend on the order or batching in which the images arrive: every fill call gets ``batch_size`` pairs (the
+    last chunk is padded with a repeated pair; a net's float result can depend on the batch size), and the per-pair
+    values (3 floats per pair and fill) are added to the tables in the fixed pair order at the end. Pairs of
+    unreadable images are left out (``es.skipped`` says which)."""
+    values = {name: np.full((len(es.pairs), len(metrics.METRIC_NAMES)), np.nan) for name in fills}
+    done = np.zeros(len(es.pairs), dtype=bool)
+    pixels: dict[int, np.ndarray] = {}
+
+    def score(chunk: list[int]) -> None:
+        padded = chunk + chunk[:1] * (batch_size - len(chunk))
+        imgs = np.stack([pixels[es.pairs[p][0]] for p in padded]).astype(np.float32) / 255.0
+        image = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+        mask = torch.from_numpy(np.stack([es.mask(es.pairs[p][1]) for p in padded]).astype(np.float32))[:, None]
+        gt = image.double()
+        for name, fill in fills.items():
+            pred = fill(image, mask).double()
+            scores = [metrics.l1_percent(pred, gt), metrics.psnr(pred, gt), metrics.ssim(pred, gt)]
+            values[name][chunk] = torch.stack(scores, 1)[:len(chunk)].cpu().numpy()
+        done[chunk] = True
+
+    todo: list[int] = []
+    for batch in es.image_batches():
+        pixels.update(batch)
+        todo += es.pair_indices([j for j, _ in batch])
+        while len(todo) >= batch_size:
+            score(todo[:batch_size])
+            todo = todo[batch_size:]
+        pixels = {es.pairs[p][0]: pixels[es.pairs[p][0]] for p in todo}  # only images with pairs still to score
+    if todo:
+        score(todo)
+    if not done.any():
+        raise ValueError(f"none of the {len(es.image_keys)} evaluation images could be decoded: {es.skipped[:3]}")
+    keep = np.flatnonzero(done)
+    tables = {}
+    for name in fills:
+        tables[name] = table = metrics.BinnedMetrics()
+        table.add_batch([es.pairs[p][1].bin for p in keep], [es.pairs[p][1].border for p in keep],
+                        *values[name][keep].T)
+    return tables
 
 
 def evaluate_model(model: torch.nn.Module, es: EvalSet, batch_size: int = 4,
                    device: str | torch.device | None = None) -> metrics.BinnedMetrics:
     """Per-(bin, border) metrics of the model's composites on the eval set's fixed pairs."""
-    from pconv.inference import inpaint
-
-    table = metrics.BinnedMetrics()
-    for chunk, image, mask in _batches(es, batch_size):
-        comp = inpaint(model, image, mask, device=device, batch_size=batch_size)
-        _add(table, chunk, comp.double(), image.double())
-    return table
+    return evaluate_fills(es, {"model": model_fill(model, batch_size, device)}, batch_size)["model"]
 
 
 def evaluate_baseline(es: EvalSet, batch_size: int = 8) -> metrics.BinnedMetrics:
-    table = metrics.BinnedMetrics()
-    for chunk, image, mask in _batches(es, batch_size):
-        imgs = image.permute(0, 2, 3, 1).numpy()
-        out = np.stack([baseline_inpaint(imgs[k], mask[k, 0].numpy()) for k in range(len(chunk))])
-        _add(table, chunk, torch.from_numpy(out).permute(0, 3, 1, 2).double(), image.double())
-    return table
+    return evaluate_fills(es, {"baseline": baseline_fill}, batch_size)["baseline"]
 
 
 def result_markdown(model_label: str, model_table: metrics.BinnedMetrics,
                     baseline_table: metrics.BinnedMetrics | None, es: EvalSet) -> str:
-    parts = [f"Evaluation at {es.image_size}x{es.image_size}: {len(es.image_keys)} images x "
-             f"{len(es.groups)} (hole-ratio bin, border) groups = {len(es.pairs)} fixed pairs; metrics on the "
+    images = len(es.image_keys) - es.failed_images
+    parts = [f"Evaluation at {es.image_size}x{es.image_size}: {images} images x "
+             f"{len(es.groups)} (hole-ratio bin, border) groups = {model_table.count} fixed pairs; metrics on the "
              "composite.", "", f"### Model: {model_label}", "", model_table.to_markdown()]
     if baseline_table is not None:
         parts += ["", f"### Baseline: {baseline_name()} (no learning)", "", baseline_table.to_markdown()]
@@ -316,7 +226,7 @@ def run_evaluation(model_uri: str, images: str, masks: str, image_size: int = DE
                    tracking_uri: str | None = None, min_delta_db: float = DEFAULT_MIN_DELTA_DB) -> dict[str, Any]:
     """Evaluate ``model_uri`` (and the baseline) on fixed pairs, log to MLflow (``experiment`` None: don't),
     optionally promote. Returns ``{"markdown", "model", "baseline", "pairs", "promotion", "mlflow_run_id"}``."""
-    from pconv.loading import load_model, parse_registry_uri, resolve_device, resolve_version
+    from pconv.loading import INPAINTING_TASK, load_model, parse_registry_uri, resolve_device, resolve_version
 
     if promote_alias and not model_uri.startswith("models:/"):
         raise ValueError(f"--promote needs a registered model (models:/NAME@ALIAS or models:/NAME/VERSION), "
@@ -324,14 +234,16 @@ def run_evaluation(model_uri: str, images: str, masks: str, image_size: int = DE
     if promote_alias:
         parse_registry_uri(model_uri)
     dev = resolve_device(device)
-    model, info = load_model(model_uri, device=dev, tracking_uri=tracking_uri)
+    model, info = load_model(model_uri, device=dev, tracking_uri=tracking_uri, task=INPAINTING_TASK)
     es = build_eval_set(images, masks, image_size, limit, hole_color, threshold)
     t0 = time.perf_counter()
-    table = evaluate_model(model, es, batch_size, dev)
-    log.info("model evaluated on %d pairs in %.1fs", len(es.pairs), time.perf_counter() - t0)
-    base = evaluate_baseline(es) if baseline else None
+    fills = {"model": model_fill(model, batch_size, dev), **({"baseline": baseline_fill} if baseline else {})}
+    tables = evaluate_fills(es, fills, batch_size)  # one pass: each image is read and decoded once for both
+    table, base = tables["model"], tables.get("baseline")
+    log.info("evaluated on %d pairs in %.1fs", table.count, time.perf_counter() - t0)
     result: dict[str, Any] = {"model_uri": model_uri, "model_info": {k: v for k, v in info.items()},
-                              "image_size": image_size, "pairs": len(es.pairs), "images": len(es.image_keys),
+                              "image_size": image_size, "pairs": table.count,
+                              "images": len(es.image_keys) - es.failed_images,
                               "model": table.as_dict(), "baseline": base.as_dict() if base else None,
                               "baseline_name": baseline_name() if base else None, "promotion": None,
                               "skipped": es.skipped}
@@ -347,6 +259,7 @@ def run_evaluation(model_uri: str, images: str, masks: str, image_size: int = DE
         result["promotion"] = vars(decision)
         result["markdown"] += f"\nPromotion to {promote_alias!r}: {'MOVED' if decision.promoted else 'not moved'} - " \
                               f"{decision.reason}\n"
+    es.close()  # (on an error, the stream's finalizer closes it when collected)
     result["mlflow_run_id"] = _log_result(result, table, base, experiment, tracking_uri) if experiment else None
     return result
 
@@ -391,6 +304,6 @@ def _log_result(result: dict[str, Any], table: metrics.BinnedMetrics, base: metr
     return run_id
 
 
-__all__ = ["EvalSet", "MaskRecord", "PromotionDecision", "bar_chart", "beats", "build_eval_set",
-           "evaluate_baseline", "evaluate_model", "load_images", "load_masks", "promote", "result_markdown",
-           "run_evaluation"]
+__all__ = ["EvalSet", "Fill", "MaskRecord", "PromotionDecision", "bar_chart", "baseline_fill", "beats",
+           "build_eval_set", "evaluate_baseline", "evaluate_fills", "evaluate_model", "load_images", "load_masks",
+           "model_fill", "promote", "result_markdown", "run_evaluation"]

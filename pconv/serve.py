@@ -6,6 +6,9 @@ Routes (one deployment, :class:`InpaintServer`, FastAPI ingress):
   default, or ``black``) -> ``image/png``, the composite at the image's size; header ``X-Model-Version`` names the
   version that answered. Bad input gets a 4xx JSON ``{"error": ...}`` naming the problem (checks shared with the
   MLflow pyfunc, :func:`pconv.pyfunc_model.decode_request`); the replica keeps serving.
+- ``POST /super-resolve`` (a super-resolution model, ``task: sr``): multipart file ``image`` (the LR image) ->
+  ``image/png``, K times larger with the LR pixels exact at their grid positions. Each endpoint answers 409 with a
+  JSON error naming the other when the served model is of the other task.
 - ``GET /``: the page (``serve_page.html``: paint holes on a photo, inpaint, compare, download).
 - ``GET /healthz``: ``{"status": "ok", "model": ..., "version": ...}``.
 
@@ -28,9 +31,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
+from pconv import cluster
 from pconv.inference import encode_image
-from pconv.loading import REGISTRY_SCHEME, load_model, parse_registry_uri, resolve_version
-from pconv.pyfunc_model import DEFAULT_MAX_PIXELS, BadInput, Decoded, decode_request, inpaint_decoded
+from pconv.loading import INPAINTING_TASK, REGISTRY_SCHEME, SR_TASK, load_model, parse_registry_uri, resolve_version
+from pconv.pyfunc_model import (DEFAULT_MAX_PIXELS, BadInput, Decoded, decode_lr_request, decode_request,
+                                inpaint_decoded)
+from pconv.super_resolution import resolve_scale, super_resolve
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +63,18 @@ def _version_label(info: dict[str, Any]) -> str:
     return "local"
 
 
-async def _read_form(request: Request) -> dict[str, Any]:
-    """The multipart form's ``image`` and ``mask`` (file bytes) and ``hole_color`` (text); BadInput when absent."""
+async def _read_form(request: Request, files: tuple[str, ...] = ("image", "mask")) -> dict[str, Any]:
+    """The multipart form's ``files`` (bytes) and ``hole_color`` (text); BadInput when absent."""
     kind = request.headers.get("content-type", "")
     if not kind.startswith("multipart/form-data"):
-        raise BadInput(f"send multipart/form-data with files image and mask (got content-type {kind or 'none'!r})",
-                       status=415)
+        raise BadInput(f"send multipart/form-data with files {' and '.join(files)} (got content-type "
+                       f"{kind or 'none'!r})", status=415)
     try:
         form = await request.form()
     except Exception as exc:  # noqa: BLE001 - a malformed body is the client's problem
         raise BadInput(f"cannot parse the multipart form: {exc}") from exc
     fields: dict[str, Any] = {}
-    for name in ("image", "mask"):
+    for name in files:
         value = form.get(name)
         if value is None or isinstance(value, str):
             raise BadInput(f"missing file field {name!r}: send the {name} as a file part of the form")
@@ -110,6 +116,8 @@ class InpaintServer:
 
     def _load(self, uri: str) -> tuple[Any, str]:
         model, info = load_model(uri, device=self.opts["device"], tracking_uri=self.tracking_uri)
+        self.task = info.get("task")  # inpainting or sr: which POST route answers
+        self.scale = resolve_scale(info, None) if self.task == SR_TASK else None
         version = _version_label(info)
         log.info("serving %s (version %s) on %s", self.model_uri, version, next(model.parameters()).device)
         return model, version
@@ -152,10 +160,33 @@ class InpaintServer:
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_uri, "version": self._current[1]}
+        return {"status": "ok", "model": self.model_uri, "version": self._current[1], "task": self.task}
+
+    def _wrong_task(self, task: str) -> JSONResponse | None:
+        if (self.task == SR_TASK) == (task == SR_TASK):
+            return None
+        what = f"a super-resolution model (x{self.scale}): POST /super-resolve with the file image" \
+            if self.task == SR_TASK else "an inpainting model: POST /inpaint with the files image and mask"
+        return JSONResponse({"error": f"this server serves {self.model_uri}, {what}"}, status_code=409)
+
+    @app.post("/super-resolve")
+    async def super_resolve_route(self, request: Request) -> Response:
+        if (wrong := self._wrong_task(SR_TASK)) is not None:
+            return wrong
+        try:
+            fields = await _read_form(request, ("image",))
+            lr = await asyncio.to_thread(decode_lr_request, fields["image"], self.scale, int(self.opts["max_pixels"]))
+        except BadInput as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        with self._lock:
+            model, version = self._current
+        png = await asyncio.to_thread(lambda: encode_image(super_resolve(model, lr, self.scale)))
+        return Response(png, media_type="image/png", headers={VERSION_HEADER: version})
 
     @app.post("/inpaint")
     async def inpaint(self, request: Request) -> Response:
+        if (wrong := self._wrong_task(INPAINTING_TASK)) is not None:
+            return wrong
         try:
             fields = await _read_form(request)
             decoded = await asyncio.to_thread(decode_request, fields["image"], fields["mask"],
@@ -170,16 +201,21 @@ class InpaintServer:
 
 
 def cluster_gpus() -> float:
-    """GPUs in the connected Ray cluster (0 when Ray is not initialised)."""
+    """GPUs the connected Ray cluster has or its autoscaler can launch (:mod:`pconv.cluster`; 0 when Ray is not
+    initialised): a cluster that starts without GPU nodes still gets GPU replicas, launched for them."""
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    if not ray.is_initialized():
+        return 0.0
+    view = cluster.read_view()
+    most = cluster.reachable(view, "GPU")
+    return float(view.now("GPU") if most is None else most)
 
 
 def build_app(model_uri: str, tracking_uri: str | None = None, min_replicas: int = 1, max_replicas: int = 2,
               max_ongoing_requests: int = 8, max_queued_requests: int = 16, num_cpus: float = 1.0,
               num_gpus: float | None = None, **options: Any) -> serve.Application:
-    """The bound application. ``num_gpus=None``: one GPU per replica when the cluster has GPUs, else none."""
+    """The bound application. ``num_gpus=None``: one GPU per replica when the cluster has or can launch GPUs."""
     if num_gpus is None:
         num_gpus = 1.0 if cluster_gpus() > 0 else 0.0
     deployment = InpaintServer.options(

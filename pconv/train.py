@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pconv import checkpoint as ckpt
-from pconv import data, registry, shards, storage, tracking
-from pconv.config import REGISTER_AUTO, ConfigError, TrainConfig
+from pconv import cluster, data, registry, shards, storage, tracking
+from pconv.config import REGISTER_AUTO, SR_TASK, ConfigError, TrainConfig
 from pconv.train_loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,20 @@ class ClusterPlan:
     use_gpu: bool
     cpus_per_worker: float
     gpu_type: str
+    decode_concurrency: int = 1     # the most read/decode tasks of all workers together (Ray Data scales up to it)
 
     def params(self, workers: int) -> dict[str, Any]:
         return {"cluster/workers": workers, "cluster/use_gpu": self.use_gpu, "cluster/gpu_type": self.gpu_type,
-                "cluster/cpus_per_worker": self.cpus_per_worker}
+                "cluster/cpus_per_worker": self.cpus_per_worker,
+                "cluster/decode_concurrency": self.decode_concurrency}
 
 
 def registered_name(cfg: TrainConfig) -> str | None:
     """The name the final model is registered under: ``register_as``, with ``auto`` = the inpainting model's
-    registered name (:data:`pconv.registry.INPAINTING_MODEL`); ``None`` when registration is off."""
-    return registry.INPAINTING_MODEL if cfg.register_as == REGISTER_AUTO else (cfg.register_as or None)
+    registered name (:data:`pconv.registry.INPAINTING_MODEL`), or for ``task: sr`` the SR model's
+    (:data:`pconv.registry.SR_MODEL`); ``None`` when registration is off."""
+    default = registry.SR_MODEL if cfg.task == SR_TASK else registry.INPAINTING_MODEL
+    return default if cfg.register_as == REGISTER_AUTO else (cfg.register_as or None)
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -107,7 +111,7 @@ def check_inputs(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     weights."""
     check_vgg_weights(cfg.vgg_weights)
     manifests = {}
-    for name in ("images", "masks"):
+    for name in ("images",) if cfg.task == SR_TASK else ("images", "masks"):  # sr: pairs from the crops
         uri = getattr(cfg, name)
         try:
             manifest = shards.read_manifest(uri)
@@ -141,7 +145,7 @@ def _absolute(cfg: TrainConfig) -> TrainConfig:
     vgg = cfg.vgg_weights
     if vgg not in ("imagenet", "random") and not storage.is_remote(vgg) and Path(vgg).expanduser().is_file():
         vgg = _storage_uri(vgg)
-    return dataclasses.replace(cfg, images=_storage_uri(cfg.images), masks=_storage_uri(cfg.masks),
+    return dataclasses.replace(cfg, images=_storage_uri(cfg.images), masks=cfg.masks and _storage_uri(cfg.masks),
                                storage=_storage_uri(cfg.storage), init_from=init_from, vgg_weights=vgg)
 
 
@@ -161,22 +165,33 @@ def _run_config(cfg: TrainConfig):
 
 
 def plan_cluster(cfg: TrainConfig, local_mode: bool) -> ClusterPlan:
-    """GPUs if the cluster has them (or as asked), CPUs per worker, and the CPUs Ray Data needs beside them."""
+    """GPUs or not, CPUs per worker, and the CPUs Ray Data needs beside them, planned on the cluster as its
+    autoscaler can make it (:mod:`pconv.cluster`), not on the nodes that happen to be up at submit time. Fails
+    fast only when the cluster can never run the job; logs what it waits for while nodes launch."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = bool(gpus >= 1) if cfg.use_gpu is None else cfg.use_gpu
-    if use_gpu and gpus < 1:
-        raise ConfigError("--use-gpu was given but the Ray cluster has no GPUs")
+    view = cluster.read_view()
+    use_gpu, why = cluster.decide_gpu(cfg.use_gpu, view)
     cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else 0.5)
+    request = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
     # Ray Data needs CPUs beyond the training workers' or the read tasks never schedule (a hang, not an error).
+    data_cpus = max(data.MIN_FREE_CPUS, data.DEFAULT_NUM_CPUS)
     try:
-        data.check_headroom(ray.cluster_resources().get("CPU", 0), 0 if local_mode else cfg.workers * cpus_per_worker)
-    except ValueError as exc:
+        waiting = cluster.check_workers(view, 0 if local_mode else cfg.workers, request, data_cpus,
+                                        what="training worker")
+    except cluster.Infeasible as exc:
         raise ConfigError(str(exc)) from None
-    return ClusterPlan(use_gpu, cpus_per_worker, _gpu_type(use_gpu))
+    log.info("training on %s (%s): %d worker(s) x %s", "GPUs" if use_gpu else "CPUs", why, cfg.workers,
+             cluster.fmt(request))
+    if waiting:
+        log.warning("%s", waiting)
+    if not local_mode and view.node_types != ():  # nodes come and go: keep Ray Data's detached actors off them
+        cluster.host_data_singletons_here()
+    cpus = cluster.reachable(view, "CPU")
+    return ClusterPlan(use_gpu, cpus_per_worker, _gpu_type(use_gpu, view),
+                       data.default_concurrency(data.DEFAULT_NUM_CPUS, cpus if cpus is not None else view.now("CPU")))
 
 
 def run(cfg: TrainConfig, *, local_mode: bool = False) -> TrainSummary:
@@ -211,7 +226,8 @@ def run(cfg: TrainConfig, *, local_mode: bool = False) -> TrainSummary:
             train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                                # the read units, listed once here; each worker streams its own by rank (exact
                                # resume, pconv.train_stream) instead of Ray Train splitting one dataset
-                               "train_units": data.read_units(cfg.images, "train")},
+                               "train_units": data.read_units(cfg.images, "train"),
+                               "decode_concurrency": plan.decode_concurrency},
             scaling_config=ScalingConfig(num_workers=0) if local_mode else ScalingConfig(
                 num_workers=cfg.workers, use_gpu=plan.use_gpu,
                 resources_per_worker={"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}),
@@ -242,16 +258,14 @@ def _register(checkpoint_uri: str, cfg: TrainConfig, run_id: str, tracking_uri: 
         return None
 
 
-def _gpu_type(use_gpu: bool) -> str:
+def _gpu_type(use_gpu: bool, view: cluster.ClusterView) -> str:
+    """The accelerator types of the GPU nodes alive now, or of the launchable GPU node types (``accelerator_type:*``
+    resources Ray sets / the config declares)."""
     if not use_gpu:
         return "none"
-    try:
-        import ray
-
-        types = {k for k in ray.cluster_resources() if k.startswith("accelerator_type:")}
-        return ",".join(sorted(t.split(":", 1)[1] for t in types)) or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
+    resources = list(view.nodes) + [t.resources for t in view.launchable() if t.resources]
+    types = {k.split(":", 1)[1] for r in resources for k in r if k.startswith("accelerator_type:")}
+    return ",".join(sorted(types)) or "unknown"
 
 
 __all__ = ["ClusterPlan", "TrainSummary", "check_inputs", "check_vgg_weights", "latest_checkpoint", "plan_cluster",

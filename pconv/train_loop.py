@@ -21,11 +21,11 @@ import torch
 from pconv import checkpoint as ckpt
 from pconv import data, fault_hooks, metrics, tracking, train_checkpoint, train_stream
 from pconv.allocator import reuse_freed_memory
-from pconv.config import TrainConfig
+from pconv.config import SR_TASK, TrainConfig
 from pconv.loading import load_model
 from pconv.losses import LOSS_TERMS, InpaintingLoss, VGG16FeatureExtractor
 from pconv.model import PConvUNet, build_model
-from pconv.model_inputs import to_float_batch
+from pconv.model_inputs import net_input, to_float_batch
 from pconv.train_stream import DataPosition
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,16 @@ class TrainState:
     phase: int = 1
     epoch: int = 0
     position: DataPosition | None = None  # where the data stream resumes (None: epoch 0, row 0)
+    counters: dict[str, int] | None = None  # the run's counters at the checkpoint resumed from (_Meter.totals)
 
-    def checkpoint_state(self, seed: int, position: DataPosition | None = None) -> dict[str, Any]:
-        """The ``state.pt`` contents (pconv.checkpoint), with the unwrapped model's state dict and the data
-        position of all ranks (``position``, gathered by the caller)."""
+    def checkpoint_state(self, seed: int, position: DataPosition | None = None,
+                         counters: dict[str, int] | None = None) -> dict[str, Any]:
+        """The ``state.pt`` contents (pconv.checkpoint), with the unwrapped model's state dict, the data
+        position of all ranks (``position``, gathered by the caller) and the run's counters (summed over ranks)."""
         return {"model": ckpt.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "phase": self.phase, "epoch": self.epoch,
-                "data_seed": seed, "data_position": position.to_dict() if position else None}
+                "data_seed": seed, "data_position": position.to_dict() if position else None,
+                "counters": counters or {}}
 
 
 def phase_of(step: int, cfg: TrainConfig) -> int:
@@ -143,11 +146,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_fn.compile()  # VGG features, Gram matrices, masked L1 and TV terms: element-wise work a compiler fuses
     tracker = tracking.Tracker(ctx.run_id, loop_config.get("tracking_uri")) if ctx.rank == 0 else None
     val = _load_val(cfg, ctx.device) if ctx.rank == 0 else None
-    stream = train_stream.worker_stream(cfg.images, cfg.masks, cfg.image_size, loop_config.get("train_units"),
+    stream = train_stream.worker_stream(cfg.images, _mask_source(cfg), cfg.image_size, loop_config.get("train_units"),
                                         seed=cfg.seed, batch_size=cfg.per_worker_batch, position=state.position,
-                                        rank=ctx.rank, world=ctx.world, device=ctx.device)
+                                        rank=ctx.rank, world=ctx.world, device=ctx.device,
+                                        decode_concurrency=loop_config.get("decode_concurrency"))
     hooks = fault_hooks.FaultHooks.load(ctx.rank)
-    meter = _Meter()
+    meter = _Meter(state.counters, ctx.rank)
     log.info("rank %d/%d on %s: starting at step %d (phase %d) of %d, amp=%s", ctx.rank, ctx.world, ctx.device,
              state.step, state.phase, cfg.total_steps, ctx.amp)
 
@@ -168,7 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if val is not None and (state.step % cfg.val_every == 0 or state.step % cfg.sample_every == 0 or last):
             _validate(state, ctx, loss_fn, val, tracker, grid=state.step % cfg.sample_every == 0 or last)
         if state.step % cfg.checkpoint_every == 0 or last:
-            train_checkpoint.report(state, ctx, stream)
+            train_checkpoint.report(state, ctx, stream, meter.totals(ctx))
             hooks.maybe_crash(state.step)
     stream.close()
 
@@ -177,12 +181,12 @@ def _train_step(state: TrainState, ctx: WorkerContext, loss_fn: InpaintingLoss, 
                 meter: "_Meter") -> tuple[dict[str, torch.Tensor], int]:
     """One optimiser step on this worker's batch (skipped on every rank when any rank's loss is not finite)."""
     inputs = to_float_batch(batch, ctx.device)  # uint8 rows -> float on the device (4x less to copy)
-    image, mask = inputs["image"], inputs["mask"]
+    image, mask, x = inputs["image"], inputs["mask"], inputs["input"]  # x: the net's image (sr: the LR canvas)
     if ctx.device.type == "cuda":
-        image = image.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     state.model.train()
     with torch.autocast(ctx.device.type, dtype=ctx.amp.dtype, enabled=ctx.amp.enabled):
-        output, _ = state.model(image, mask)
+        output, _ = state.model(x, mask)
         terms = loss_fn(mask, output.float(), image)
     state.optimizer.zero_grad(set_to_none=True)
     if _all_finite(terms["total"], ctx.world):
@@ -206,10 +210,13 @@ def _train_step(state: TrainState, ctx: WorkerContext, loss_fn: InpaintingLoss, 
 # ---------------------------------------------------------------------------------------------
 class _Meter:
     """Loss terms and timings averaged between two log lines; skipped rows (this rank's: the logged metric is the
-    sum over ranks) and non-finite steps (the same on every rank) of this run."""
+    sum over ranks) and non-finite steps (the same on every rank) of this run, continued from ``counters`` (the
+    run's totals at the checkpoint resumed from: rank 0 carries the summed skipped rows)."""
 
-    def __init__(self) -> None:
-        self.skipped = self.nan_steps = self.consecutive_nan = 0
+    def __init__(self, counters: dict[str, int] | None = None, rank: int = 0) -> None:
+        counters = counters or {}
+        self.skipped = int(counters.get(tracking.DATA_SKIPPED, 0)) if rank == 0 else 0
+        self.nan_steps, self.consecutive_nan = int(counters.get(tracking.NAN_STEPS, 0)), 0
         self.reset()
 
     def reset(self) -> None:
@@ -234,11 +241,14 @@ class _Meter:
         out[tracking.THROUGHPUT] = self.images / self.total if self.total > 0 else 0.0
         out[tracking.DATA_WAIT] = self.wait / self.total if self.total > 0 else 0.0
         out.update({tracking.LR: state.optimizer.param_groups[0]["lr"], tracking.PHASE: state.phase,
-                    tracking.DATA_SKIPPED: int(train_checkpoint.world_sum(torch.tensor([self.skipped]), ctx).item()),
-                    tracking.NAN_STEPS: self.nan_steps,
-                    tracking.EPOCH: state.epoch})
+                    **self.totals(ctx), tracking.EPOCH: state.epoch})
         self.reset()
         return out
+
+    def totals(self, ctx: WorkerContext) -> dict[str, int]:
+        """The run's counters so far, skipped rows summed over the ranks (a collective: every rank calls it)."""
+        return {tracking.DATA_SKIPPED: int(train_checkpoint.world_sum(torch.tensor([self.skipped]), ctx).item()),
+                tracking.NAN_STEPS: self.nan_steps}
 
 
 def _log_progress(state: TrainState, ctx: WorkerContext, meter: _Meter, tracker: tracking.Tracker | None) -> None:
@@ -292,6 +302,7 @@ def _initial_state(ctx: WorkerContext) -> TrainState:
         if saved.get("scaler") and ctx.amp.use_scaler:  # the loss scale carries over phases, as uninterrupted
             state.scaler.load_state_dict(saved["scaler"])
         state.position = DataPosition.from_dict(saved.get("data_position"))
+        state.counters = saved.get("counters")
         if state.position is None:
             log.warning("checkpoint has no data position (older format): epoch %d restarts from its first row",
                         epoch)
@@ -340,11 +351,17 @@ def _use_deterministic_algorithms() -> None:
 
 
 def _load_val(cfg: TrainConfig, device: torch.device) -> dict[str, torch.Tensor] | None:
-    pairs = data.load_val_pairs(cfg.images, cfg.masks, cfg.image_size, cfg.val_size)
+    pairs = data.load_val_pairs(cfg.images, _mask_source(cfg), cfg.image_size, cfg.val_size)
     if pairs is None or len(pairs["image"]) == 0:
         log.warning("no validation pairs available; validation and sample grids are off")
         return None
-    return {k: torch.as_tensor(v).to(device) for k, v in pairs.items() if k in ("image", "mask")}
+    val = {k: torch.as_tensor(v).to(device) for k, v in pairs.items() if k in ("image", "mask", "lr")}
+    return {**val, "input": net_input(val)}
+
+
+def _mask_source(cfg: TrainConfig) -> "str | data.SRPairs":
+    """Where the masks come from: the mask shards, or (task sr) the grid of the crops' LR pixels (pconv.transforms)."""
+    return data.SRPairs(cfg.sr_scale) if cfg.task == SR_TASK else cfg.masks
 
 
 @torch.no_grad()
@@ -354,19 +371,20 @@ def _validate(state: TrainState, ctx: WorkerContext, loss_fn: InpaintingLoss, va
     model = ckpt.unwrap(state.model)
     was_training = model.training
     model.eval()
-    image, mask = val["image"], val["mask"]
+    image, mask, x = val["image"], val["mask"], val["input"]
     with torch.autocast(image.device.type, dtype=ctx.amp.dtype, enabled=ctx.amp.enabled):
-        output, _ = model(image, mask)
+        output, _ = model(x, mask)
     output = output.float()
     terms = loss_fn(mask, output, image)
-    comp = (mask * image + (1 - mask) * output).clamp(0, 1)
+    comp = (mask * x + (1 - mask) * output).clamp(0, 1)  # sr: the LR pixels kept, as super-resolution returns
     out = {tracking.val_metric(k): float(v) for k, v in terms.items()}
     out[tracking.VAL_PSNR] = float(torch.as_tensor(metrics.psnr(comp, image)).float().mean())
     out[tracking.VAL_SSIM] = float(torch.as_tensor(metrics.ssim(comp, image)).float().mean())
     if tracker:
         tracker.log_metrics(out, step=state.step)
-        if grid:  # masked input | mask | output | composite | ground truth, one row per pair
-            tracker.log_sample_grid([image * mask, mask, output.clamp(0, 1), comp, image], step=state.step)
+        if grid:  # masked input | mask | output | composite | ground truth, one row per pair (sr: no mask column)
+            cols = [x * mask, mask, output.clamp(0, 1), comp, image]
+            tracker.log_sample_grid(cols[:1] + cols[2:] if "lr" in val else cols, step=state.step)
     log.info("step %d validation: loss %.4f psnr %.2f ssim %.4f", state.step, out[tracking.val_metric("total")],
              out[tracking.VAL_PSNR], out[tracking.VAL_SSIM])
     model.train(was_training)

@@ -35,16 +35,23 @@ ALLOWED: dict[str, set[str]] = {
     "masks": set(),
     "sr_grid": set(),  # issue 18: the paper's SR grid (Sec. 5); masks is at its size limit, and this is its own concern
     "metrics": {"masks"},
-    "config": {"model"},
+    "config": {"model", "sr_grid"},  # issue 18: `sr_scale` is validated by the grid's own check_scale
     "images": set(),
     "storage": set(),
     "sources": set(),
     "shards": {"masks"},
-    "ingest": {"shards", "masks", "sources"},
-    "transforms": {"masks", "shards"},
+    "ingest_rows": {"shards", "masks"},  # issue 17: one file -> one shard row, shared by both ingest engines
+    "ingest": {"shards", "masks", "sources", "ingest_rows"},
+    # issue 17: ingest as a Ray Data job across the cluster; reuses ingest's checks and run end, ingest_rows' rows
+    "ingest_job": {"ingest", "ingest_rows", "shards", "masks", "sources", "cluster"},  # cluster: chunks for reachable CPUs
+    "transforms": {"masks", "shards", "sr_grid"},  # issue 18: SR pairs (LR crop + grid) built on the fly
     "allocator": set(),
-    "model_inputs": set(),
-    "data": {"transforms", "shards", "masks", "allocator", "model_inputs"},
+    "model_inputs": {"sr_grid"},  # issue 18: SR's net input is the LR canvas on the grid (place_on_grid)
+    # issue 14: the cluster as its autoscaler can make it (nodes now + launchable node types); resource planning
+    # (train's concern) lives there so that data (decode pool bound), batch (actor pool) and serve (GPU replicas)
+    # plan on the same view instead of each reading a submit-time ray.cluster_resources() snapshot
+    "cluster": set(),
+    "data": {"transforms", "shards", "masks", "allocator", "model_inputs", "cluster"},
     "train_stream": {"data", "transforms"},  # issue 15: per-worker epoch plan + data position (exact resume)
     "train_checkpoint": {"checkpoint", "train_stream"},  # issue 15: the data position a checkpoint records
     "fault_hooks": set(),  # issue 15: test-only worker crash + sample-id trace (off unless PCONV_TEST_HOOKS)
@@ -52,19 +59,25 @@ ALLOWED: dict[str, set[str]] = {
     "mlflow_runs": set(),
     "tracking": {"config", "mlflow_runs"},
     "registry": {"checkpoint", "tracking", "model", "config"},
-    "loading": {"registry", "checkpoint", "model", "tracking"},  # issue 19: the store a models:/ URI used, redacted
+    # issue 19: tracking (the store a models:/ URI used, redacted); issue 18: config, the `task` names' one owner
+    "loading": {"registry", "checkpoint", "model", "tracking", "config"},
     "train_loop": {"model", "losses", "data", "checkpoint", "tracking", "registry", "loading", "config", "metrics",
                    "allocator", "model_inputs", "train_stream",
                    "train_checkpoint", "fault_hooks"},
     "train": {"model", "losses", "data", "checkpoint", "tracking", "registry", "loading", "config", "metrics",
-              "train_loop", "shards"},
+              "train_loop", "shards", "cluster"},
     "inference": {"loading", "model", "masks", "sources"},
     "baseline": set(),
+    # issue 15: the evaluation's inputs (images streamed in batches, masks, fixed pairs) split out of evaluation,
+    # which was at its size limit; no model, no Ray, no MLflow
+    "eval_data": {"shards", "masks", "sources"},
     "evaluation": {"inference", "baseline", "metrics", "shards", "registry", "tracking", "masks", "sources",
-                   "loading"},
-    "batch": {"inference", "loading", "masks"},
-    "pyfunc_model": {"inference", "loading", "masks"},
-    "serve": {"inference", "loading", "registry", "masks", "pyfunc_model"},
+                   "loading", "eval_data"},
+    "batch": {"inference", "loading", "masks", "cluster"},
+    "super_resolution": {"inference", "loading", "sr_grid"},  # issue 18: SR use (LR -> HR composite), any size
+    "sr_evaluation": {"super_resolution", "evaluation", "eval_data", "metrics", "loading", "tracking", "images"},  # issue 18
+    "pyfunc_model": {"inference", "loading", "masks", "super_resolution"},  # issue 18: SR models answer too
+    "serve": {"inference", "loading", "registry", "masks", "pyfunc_model", "super_resolution", "cluster"},
     "cli": {"masks"},
 }
 CORE = ("layers", "model", "losses", "masks", "metrics", "config", "images", "sr_grid")
