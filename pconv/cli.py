@@ -21,6 +21,11 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda`` (default auto: cuda if available, resolved by pconv.loading.resolve_device)."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+
+
 def add_hole_color(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None,
                    flag: str = "--hole-color") -> None:
     """``--hole-color white|black``: which colour marks HOLES in mask files. Required where a wrong guess would

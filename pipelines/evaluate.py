@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use at most N images (each is paired with every group)")
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="evaluation size in px (paper: 512)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    cli.add_device(p)
     p.add_argument("--no-baseline", action="store_true", help="skip the non-learned baseline")
     p.add_argument("--experiment", default=EVAL_EXPERIMENT, help="MLflow experiment for the evaluation run")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation to MLflow")

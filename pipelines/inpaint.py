@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_hole_color(p)
     p.add_argument("--threshold", type=float, default=0.5,
                    help="grey level (0-1] at or above which a mask pixel counts as white (default 0.5)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    cli.add_device(p)
     p.add_argument("--max-side", type=int, default=2048, help="tile images whose longer side exceeds this (px)")
     cli.add_log_level(p)
     return p

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=8, help="requests per forward pass (1 = no batching)")
     p.add_argument("--max-pixels", type=int, default=16_000_000, help="larger images are refused with 413")
     p.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry checks of an alias")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    cli.add_device(p)
     cli.add_log_level(p)
     return p
 

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=None, help="upscaling factor K (2 or 4); default: the model's")
     p.add_argument("--allow-lossy", action="store_true",
                    help="allow a lossy --out (.jpg): the LR pixels are then NOT kept exactly")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    cli.add_device(p)
     p.add_argument("--max-side", type=int, default=2048, help="tile outputs whose longer side exceeds this (px)")
     cli.add_log_level(p)
     return p

@@ -114,3 +114,13 @@ def prepared_shards(photo_dir, mask_zip, tmp_path_factory) -> dict[str, str]:
     ingest.ingest_images(str(photo_dir), images, val_fraction=0.25, shard_size_mb=1.0, progress=False)
     ingest.ingest_masks(str(mask_zip), masks, hole_color="white", progress=False)
     return {"images": images, "masks": masks}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray (2 CPUs) for one test module's end-to-end runs; Ray tests run under the Ray lock."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()

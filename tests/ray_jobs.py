@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,6 +20,18 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+
+
+def token_auth() -> dict[str, str]:
+    """Token authentication on, as in production (Ray 2.60): the cluster, the CLI and the SDK share the token."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
+def cluster_env(s3_env: dict[str, str], tracking_uri: str) -> dict[str, str]:
+    """The environment of a test cluster's head and of its jobs: this process's, the S3 server's, the MLflow
+    server, this venv's bin first on PATH, no usage stats."""
+    return {**os.environ, **s3_env, "MLFLOW_TRACKING_URI": tracking_uri,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -15,7 +15,6 @@ and the job's log says what it waited for. ~2.5 min on 2 cores, fixtures include
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,8 @@ from PIL import Image, ImageDraw
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture)
-from ray_jobs import BIN, JobsCli, kill_pids, list_nodes, ray_processes_of, submit_job, wait_for_job
+from ray_jobs import (BIN, JobsCli, cluster_env, kill_pids, list_nodes, ray_processes_of, submit_job, token_auth,
+                      wait_for_job)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -67,12 +67,11 @@ def autoscaling_cluster(s3_server, mlflow_server, tmp_path_factory):  # noqa: F8
     config = tmp / "autoscaling.yaml"
     config.write_text(yaml.safe_dump(autoscaling_config(gcs)))
     temp_dir = tempfile.mkdtemp(prefix="pconv-as-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    auth = token_auth()
     with pytest.MonkeyPatch.context() as mp:  # restores os.environ afterwards, also when the head fails to start
         for k, v in auth.items():
             mp.setenv(k, v)
-        env = {**os.environ, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.url,
-               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+        env = cluster_env(s3_server.env, mlflow_server.url)
         head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         log = open(tmp / "ray-head.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(

@@ -277,15 +277,6 @@ def test_training_inputs_are_checked_before_ray_starts(tmp_path, monkeypatch):
     assert code == 2
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_failed_training_run_ends_failed_in_mlflow(prepared_shards, tmp_path, ray_local, mlflow_server,  # noqa: F811

@@ -140,15 +140,6 @@ def test_train_cli_has_the_sr_flags_and_rejects_scale_3(capsys):
 # ---------------------------------------------------------------------------------------------
 # End to end: pconv.train.run on a real local Ray cluster, MLflow in a local sqlite store
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_tiny_sr_training_registers_pconv_sr_with_task_and_scale(prepared_shards, tmp_path, monkeypatch, ray_local):

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +24,11 @@ import torch
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture)
-from ray_jobs import JobsCli, submit_job, wait_for_job
+from ray_jobs import BIN, JobsCli, cluster_env, submit_job, token_auth, wait_for_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TOTAL_STEPS = 60
 
 
@@ -41,13 +39,11 @@ def ray_cluster(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
 
     tmp = tmp_path_factory.mktemp("ray")
     dash = free_port()
-    # Token authentication on, as in production (Ray 2.60): the cluster, the CLI and the SDK share the token.
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    auth = token_auth()
     with pytest.MonkeyPatch.context() as mp:  # restores os.environ afterwards, also when the head fails to start
         for k, v in auth.items():
             mp.setenv(k, v)
-        env = {**os.environ, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.url,
-               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+        env = cluster_env(s3_server.env, mlflow_server.url)
         log = open(tmp / "ray-head.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",

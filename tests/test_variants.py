@@ -140,15 +140,6 @@ def test_loading_rebuilds_the_variant_from_the_config_and_refuses_a_mismatch(tmp
 # ---------------------------------------------------------------------------------------------
 # End to end: train (Ray Train, one worker) -> registry -> inpaint.py and evaluation
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_gated_variant_trains_registers_and_serves_inpaint_and_evaluation(prepared_shards, tmp_path, monkeypatch,
