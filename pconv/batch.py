@@ -126,8 +126,7 @@ def _actor_pool(view: cluster.ClusterView, num_actors: int | None, use_gpu: bool
         log.warning("%s", waiting)
     if num_actors is None:  # floats until clamped: unbounded node types reach math.inf
         key = "GPU" if use_gpu else "CPU"
-        most = cluster.reachable(view, key)
-        most = view.now(key) if most is None else most
+        most = cluster.most(view, key)
         capacity = cluster.worker_capacity(view, request)
         num_actors = min(most if use_gpu else most // 2, math.inf if capacity is None else capacity, n_jobs)
     return int(max(1, min(num_actors, n_jobs))), use_gpu

@@ -122,6 +122,13 @@ def reachable(view: ClusterView, key: str) -> float | None:
     return _full_scale(view, lambda r: float(r.get(key, 0)))
 
 
+def most(view: ClusterView, key: str) -> float:
+    """The most of resource ``key`` to plan pools for: :func:`reachable`, or what is alive now when the node types
+    are not visible (then the cluster is taken as it is)."""
+    at_full_scale = reachable(view, key)
+    return view.now(key) if at_full_scale is None else at_full_scale
+
+
 def worker_capacity(view: ClusterView, request: Mapping[str, float]) -> float | None:
     """The most copies of ``request`` the cluster can hold at once; None when unknown."""
     return _full_scale(view, lambda r: fits(r, request))
@@ -277,4 +284,4 @@ def host_data_singletons_here() -> None:
 
 __all__ = ["ClusterView", "Infeasible", "NodeType", "check_workers", "decide_gpu", "fits", "fmt",
            "host_data_singletons_here", "monitor_config", "node_types_from_config", "node_types_from_gcs",
-           "reachable", "read_view", "worker_capacity"]
+           "most", "reachable", "read_view", "worker_capacity"]

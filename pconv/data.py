@@ -219,8 +219,7 @@ def default_concurrency(num_cpus: float, cpus: float | None = None) -> int:
     import ray
 
     if cpus is None and ray.is_initialized():
-        view = cluster.read_view()
-        cpus = cluster.reachable(view, "CPU") or view.now("CPU")
+        cpus = cluster.most(cluster.read_view(), "CPU")
     cpus = max(1.0, min(float(cpus or 1.0), _MAX_INPUT_BLOCKS / 4))  # unbounded node types: the input-block limit
     return max(1, min(int(cpus * 0.75 / num_cpus), int(cpus)))
 

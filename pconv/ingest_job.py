@@ -260,7 +260,7 @@ def _execute(table: pa.Table, plan: _Plan, shard_size_mb: float, max_files: int,
     ray = _connect()
     # the CPUs the cluster can reach (its autoscaler's node types at full scale), not the submit-time snapshot: on a
     # cluster that starts from zero workers the snapshot is the head's few CPUs, and far too few chunks would queue
-    cpus = cluster.reachable(cluster.read_view(), "CPU") or float(ray.cluster_resources().get("CPU", 1.0))
+    cpus = cluster.most(cluster.read_view(), "CPU")
     refs = [ray.put(block) for block in _chunk_blocks(table, int(shard_size_mb * 2**20), max_files, cpus)]
     total = table.num_rows
     del table  # the keys now live in the object store, one block per chunk

@@ -207,9 +207,7 @@ def cluster_gpus() -> float:
 
     if not ray.is_initialized():
         return 0.0
-    view = cluster.read_view()
-    most = cluster.reachable(view, "GPU")
-    return float(view.now("GPU") if most is None else most)
+    return float(cluster.most(cluster.read_view(), "GPU"))
 
 
 def build_app(model_uri: str, tracking_uri: str | None = None, min_replicas: int = 1, max_replicas: int = 2,

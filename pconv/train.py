@@ -189,9 +189,8 @@ def plan_cluster(cfg: TrainConfig, local_mode: bool) -> ClusterPlan:
         log.warning("%s", waiting)
     if not local_mode and view.node_types != ():  # nodes come and go: keep Ray Data's detached actors off them
         cluster.host_data_singletons_here()
-    cpus = cluster.reachable(view, "CPU")
     return ClusterPlan(use_gpu, cpus_per_worker, _gpu_type(use_gpu, view),
-                       data.default_concurrency(data.DEFAULT_NUM_CPUS, cpus if cpus is not None else view.now("CPU")))
+                       data.default_concurrency(data.DEFAULT_NUM_CPUS, cluster.most(view, "CPU")))
 
 
 def run(cfg: TrainConfig, *, local_mode: bool = False) -> TrainSummary:

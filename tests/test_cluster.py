@@ -111,6 +111,8 @@ def test_reachable_resources_bound_the_autoscaling_pools():
     assert cluster.reachable(ClusterView(HEAD_ONLY, (NodeType("x", None, 2),)), "CPU") is None  # undeclared
     unbounded = ClusterView(HEAD_ONLY, (NodeType("w", {"CPU": 4.0}, None),))  # GCS config: max_count -1
     assert cluster.reachable(unbounded, "CPU") == math.inf
+    # what pools are planned on: the reachable amount, or (node types unknown) what is up now
+    assert cluster.most(view, "GPU") == 64 and cluster.most(ClusterView(HEAD_ONLY, None), "CPU") == 2
 
 
 def test_gcs_cluster_config_is_read():
