@@ -33,7 +33,7 @@ from pconv.images import open_image
 from pconv.inference import encode_image, inpaint
 from pconv.loading import SR_TASK
 from pconv.masks import HOLE_COLORS, decode_mask, polarity_warning
-from pconv.super_resolution import resolve_scale, super_resolve
+from pconv.super_resolution import check_size, resolve_scale, super_resolve
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,10 @@ def decode_lr_request(image: Any, scale: int, max_pixels: int = DEFAULT_MAX_PIXE
     if not data:
         raise BadInput("image: empty file (0 bytes)")
     w, h = _size(data, "image")
-    if w * h * scale * scale > max_pixels:
-        raise BadInput(f"image is {w}x{h}: its x{scale} output ({w * scale}x{h * scale} = {w * h * scale * scale:,} "
-                       f"pixels) is above the limit of {max_pixels:,}", status=413)
+    try:
+        check_size(w, h, scale, "image", limit=max_pixels)  # the file path's check, at the HTTP edge's limit
+    except ValueError as exc:
+        raise BadInput(str(exc), status=413) from None
     try:
         arr = np.asarray(open_image(data, name="image"), dtype=np.float32) / 255.0
     except ValueError as exc:
