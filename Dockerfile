@@ -17,11 +17,10 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
         --index-url "${TORCH_INDEX_URL}"
 
-# The project (pconv, and pipelines: the `pconv` command) with its pins; torch==2.14.1 / torchvision==0.29.1 are
+# The project (the pconv package, with the `pconv` command) with its pins; torch==2.14.1 / torchvision==0.29.1 are
 # already satisfied by the +cu126 builds.
 COPY --chown=1000:100 pyproject.toml README.md /tmp/pconv-src/
 COPY --chown=1000:100 pconv /tmp/pconv-src/pconv
-COPY --chown=1000:100 pipelines /tmp/pconv-src/pipelines
 RUN pip install --no-cache-dir /tmp/pconv-src \
     && rm -rf /tmp/pconv-src \
     && pconv --help > /dev/null \

@@ -2,9 +2,9 @@
 """Partial vs gated convolution in the same U-Net, losses, data, steps and seed (issue 18; docs/variants.md).
 
 For each variant (``conv: partial`` and ``conv: gated``) this trains through the normal pipeline
-(:func:`pconv.train.run`: Ray Data, Ray Train with one worker, checkpoints, MLflow), with configs that differ ONLY
+(:func:`pconv.train.driver.run`: Ray Data, Ray Train with one worker, checkpoints, MLflow), with configs that differ ONLY
 in ``conv`` and ``run_name``, then evaluates the final checkpoint with the paper's per-bin protocol
-(:func:`pconv.evaluation.run_evaluation`). Everything goes to ONE MLflow experiment: both training runs, both
+(:func:`pconv.evaluation.inpainting.run_evaluation`). Everything goes to ONE MLflow experiment: both training runs, both
 evaluation runs, and a summary run holding the comparison table (``compare/table.md``), ``compare/results.json``
 and the chart ``compare/compare_conv.png`` (PSNR per hole-ratio bin, and the training loss curves).
 
@@ -31,10 +31,10 @@ CONVS = ("partial", "gated")
 
 
 def train_variant(conv: str, args: argparse.Namespace, storage: str) -> dict:
-    """Train one variant through pconv.train.run; returns its summary (run id, checkpoint, timings, params)."""
-    from pconv.config import TrainConfig
-    from pconv.model import build_model
-    from pconv.train import run
+    """Train one variant through pconv.train.driver.run; returns its summary (run id, checkpoint, timings, params)."""
+    from pconv.core.config import TrainConfig
+    from pconv.core.unet import build_model
+    from pconv.train.driver import run
 
     phase2 = max(0, round(args.steps * args.phase2_fraction))
     cfg = TrainConfig(images=args.images, masks=args.masks, image_size=args.image_size, batch_size=args.batch,
@@ -54,7 +54,7 @@ def train_variant(conv: str, args: argparse.Namespace, storage: str) -> dict:
 
 
 def loss_curve(run_id: str | None, key: str = "loss/total") -> list[tuple[int, float]]:
-    from pconv.tracking import client_for
+    from pconv.tracking.store import client_for
 
     if not run_id:
         return []
@@ -72,7 +72,7 @@ def bin_psnr(rows: list[dict]) -> dict[int, float]:
 
 
 def markdown(results: dict[str, dict], args: argparse.Namespace) -> str:
-    from pconv.masks import HOLE_RATIO_BINS
+    from pconv.core.masks import HOLE_RATIO_BINS
 
     head = ["variant", "parameters", "train s/step", "final loss/total", "L1 %", "PSNR dB", "SSIM"]
     bins = [f"PSNR {lo:g}-{hi:g}" for lo, hi in HOLE_RATIO_BINS]
@@ -96,7 +96,7 @@ def chart(results: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pconv.masks import HOLE_RATIO_BINS
+    from pconv.core.masks import HOLE_RATIO_BINS
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(results)
@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pconv.evaluation import run_evaluation
-    from pconv.tracking import Tracker, start_or_resume_run
+    from pconv.evaluation.inpainting import run_evaluation
+    from pconv.tracking.runs import Tracker
+    from pconv.tracking.store import start_or_resume_run
 
     ray.init(ignore_reinit_error=True)
     results: dict[str, dict] = {}

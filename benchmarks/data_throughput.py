@@ -3,7 +3,7 @@
 
 Measured, all producing float32 image / mask / masked batches of IMAGE_SIZE x IMAGE_SIZE:
 
-  raydata      pconv.model_inputs.iter_batches(pconv.data.build_train_dataset(...)) over image shards in S3 (the
+  raydata      pconv.data.inputs.iter_batches(pconv.data.stream.build_train_dataset(...)) over image shards in S3 (the
                local S3 server of pconv.apps.local_s3, started by this script, or --images/--masks URIs), Ray
                started with --cpus CPUs: uint8 rows from the read+decode tasks, float32 batches made by the
                consumer's collate function.
@@ -74,7 +74,7 @@ def _args() -> argparse.Namespace:
                    help="what every loader delivers: uint8 image/mask/masked (default; what the training loop "
                         "consumes, converting on its device) or float32 (converted on the CPU by each loader)")
     p.add_argument("--concurrency", type=int, default=None,
-                   help="max concurrent Ray read/decode tasks (default: pconv.data.default_concurrency)")
+                   help="max concurrent Ray read/decode tasks (default: pconv.data.stream.default_concurrency)")
     p.add_argument("--repeat", type=int, default=8, help="copies of each default image (default 8: 992 images)")
     p.add_argument("--n-masks", type=int, default=600, help="NVIDIA masks to use by default (default 600)")
     p.add_argument("--epochs", type=int, default=3,
@@ -85,7 +85,7 @@ def _args() -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------------------------
 def _default_sources(tmp: Path, repeat: int, n_masks: int) -> tuple[Path, Path]:
-    from pconv.masks import MASK_SUFFIXES
+    from pconv.core.masks import MASK_SUFFIXES
 
     photos = tmp / "photos" / "all"  # one class folder, as ImageFolder wants
     photos.mkdir(parents=True)
@@ -112,7 +112,9 @@ class RayLoader:
         import ray
         import torch
 
-        from pconv import allocator, data
+        from pconv.data import allocator
+
+        from pconv.data import stream
 
         # this process consumes the batches as a training worker does: its allocator settings, and one torch
         # thread (Ray sets OMP_NUM_THREADS to a worker's CPU count: 1 per GPU worker by default)
@@ -120,17 +122,16 @@ class RayLoader:
         torch.set_num_threads(1)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        self.ds = data.build_train_dataset(images, masks, args.image_size, seed=0, num_cpus=args.task_cpus,
+        self.ds = stream.build_train_dataset(images, masks, args.image_size, seed=0, num_cpus=args.task_cpus,
                                            concurrency=args.concurrency)
         self.batch_size = args.batch_size
 
         self.float32 = args.batch_dtype == "float32"
 
     def __iter__(self):
-        from pconv import model_inputs
-
+        from pconv.data import inputs
         if self.float32:  # converted in Ray's prefetch threads by the collate function
-            return model_inputs.iter_batches(self.ds, self.batch_size, include_masked=True)
+            return inputs.iter_batches(self.ds, self.batch_size, include_masked=True)
         return (dict(b, masked=b["image"] * b["mask"]) for b in self.ds.iter_torch_batches(batch_size=self.batch_size))
 
     def close(self) -> None:
@@ -152,8 +153,7 @@ def time_epoch(loader, account: CpuAccount | None = None) -> tuple[float, dict[s
 
 def _rows(images: str, limit: int) -> list[bytes]:
     """A seeded random sample of the train split's encoded images: the same mix of sources as an epoch."""
-    from pconv import shards
-
+    from pconv.storage import shards
     manifest = shards.read_manifest(images)
     blobs = shards.read_table(shards.shard_uris(images, manifest, "train"), ["image"]).column("image")
     pick = np.random.default_rng(0).permutation(len(blobs))[:limit]
@@ -164,42 +164,41 @@ def _floor_rate(rows: list[bytes], bank, args) -> float:
     """Images/s of the pipeline's per-image work (the same transform, then the output format) in one thread."""
     import torch
 
-    from pconv import data, model_inputs
-    from pconv import transforms as T
+    from pconv.data import stream
 
+    from pconv.data import inputs
+    from pconv.data import transforms
     torch.set_num_threads(1)
     keys = np.array([f"k{i}" for i in range(len(rows))], dtype=object)
     blobs = np.array(rows, dtype=object)
     rands = np.random.default_rng(0).random(len(rows))
-    bs = data.rows_per_block(args.image_size)
+    bs = stream.rows_per_block(args.image_size)
     t0 = time.perf_counter()
     for i in range(0, len(rows), bs):
-        out = T.train_transform({"key": keys[i:i + bs], "image": blobs[i:i + bs], "_rand": rands[i:i + bs]},
+        out = transforms.train_transform({"key": keys[i:i + bs], "image": blobs[i:i + bs], "_rand": rands[i:i + bs]},
                                 image_size=args.image_size, base_seed=0, bank=bank)
         if args.batch_dtype == "float32":
-            model_inputs.to_float(out["image"], out["mask"], include_masked=True)
+            inputs.to_float(out["image"], out["mask"], include_masked=True)
         else:
             out["image"] * out["mask"]  # noqa: B018 - the masked input, as the loaders deliver it
     return len(rows) / (time.perf_counter() - t0)
 
 
 def _crop_only_rate(rows: list[bytes], args) -> float:
-    from pconv import images
-    from pconv import transforms as T
-
+    from pconv.core import images
+    from pconv.data import transforms
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     for blob in rows:
-        T.random_crop_flip(images.open_image(blob, draft_size=args.image_size), args.image_size, rng)
+        transforms.random_crop_flip(images.open_image(blob, draft_size=args.image_size), args.image_size, rng)
     return len(rows) / (time.perf_counter() - t0)
 
 
 def _floor_worker(rows, masks, args, barrier, results) -> None:
-    from pconv import allocator
-    from pconv import transforms as T
-
+    from pconv.data import allocator
+    from pconv.data import transforms
     allocator.reuse_freed_memory()  # as the pipeline's decode tasks do
-    bank = T.load_mask_bank(masks)
+    bank = transforms.load_mask_bank(masks)
     _floor_rate(rows[:8], bank, args)  # warm-up: imports, first allocations
     barrier.wait()  # all processes start timing together
     results.put((_floor_rate(rows, bank, args), _crop_only_rate(rows, args)))
@@ -240,8 +239,7 @@ class _MaskedFolder:
     def __getitem__(self, i):
         import torch
 
-        from pconv import masks as M
-
+        from pconv.core import masks as M
         image, _ = self.folder[i]
         mask = M.augment_mask(self.bank.mask(int(self.rng.integers(len(self.bank)))), self.rng, self.size)
         mask = torch.from_numpy(mask[None].astype(np.float32 if self.float32 else np.uint8))
@@ -251,8 +249,7 @@ class _MaskedFolder:
 def _worker_init(_):
     import torch
 
-    from pconv import allocator
-
+    from pconv.data import allocator
     allocator.reuse_freed_memory()  # the same allocator settings as the Ray pipeline's processes
     torch.set_num_threads(1)
     import numpy as _np
@@ -264,9 +261,8 @@ def _worker_init(_):
 def make_dataloader(folder: str, masks: str, args):
     import torch
 
-    from pconv import transforms as T
-
-    ds = _MaskedFolder(folder, T.load_mask_bank(masks), args.image_size, args.batch_dtype == "float32")
+    from pconv.data import transforms
+    ds = _MaskedFolder(folder, transforms.load_mask_bank(masks), args.image_size, args.batch_dtype == "float32")
     return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.cpus,
                                        worker_init_fn=_worker_init, persistent_workers=True, prefetch_factor=4)
 
@@ -274,9 +270,10 @@ def make_dataloader(folder: str, masks: str, args):
 def main() -> int:
     args = _args()
     sys.path.insert(0, str(REPO))
-    from pconv import ingest, shards
+    from pconv.ingest import local as ingest
+    from pconv.storage import shards
     from pconv.apps.local_s3 import LocalS3
-    from pconv.masks import NVIDIA_HOLE_COLOR
+    from pconv.core.masks import NVIDIA_HOLE_COLOR
 
     tmp = Path(tempfile.mkdtemp(prefix="pconv-bench-"))
     stack, s3 = contextlib.ExitStack(), None
@@ -366,8 +363,7 @@ def _print_cpu_account(epochs: list[dict[str, float]], floor: float, cpus: int) 
 
 def _export_images(images: str, out: Path) -> None:
     """Write the shards' images as files (for the ImageFolder baseline when --images is given)."""
-    from pconv import shards
-
+    from pconv.storage import shards
     out.mkdir(parents=True)
     manifest = shards.read_manifest(images)
     table = shards.read_table(shards.shard_uris(images, manifest, "train"), ["key", "image", "format"])

@@ -1,16 +1,16 @@
 #!/usr/bin/env python
-"""Ingest throughput: the Ray Data job (pconv.ingest_job) vs today's single-process ingest vs the decode floor.
+"""Ingest throughput: the Ray Data job (pconv.ingest.job) vs today's single-process ingest vs the decode floor.
 
 Measured on the SAME files (CBSD68 + the CelebA-HQ sample from ../shared/datasets, copied --copies times under
 distinct folders, i.e. 124 x copies real photos) into a local folder, with the same CPUs:
 
-  ray       pconv.ingest_job.ingest_images on a local Ray started with --cpus CPUs (one task of 1 CPU per
+  ray       pconv.ingest.job.ingest_images on a local Ray started with --cpus CPUs (one task of 1 CPU per
             chunk); timed on a warm Ray (worker processes started by a first, untimed run, whose time is
             printed as "cold"). Ray's start-up (ray.init) is printed apart: it is paid once per job, not per image.
-  threads   pconv.ingest.ingest_images (--engine threads): one process, a thread pool, no Ray; pinned to --cpus
+  threads   pconv.ingest.local.ingest_images (--engine threads): one process, a thread pool, no Ray; pinned to --cpus
             cores (sched_setaffinity) when --cpus is below the machine's core count.
   floor     a plain loop over the same encoded bytes in memory doing the per-file work of both engines
-            (pconv.ingest_rows.process_image: full decode + validation, and the --max-side re-encode if given),
+            (pconv.ingest.rows.process_image: full decode + validation, and the --max-side re-encode if given),
             one process: images/s per CPU. "floor x cpus" is the ideal no engine can beat.
 
 Rounds alternate ray and threads (medians reported), so the background load of a shared machine hits both alike.
@@ -106,7 +106,7 @@ def stage_photos(root: Path, copies: int) -> int:
 
 def floor_rate(root: Path, limit: int, max_side: int | None) -> float:
     """Images/s of the per-file work alone, one process, bytes already in memory."""
-    from pconv.ingest_rows import process_image
+    from pconv.ingest.rows import process_image
 
     files = sorted(p for p in root.rglob("*") if p.is_file())[:limit]
     blobs = [(p.name, p.read_bytes()) for p in files]
@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import ray
 
-    from pconv import ingest, ingest_job
+    from pconv.ingest import local
 
+    from pconv.ingest import job as ingest_job
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="pconv-ingest-bench-") as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "out"
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             if mask is not None and args.cpus < len(mask):
                 os.sched_setaffinity(0, sorted(mask)[:args.cpus])
             try:
-                return ingest.ingest_images(str(src), str(d), **opts)
+                return local.ingest_images(str(src), str(d), **opts)
             finally:
                 if mask is not None:
                     os.sched_setaffinity(0, mask)

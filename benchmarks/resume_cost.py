@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of an exact resume: time from resume to the first training batch, at the start vs the end of an epoch.
 
-A resume at data position p (pconv.train_stream) does not read the read units wholly before p and does not decode
+A resume at data position p (pconv.data.plan) does not read the read units wholly before p and does not decode
 the rows before p in the unit holding it, so resuming at the end of an epoch should cost about what resuming at its
 start costs. This script packs CBSD68 + the CelebA-HQ sample from ../shared/datasets, repeated --repeat times under
 distinct keys, into local shards (small row groups, so the epoch has many read units), starts a local Ray with
@@ -25,8 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _make_dataset(tmp: Path, repeat: int) -> tuple[str, str]:
     import zipfile
 
-    from pconv import ingest
-
+    from pconv.ingest import local
     shared = REPO.parent / "shared" / "datasets"
     photos = tmp / "photos"
     sources = sorted((shared / "cbsd68").glob("*.png")) + sorted((shared / "celeba_hq_sample").glob("*.jpg"))
@@ -39,16 +38,15 @@ def _make_dataset(tmp: Path, repeat: int) -> tuple[str, str]:
         for name in sorted(n for n in src.namelist() if n.endswith(".png"))[::100]:
             dst.writestr(name, src.read(name))
     images_uri, masks_uri = str(tmp / "shards" / "images"), str(tmp / "shards" / "masks")
-    ingest.ingest_images(str(photos), images_uri, val_fraction=0.0, shard_size_mb=2.0, progress=False)
-    ingest.ingest_masks(str(masks), masks_uri, hole_color="white", progress=False)
+    local.ingest_images(str(photos), images_uri, val_fraction=0.0, shard_size_mb=2.0, progress=False)
+    local.ingest_masks(str(masks), masks_uri, hole_color="white", progress=False)
     return images_uri, masks_uri
 
 
 def _first_batch_seconds(images_uri: str, masks_uri: str, units: list, size: int, batch: int, start: int) -> float:
-    from pconv import train_stream
-
+    from pconv.data import plan
     t0 = time.perf_counter()
-    ds = train_stream.build_worker_dataset(images_uri, masks_uri, size, units, seed=0, epoch=0, rank=0, world=1,
+    ds = plan.build_worker_dataset(images_uri, masks_uri, size, units, seed=0, epoch=0, rank=0, world=1,
                                            start=start)
     it = iter(ds.iter_torch_batches(batch_size=batch, drop_last=True))
     first = next(it)
@@ -69,13 +67,12 @@ def main() -> None:
 
     import ray
 
-    from pconv import data
-
+    from pconv.data import stream
     with tempfile.TemporaryDirectory(prefix="pconv-resume-bench-") as tmp:
         images_uri, masks_uri = _make_dataset(Path(tmp), args.repeat)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        units = data.read_units(images_uri, "train")
+        units = stream.read_units(images_uri, "train")
         rows = sum(u["rows"] for u in units)
         end = (rows // args.batch - 1) * args.batch  # the epoch's last full batch
         _first_batch_seconds(images_uri, masks_uri, units, args.image_size, args.batch, 0)  # warm-up

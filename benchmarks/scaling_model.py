@@ -42,11 +42,11 @@ from typing import Iterable, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
 # ------------------------------------------------------------------------------------------------ architecture
-# The architecture is the model's own: the PConv U-Net's layer specs (pconv.model: encoder_spec / decoder_spec, the
+# The architecture is the model's own: the PConv U-Net's layer specs (pconv.core.unet: encoder_spec / decoder_spec, the
 # paper's supplementary Table 1) and the VGG16 layers up to pool3 that the perceptual and style losses read
-# (pconv.losses, paper eq. 3-6: pool1, pool2, pool3).
-from pconv.losses import _VGG16_UP_TO_POOL3 as VGG16_TO_POOL3  # noqa: E402 - output channels, "M" = 2x2 max pool
-from pconv.model import (DECODER_KERNEL, PAPER_IMAGE_SIZE, PAPER_LAYER_SIZE, decoder_spec,  # noqa: E402
+# (pconv.core.losses, paper eq. 3-6: pool1, pool2, pool3).
+from pconv.core.losses import _VGG16_UP_TO_POOL3 as VGG16_TO_POOL3  # noqa: E402 - output channels, "M" = 2x2 max pool
+from pconv.core.unet import (DECODER_KERNEL, PAPER_IMAGE_SIZE, PAPER_LAYER_SIZE, decoder_spec,  # noqa: E402
                          encoder_spec)
 
 VGG_POOL = "M"
@@ -376,7 +376,7 @@ def measure_cpu_ms_per_sample(datasets_dir: Path, image_size: int = PAPER_IMAGE_
     """Time the CPU side of one training sample on this machine with the real datasets, single thread.
 
     A CelebA-HQ photo re-encoded as a JPEG of the training size is decoded and cropped; an NVIDIA test mask is
-    decoded and augmented with the pipeline's own ``pconv.masks.augment_mask``.
+    decoded and augmented with the pipeline's own ``pconv.core.masks.augment_mask``.
     """
     import io
     import time
@@ -385,8 +385,7 @@ def measure_cpu_ms_per_sample(datasets_dir: Path, image_size: int = PAPER_IMAGE_
     import numpy as np
     from PIL import Image
 
-    from pconv import masks
-
+    from pconv.core import masks
     photos = sorted((datasets_dir / "celeba_hq_sample").glob("*.jpg"))[:n]
     mask_zip = datasets_dir / "nvidia_irregular_mask_test.zip"
     if not photos or not mask_zip.exists():

@@ -3,7 +3,7 @@
 (POST /inpaint) vs a plain in-process call of the same model, at 1 and 8 concurrent clients, batching on and off.
 
 The in-process call does the same byte-level work as a replica (decode the PNG image and mask, check them, inpaint,
-encode the PNG: pconv.pyfunc_model), so the ratio printed is what HTTP + Serve add. Target: overhead <= 15 % of the
+encode the PNG: pconv.inference.pyfunc), so the ratio printed is what HTTP + Serve add. Target: overhead <= 15 % of the
 in-process p50 at 1 client on CPU.
 
   flock /tmp/pconv-ray.lock python benchmarks/serve_latency.py                 # random full-size net, 512 px
@@ -28,12 +28,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pconv import checkpoint as ckpt  # noqa: E402
-from pconv.config import TrainConfig  # noqa: E402
-from pconv.inference import encode_image  # noqa: E402
-from pconv.loading import load_model  # noqa: E402
-from pconv.model import build_model, default_layer_size  # noqa: E402
-from pconv.pyfunc_model import decode_request, inpaint_decoded  # noqa: E402
+from pconv.tracking import checkpoints  # noqa: E402
+from pconv.core.config import TrainConfig  # noqa: E402
+from pconv.inference.inpaint import encode_image  # noqa: E402
+from pconv.tracking.loading import load_model  # noqa: E402
+from pconv.core.unet import build_model, default_layer_size  # noqa: E402
+from pconv.inference.pyfunc import decode_request, inpaint_decoded  # noqa: E402
 
 
 def png(arr: np.ndarray) -> bytes:
@@ -57,7 +57,7 @@ def random_checkpoint(directory: Path, size: int) -> str:
                       phase2_steps=0)
     state = {"model": build_model(layer).state_dict(), "optimizer": {}, "scaler": {}, "step": 0, "phase": 1,
              "epoch": 0, "data_seed": 0}
-    return str(ckpt.save(directory / "checkpoint_000000", state, cfg.to_yaml(), {"step": 0}))
+    return str(checkpoints.save(directory / "checkpoint_000000", state, cfg.to_yaml(), {"step": 0}))
 
 
 def measure(call, clients: int, n: int) -> dict[str, float]:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from pconv.serve import APP_NAME, build_app
+    from pconv.inference.serve import APP_NAME, build_app
 
     image, mask = request_files(args.size)
     clients = [int(c) for c in args.clients.split(",")]

@@ -16,7 +16,7 @@ the scheduler), compiled/eager per model, and one line per mode
 compiled run one after the other, so compiled/eager is more exposed to machine drift than the paired ratios.
 
 CPU: 256 px, batch 2, layer_size 7, fp32. CUDA (when present): 512 px, layer_size 8, AMP (the training rule,
-``pconv.train_loop.AmpSettings``: bf16 at compute capability 8.0+, fp16 below), channels_last.
+``pconv.train.loop.AmpSettings``: bf16 at compute capability 8.0+, fp16 below), channels_last.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pconv.model import LEAKY_RELU_SLOPE, PConvUNet, decoder_spec, encoder_spec  # noqa: E402
-from pconv.train_loop import AmpSettings  # noqa: E402
+from pconv.core.unet import LEAKY_RELU_SLOPE, PConvUNet, decoder_spec, encoder_spec  # noqa: E402
+from pconv.train.loop import AmpSettings  # noqa: E402
 
 
 COMPILED_TARGET = 1.10  # issue 14: the compiled PConv step within 10 % of the plain-conv floor
@@ -118,7 +118,7 @@ def bench(device: torch.device, size: int, batch: int, layer_size: int, repeats:
     n_pconv = sum(p.numel() for p in pconv.parameters())
     n_plain = sum(p.numel() for p in plain.parameters())
     assert n_pconv == n_plain, (n_pconv, n_plain)
-    if compiled:  # in place, as pconv.train_loop does for --compile
+    if compiled:  # in place, as pconv.train.loop does for --compile
         pconv.compile()
         plain.compile()
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats and --warmup must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pconv.model import default_layer_size
+    from pconv.core.unet import default_layer_size
 
     runs = []
     if args.device in ("auto", "cpu"):

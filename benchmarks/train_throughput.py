@@ -21,9 +21,9 @@ import torch
 
 def step_loop(config: dict) -> dict:
     """Warm up, then time `steps` training steps; returns images/s of this worker (x world size for DDP)."""
-    from pconv.losses import InpaintingLoss, VGG16FeatureExtractor
-    from pconv.model import build_model
-    from pconv.train_loop import AmpSettings
+    from pconv.core.losses import InpaintingLoss, VGG16FeatureExtractor
+    from pconv.core.unet import build_model
+    from pconv.train.loop import AmpSettings
 
     in_ray = config.get("ray", False)
     world = 1
@@ -103,7 +103,7 @@ def main() -> None:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     size = args.image_size or (512 if device == "cuda" else 128)
     batch = args.batch or (6 if device == "cuda" else 2)
-    from pconv.model import default_layer_size
+    from pconv.core.unet import default_layer_size
 
     config = {"device": device, "image_size": size, "batch": batch, "layer_size": default_layer_size(size),
               "steps": args.steps, "warmup": args.warmup}

@@ -1,66 +1,10 @@
 #!/usr/bin/env python
-"""The whole pipeline on real photos in a few minutes (what `make demo` runs; see configs/demo.yaml).
-
-Ingests the CelebA-HQ sample + CBSD68 photos and NVIDIA's irregular test masks from ../shared/datasets into
-shards, trains the PConv U-Net through both phases on a local 2-CPU Ray cluster (2 workers), logs to MLflow
-(SQLite store under --out), registers the model (alias candidate), evaluates it per hole-ratio bin against a
-non-learned baseline, and inpaints held-back images into a grid PNG. Re-running reuses the shards.
-
-Examples:
-  python pipelines/demo.py                 # the full demo (< 15 min on 2 CPUs)
-  python pipelines/demo.py --tiny          # CI setting: 16 images, 32 px, 2 + 2 steps
-  DEMO_S3=1 python pipelines/demo.py       # shards and checkpoints in a local S3 server (moto)
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
-import os
+"""`pconv demo` as a script, for `ray job submit -- python pipelines/demo.py ...`: see pconv.commands.demo."""
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
-
-from pconv import cli  # noqa: E402
-from pconv.apps.demo import DemoError, DemoSettings, run_demo  # noqa: E402
-from pconv.apps.local_s3 import LocalS3Error  # noqa: E402
-from pconv.config import ConfigError  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = DemoSettings()
-    p.add_argument("--tiny", action="store_true", help="few images/masks, 32 px, 2 + 2 steps (CI, fresh-clone check)")
-    p.add_argument("--out", default=d.out, help=f"output folder (default: {d.out})")
-    p.add_argument("--datasets", default=d.datasets, help="folder with celeba_hq_sample/, cbsd68/ and "
-                   "nvidia_irregular_mask_test.zip (default: ../shared/datasets beside the repo)")
-    p.add_argument("--config", default=d.config, help="training config YAML (default: configs/demo.yaml)")
-    p.add_argument("--s3", action="store_true", default=os.environ.get("DEMO_S3", "") not in ("", "0"),
-                   help="shards + checkpoints in a local S3 server (moto); default from DEMO_S3=1")
-    p.add_argument("--run-name", help="run name (default: demo-<UTC timestamp>, new each time)")
-    cli.add_log_level(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cli.setup_logging(args.log_level)
-    for noisy in ("urllib3", "botocore", "alembic", "mlflow", "ray", "filelock", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    kwargs = dict(out=args.out, datasets=args.datasets, config=args.config, s3=args.s3, run_name=args.run_name)
-    settings = DemoSettings.tiny_settings(**kwargs) if args.tiny else DemoSettings(**kwargs)
-    t0 = time.monotonic()
-
-    def body() -> int:
-        result = run_demo(settings)
-        print(result.summary())
-        print(f"total wall time {time.monotonic() - t0:.0f} s")
-        return 0
-
-    return cli.run(body, prog="demo: error", expected=(DemoError, ConfigError, LocalS3Error))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pconv first (ray job submit --working-dir .)
+from pconv.commands.demo import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

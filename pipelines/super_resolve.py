@@ -1,55 +1,10 @@
 #!/usr/bin/env python
-"""Super-resolve an image with a PConv U-Net trained for super-resolution (task: sr; Liu et al., ECCV 2018, Sec. 5).
-
-Examples:
-  python pipelines/super_resolve.py --model models:/pconv-sr@champion --image small.png --out large.png
-  python pipelines/super_resolve.py --model runs/sr-x4 --image s3://bucket/lr/a.png --scale 4 --out a_x4.png
-
-The output is --scale (K) times larger; the LR pixels appear unchanged at their grid positions (the paper's
-offset floor(K/2) inside each K x K block) and the net fills everything else. --scale defaults to the model's
-sr_scale; a different --scale is refused (the grid spacing is fixed by training). Any input size works (padding,
-and tiles when the output's longer side exceeds --max-side). An output above Pillow's pixel limit (the same limit as
-for inpainting inputs) is refused. An inpainting model is refused: use pipelines/inpaint.py for it.
-Output is lossless (.png, .webp, .tif, .bmp); .jpg only with --allow-lossy. Refused input exits 2.
-"""
-
-from __future__ import annotations
-
-import argparse
+"""`pconv super-resolve` as a script, for `ray job submit -- python pipelines/super_resolve.py ...`: see pconv.commands.super_resolve."""
 import sys
+from pathlib import Path
 
-from pconv import cli
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
-    p.add_argument("--image", required=True, help="the low-resolution image file (local or s3://)")
-    p.add_argument("--out", required=True, help="output file (.png/.webp/.tif/.bmp: lossless; local or s3://)")
-    p.add_argument("--scale", type=int, default=None, help="upscaling factor K (2 or 4); default: the model's")
-    p.add_argument("--allow-lossy", action="store_true",
-                   help="allow a lossy --out (.jpg): the LR pixels are then NOT kept exactly")
-    cli.add_device(p)
-    p.add_argument("--max-side", type=int, default=2048, help="tile outputs whose longer side exceeds this (px)")
-    cli.add_log_level(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cli.setup_logging(args.log_level)
-
-    def body() -> int:
-        from pconv.super_resolution import super_resolve_file
-
-        row = super_resolve_file(args.model, args.image, args.out, scale=args.scale, device=args.device,
-                                 max_side=args.max_side, allow_lossy=args.allow_lossy)
-        print(f"{row['image']} ({row['width']}x{row['height']}) -> {row['out']} "
-              f"({row['out_width']}x{row['out_height']}, x{row['scale']})")
-        return 0
-
-    return cli.run(body)
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pconv first (ray job submit --working-dir .)
+from pconv.commands.super_resolve import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -105,14 +105,13 @@ def mask_zip(datasets_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_shards(photo_dir, mask_zip, tmp_path_factory) -> dict[str, str]:
-    """Local shard roots {"images": ..., "masks": ...} built with pconv.ingest from photo_dir / mask_zip
+    """Local shard roots {"images": ..., "masks": ...} built with pconv.ingest.local from photo_dir / mask_zip
     (val fraction 0.25 for images so both splits exist; small shards so there are several)."""
-    from pconv import ingest
-
+    from pconv.ingest import local
     root = tmp_path_factory.mktemp("shards")
     images, masks = str(root / "images"), str(root / "masks")
-    ingest.ingest_images(str(photo_dir), images, val_fraction=0.25, shard_size_mb=1.0, progress=False)
-    ingest.ingest_masks(str(mask_zip), masks, hole_color="white", progress=False)
+    local.ingest_images(str(photo_dir), images, val_fraction=0.25, shard_size_mb=1.0, progress=False)
+    local.ingest_masks(str(mask_zip), masks, hole_color="white", progress=False)
     return {"images": images, "masks": masks}
 
 

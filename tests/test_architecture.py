@@ -183,24 +183,24 @@ def test_module_and_pipeline_sizes():
 
 # name -> the one file allowed to define it (assignment or def at module level)
 ONE_DEFINITION = {
-    "default_layer_size": "pconv/model.py",
-    "PAPER_IMAGE_SIZE": "pconv/model.py",
-    "IMAGE_SUFFIXES": "pconv/images.py",
-    "MASK_SUFFIXES": "pconv/masks.py",
-    "HOLE_COLORS": "pconv/masks.py",
-    "HOLE_RATIO_BINS": "pconv/masks.py",
-    "MANIFEST": "pconv/shards.py",
-    "STATE_FILE": "pconv/checkpoint.py",
-    "META_FILE": "pconv/checkpoint.py",
-    "INPAINTING_MODEL": "pconv/registry.py",
-    "CANDIDATE": "pconv/registry.py",
-    "CHAMPION": "pconv/registry.py",
-    "LOSS_TERMS": "pconv/losses.py",
-    "center_crop": "pconv/images.py",
-    "open_image": "pconv/images.py",
-    "parse_registry_uri": "pconv/loading.py",
-    "load_model": "pconv/loading.py",
-    "register_checkpoint": "pconv/registry.py",
+    "default_layer_size": "pconv/core/unet.py",
+    "PAPER_IMAGE_SIZE": "pconv/core/unet.py",
+    "IMAGE_SUFFIXES": "pconv/core/images.py",
+    "MASK_SUFFIXES": "pconv/core/masks.py",
+    "HOLE_COLORS": "pconv/core/masks.py",
+    "HOLE_RATIO_BINS": "pconv/core/masks.py",
+    "MANIFEST": "pconv/storage/shards.py",
+    "STATE_FILE": "pconv/tracking/checkpoints.py",
+    "META_FILE": "pconv/tracking/checkpoints.py",
+    "INPAINTING_MODEL": "pconv/tracking/registry.py",
+    "CANDIDATE": "pconv/tracking/registry.py",
+    "CHAMPION": "pconv/tracking/registry.py",
+    "LOSS_TERMS": "pconv/core/losses.py",
+    "center_crop": "pconv/core/images.py",
+    "open_image": "pconv/core/images.py",
+    "parse_registry_uri": "pconv/tracking/loading.py",
+    "load_model": "pconv/tracking/loading.py",
+    "register_checkpoint": "pconv/tracking/registry.py",
 }
 
 
@@ -229,13 +229,13 @@ def test_each_shared_name_has_one_owner(name):
 
 # literal -> the one library file where it may appear as a string (pipelines and tests use the constants too)
 ONE_LITERAL = {
-    "pconv-unet": "pconv/registry.py",
-    "pconv-sr": "pconv/registry.py",
-    "candidate": "pconv/registry.py",
-    "champion": "pconv/registry.py",
-    "manifest.json": "pconv/shards.py",
-    "state.pt": "pconv/checkpoint.py",
-    "meta.json": "pconv/checkpoint.py",
+    "pconv-unet": "pconv/tracking/registry.py",
+    "pconv-sr": "pconv/tracking/registry.py",
+    "candidate": "pconv/tracking/registry.py",
+    "champion": "pconv/tracking/registry.py",
+    "manifest.json": "pconv/storage/shards.py",
+    "state.pt": "pconv/tracking/checkpoints.py",
+    "meta.json": "pconv/tracking/checkpoints.py",
 }
 
 
@@ -254,7 +254,7 @@ def test_names_are_string_literals_in_one_place_only(literal):
 
 
 def test_pipelines_share_one_error_exit():
-    """No pipeline hand-writes the try/except/print/`return 2` block: pconv.cli.run owns it."""
+    """No pipeline hand-writes the try/except/print/`return 2` block: pconv.commands.common.run owns it."""
     for path in (REPO / "pipelines").glob("*.py"):
         text = path.read_text()
-        assert not re.search(r"return 2\b", text), f"{path.name} returns 2 itself; use pconv.cli.run"
+        assert not re.search(r"return 2\b", text), f"{path.name} returns 2 itself; use pconv.commands.common.run"

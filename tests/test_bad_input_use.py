@@ -20,19 +20,16 @@ from PIL import Image
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture (the last test only)
-from pconv import tracking
-from pconv.config import ConfigError, TrainConfig
+from pconv.tracking import runs as tracking
+from pconv.core.config import ConfigError, TrainConfig
 from test_loading import save_checkpoint, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def pipeline(name: str):
-    """``pipelines/<name>.py`` as a module (its ``main(argv)`` runs in-process)."""
-    spec = importlib.util.spec_from_file_location(f"pipeline_{name}", REPO / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command module ``pconv.commands.<name>`` (what ``pipelines/<name>.py`` runs; ``main(argv)`` in-process)."""
+    return importlib.import_module(f"pconv.commands.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +103,8 @@ def test_inverted_mask_polarity_is_warned_with_the_ratio(model_dir, tmp_path, ca
 
 
 def test_batch_actor_reports_hole_ratios_for_the_polarity_check(tmp_path):
-    from pconv.batch import InpaintActor
-    from pconv.masks import polarity_warning
+    from pconv.inference.batch import InpaintActor
+    from pconv.core.masks import polarity_warning
 
     for i in range(3):
         write_pair(tmp_path / "in", tmp_path / "m", f"p{i}", size=32, hole_fraction=0.25, seed=i)
@@ -246,17 +243,16 @@ def _cfg(tmp_path: Path, **kw) -> TrainConfig:
 def test_training_inputs_are_checked_before_ray_starts(tmp_path, monkeypatch):
     import ray
 
-    from pconv import train
-
+    from pconv.train import driver
     def no_cluster(*_a, **_k):
         raise AssertionError("the cluster was touched")
 
-    monkeypatch.setattr(train, "plan_cluster", no_cluster)
+    monkeypatch.setattr(driver, "plan_cluster", no_cluster)
     cfg = _cfg(tmp_path)
     with pytest.raises(ConfigError, match="holds masks shards, not images; were --images and --masks swapped"):
-        train.run(TrainConfig(**{**cfg.to_dict(), "images": cfg.masks, "masks": cfg.images}))
+        driver.run(TrainConfig(**{**cfg.to_dict(), "images": cfg.masks, "masks": cfg.images}))
     with pytest.raises(ConfigError, match="--vgg-weights .*nope.pth: no such file"):
-        train.run(TrainConfig(**{**cfg.to_dict(), "vgg_weights": str(tmp_path / "nope.pth")}))
+        driver.run(TrainConfig(**{**cfg.to_dict(), "vgg_weights": str(tmp_path / "nope.pth")}))
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     closed = f"http://127.0.0.1:{free_port()}"  # an unreachable proxy: no download is possible
@@ -265,11 +261,11 @@ def test_training_inputs_are_checked_before_ray_starts(tmp_path, monkeypatch):
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ConfigError, match="--vgg-weights imagenet: not in the torch hub cache"):
-        train.run(TrainConfig(**{**cfg.to_dict(), "vgg_weights": "imagenet"}))
+        driver.run(TrainConfig(**{**cfg.to_dict(), "vgg_weights": "imagenet"}))
     cached = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"cached")  # present in the cache: no network needed, the check passes
-    train.check_vgg_weights("imagenet")
+    driver.check_vgg_weights("imagenet")
     assert not ray.is_initialized()
 
     code = pipeline("train").main(["--images", cfg.masks, "--masks", cfg.images, "--vgg-weights", "random",
@@ -283,9 +279,9 @@ def test_a_failed_training_run_ends_failed_in_mlflow(prepared_shards, tmp_path, 
                                                      monkeypatch):
     from mlflow import MlflowClient
 
-    from pconv import train
-    from pconv.losses import InpaintingLoss
-    from pconv.train import run
+    from pconv.train import driver
+    from pconv.core.losses import InpaintingLoss
+    from pconv.train.driver import run
 
     def status(run_name: str) -> str:
         client = MlflowClient(mlflow_server.url)
@@ -310,7 +306,7 @@ def test_a_failed_training_run_ends_failed_in_mlflow(prepared_shards, tmp_path, 
         raise PermissionError("storage not writable")
 
     with monkeypatch.context() as m:  # a failure on the driver after the run started, before fit()
-        m.setattr(train, "_run_config", unwritable_storage)
+        m.setattr(driver, "_run_config", unwritable_storage)
         with pytest.raises(PermissionError, match="storage not writable"):
             run(TrainConfig(**base, run_name="driver-fails"), local_mode=True)
     assert status("driver-fails") == "FAILED"  # was left RUNNING
@@ -325,7 +321,7 @@ def test_serve_request_warns_on_inverted_masks_and_orients_masks_like_images():
     import numpy as _np
     from PIL import Image as _Image
 
-    from pconv.pyfunc_model import decode_request
+    from pconv.inference.pyfunc import decode_request
 
     def png(img, exif=None) -> bytes:
         buf = _io.BytesIO()

@@ -1,10 +1,10 @@
-"""pconv.baseline: the non-learned fill of the evaluation table (push-pull diffusion; OpenCV Telea when present)."""
+"""pconv.inference.baseline: the non-learned fill of the evaluation table (push-pull diffusion; OpenCV Telea when present)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pconv.baseline import baseline_inpaint, baseline_name, pushpull_fill
+from pconv.inference.baseline import baseline_inpaint, baseline_name, pushpull_fill
 
 
 def smooth_ramp(h: int = 37, w: int = 50) -> np.ndarray:

@@ -19,10 +19,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pconv import data, images, shards, sources, storage
-from pconv import eval_data as D
-from pconv import evaluation as E
-from pconv.model import build_model
+from pconv.data import stream as data
+
+from pconv.core import images
+
+from pconv.storage import shards
+
+from pconv.storage import sources
+
+from pconv.storage import uris
+from pconv.evaluation import inputs
+from pconv.evaluation import inpainting
+from pconv.core.unet import build_model
 
 SIZE = 32
 GOOD = [f"k{i}.png" for i in range(3)]                 # sort first: what --limit 3 / val_size 3 picks
@@ -52,7 +60,7 @@ def _image_root(root: Path, split: str, monkeypatch) -> str:
     assert writer.shards[0]["row_groups"] == [2, 2, 2, 2]
     manifest = {"schema_version": shards.SCHEMA_VERSION, "kind": shards.IMAGES_KIND, "source": "test",
                 "run_id": "test", "counts": {"train": 0, "val": 0, split: len(WRITE_ORDER)}, "shards": writer.shards}
-    storage.write_bytes_atomic(storage.join(str(root), shards.MANIFEST), json.dumps(manifest).encode())
+    uris.write_bytes_atomic(uris.join(str(root), shards.MANIFEST), json.dumps(manifest).encode())
     return str(root)
 
 
@@ -83,11 +91,11 @@ class Spy:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation pairs (pconv.data.load_val_pairs, rank 0 of training)
+# Validation pairs (pconv.data.stream.load_val_pairs, rank 0 of training)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mask_root(tmp_path_factory) -> str:
-    from pconv.ingest import ingest_masks
+    from pconv.ingest.local import ingest_masks
 
     raw = tmp_path_factory.mktemp("rawmasks")
     for i in range(6):
@@ -113,7 +121,7 @@ def test_val_pairs_read_only_the_row_groups_of_the_chosen_rows_and_decode_only_t
     spy.decoded.clear()
     everything = data.load_val_pairs(root, mask_root, SIZE)  # no limit: the corrupt rows are reached, and counted
     assert everything["keys"] == GOOD and len(spy.decoded) == len(WRITE_ORDER)
-    # counted per row group on a surviving row: row group 2 (both rows corrupt) has none to carry its 2 (pconv.data)
+    # counted per row group on a surviving row: row group 2 (both rows corrupt) has none to carry its 2 (pconv.data.stream)
     assert everything["skipped"] == len(BAD) - 2
 
 
@@ -134,12 +142,12 @@ def test_evaluation_limit_reads_and_decodes_only_n_files(tmp_path, monkeypatch, 
                 zf.writestr(key, _blob(key))
     spy = Spy(monkeypatch)
     skipped: list[str] = []
-    keys, decoded = E.load_images(uri, SIZE, limit=len(GOOD), skipped=skipped)
+    keys, decoded = inpainting.load_images(uri, SIZE, limit=len(GOOD), skipped=skipped)
     assert keys == GOOD and skipped == [] and len(decoded) == len(GOOD)
     assert spy.files_read == GOOD and spy.decoded == GOOD
 
     spy.files_read.clear()
-    keys, _ = E.load_images(uri, SIZE, skipped=skipped)  # no limit: every file read, the corrupt ones skipped
+    keys, _ = inpainting.load_images(uri, SIZE, skipped=skipped)  # no limit: every file read, the corrupt ones skipped
     assert keys == GOOD and spy.files_read == GOOD + BAD and len(skipped) == len(BAD)
     assert all(bad in reason for bad, reason in zip(BAD, skipped))
 
@@ -147,7 +155,7 @@ def test_evaluation_limit_reads_and_decodes_only_n_files(tmp_path, monkeypatch, 
 def test_evaluation_limit_on_shards_reads_only_the_row_groups_holding_the_chosen_rows(tmp_path, monkeypatch):
     root = _image_root(tmp_path / "img", "train", monkeypatch)
     spy = Spy(monkeypatch)
-    stream = D.ImageStream(root, SIZE, limit=len(GOOD), batch_images=2)
+    stream = inputs.ImageStream(root, SIZE, limit=len(GOOD), batch_images=2)
     assert stream.keys == GOOD and spy.groups_read == [] and spy.decoded == []  # listing reads the key column only
     batches = list(stream.batches())
     assert [len(b) for b in batches] == [2, 1] and sorted(j for b in batches for j, _ in b) == [0, 1, 2]
@@ -155,7 +163,7 @@ def test_evaluation_limit_on_shards_reads_only_the_row_groups_holding_the_chosen
     assert stream.failed == {}
 
     skipped: list[str] = []
-    keys, _ = E.load_images(root, SIZE, skipped=skipped)
+    keys, _ = inpainting.load_images(root, SIZE, skipped=skipped)
     assert keys == GOOD and len(skipped) == len(BAD) and sorted(g for _, g in spy.groups_read[3:]) == [0, 1, 2, 3]
 
 
@@ -165,7 +173,7 @@ def test_the_stream_keeps_about_one_batch_of_decoded_images_alive(tmp_path, monk
     folder.mkdir()
     for p in sorted((datasets_dir / "cbsd68").glob("*.png"))[:7]:
         (folder / p.name).write_bytes(p.read_bytes())
-    es = E.build_eval_set(str(folder), _masks_folder(tmp_path), SIZE, hole_color="white", batch_images=2)
+    es = inpainting.build_eval_set(str(folder), _masks_folder(tmp_path), SIZE, hole_color="white", batch_images=2)
     alive: list[weakref.ref] = []
     peak = [0]
     real_crop = images.center_crop
@@ -177,7 +185,7 @@ def test_the_stream_keeps_about_one_batch_of_decoded_images_alive(tmp_path, monk
         return out
 
     monkeypatch.setattr(images, "center_crop", crop)
-    table = E.evaluate_baseline(es)
+    table = inpainting.evaluate_baseline(es)
     assert len(alive) == 7 and table.count == 7 * len(es.groups)
     assert peak[0] <= 2 * 2  # the batch being decoded + the one being scored, never the whole set
 
@@ -196,12 +204,12 @@ def _masks_folder(tmp_path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # Streaming changes no number
 # ---------------------------------------------------------------------------------------------
-def _reference_tables(keys: list[str], decoded: list[np.ndarray], es: D.EvalSet, model, batch_size: int):
+def _reference_tables(keys: list[str], decoded: list[np.ndarray], es: inputs.EvalSet, model, batch_size: int):
     """The evaluation as it was before streaming: every image decoded first, the pairs group by group in chunks of
     ``batch_size``, each pair's metrics added in that order."""
-    from pconv import metrics
-    from pconv.baseline import baseline_inpaint
-    from pconv.inference import inpaint
+    from pconv.core import metrics
+    from pconv.inference.baseline import baseline_inpaint
+    from pconv.inference.inpaint import inpaint
 
     assert keys == es.image_keys
     tables = {"model": metrics.BinnedMetrics(), "baseline": metrics.BinnedMetrics()}
@@ -222,7 +230,7 @@ def _reference_tables(keys: list[str], decoded: list[np.ndarray], es: D.EvalSet,
 
 
 def test_streamed_numbers_equal_the_decode_everything_first_numbers(tmp_path, datasets_dir):
-    from pconv.ingest import ingest_images
+    from pconv.ingest.local import ingest_images
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -234,16 +242,16 @@ def test_streamed_numbers_equal_the_decode_everything_first_numbers(tmp_path, da
     torch.manual_seed(0)
     model = build_model(4).eval()
     for uri in (str(folder), shard_root):
-        keys, decoded = E.load_images(uri, SIZE)
-        es = E.build_eval_set(uri, masks, SIZE, hole_color="white")
+        keys, decoded = inpainting.load_images(uri, SIZE)
+        es = inpainting.build_eval_set(uri, masks, SIZE, hole_color="white")
         assert len(es.pairs) == 16  # 4 images x 4 groups: no short last chunk in the reference (batch 4)
         want = _reference_tables(keys, decoded, es, model, 4)
         by_batch_size = {}
         for batch_size in (4, 3):  # 3: a last chunk of one pair, padded
             for batch_images in (1, 32):  # shards arrive in storage order, files in key order: no difference
-                es = E.build_eval_set(uri, masks, SIZE, hole_color="white", batch_images=batch_images)
-                fills = {"model": E.model_fill(model, batch_size, "cpu"), "baseline": E.baseline_fill}
-                got = {k: t.as_dict() for k, t in E.evaluate_fills(es, fills, batch_size).items()}
+                es = inpainting.build_eval_set(uri, masks, SIZE, hole_color="white", batch_images=batch_images)
+                fills = {"model": inpainting.model_fill(model, batch_size, "cpu"), "baseline": inpainting.baseline_fill}
+                got = {k: t.as_dict() for k, t in inpainting.evaluate_fills(es, fills, batch_size).items()}
                 assert got == by_batch_size.setdefault(batch_size, got), (uri, batch_size, batch_images)
         assert by_batch_size[4] == want, uri  # bit-identical to decoding everything first, every cell
     assert len(shards.read_manifest(shard_root)["shards"]) > 1  # the shard case did span several shards
@@ -256,10 +264,10 @@ def test_an_unreadable_image_drops_its_pairs_without_shifting_the_others(tmp_pat
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / "000_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")  # position 0
     masks = _masks_folder(tmp_path)
-    es = E.build_eval_set(str(folder), masks, SIZE, hole_color="white")
+    es = inpainting.build_eval_set(str(folder), masks, SIZE, hole_color="white")
     assert es.image_keys[0] == "000_broken.png" and len(es.pairs) == 4 * len(es.groups)
-    first = E.evaluate_baseline(es)
-    second = E.evaluate_baseline(es)  # a second pass (promotion re-evaluates) lists the file once
+    first = inpainting.evaluate_baseline(es)
+    second = inpainting.evaluate_baseline(es)  # a second pass (promotion re-evaluates) lists the file once
     assert first.count == second.count == 3 * len(es.groups) and first.as_dict() == second.as_dict()
     assert len(es.skipped) == 1 and "000_broken.png" in es.skipped[0] and es.failed_images == 1
     # the readable images keep the pairs the set fixed for them (image j with mask j mod len(group))
@@ -268,7 +276,7 @@ def test_an_unreadable_image_drops_its_pairs_without_shifting_the_others(tmp_pat
     for name in es.image_keys[1:]:
         (clean / name).write_bytes((folder / name).read_bytes())
     (clean / "000_other.png").write_bytes((folder / es.image_keys[1]).read_bytes())
-    other = E.build_eval_set(str(clean), masks, SIZE, hole_color="white")
+    other = inpainting.build_eval_set(str(clean), masks, SIZE, hole_color="white")
     assert [(j, r.key) for j, r in other.pairs] == [(j, r.key) for j, r in es.pairs]
     with pytest.raises(ValueError, match="none of the 1 images"):
-        E.load_images(str(folder), SIZE, limit=1)
+        inpainting.load_images(str(folder), SIZE, limit=1)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pconv import checkpoint as ckpt
-from pconv import storage
-from pconv.config import TrainConfig
-from pconv.train import latest_checkpoint
+from pconv.tracking import checkpoints as ckpt
+from pconv.storage import uris
+from pconv.core.config import TrainConfig
+from pconv.train.driver import latest_checkpoint
 
 
 def write(directory, step, cfg):
@@ -57,7 +57,7 @@ def test_resolve_and_local_copy(tmp_path, s3_bucket):
     with ckpt.local_copy(str(older)) as local:
         assert local == older
 
-    storage.upload_dir(str(tmp_path / "run"), f"{s3_bucket}/ck")
+    uris.upload_dir(str(tmp_path / "run"), f"{s3_bucket}/ck")
     assert ckpt.resolve(f"{s3_bucket}/ck/checkpoint_a/") == f"{s3_bucket}/ck/checkpoint_a"
     assert ckpt.resolve(f"{s3_bucket}/ck") == f"{s3_bucket}/ck/checkpoint_b"
     assert ckpt.resolve(f"{s3_bucket}/nothing") is None

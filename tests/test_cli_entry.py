@@ -1,6 +1,7 @@
 """The installed ``pconv`` command (pyproject's ``[project.scripts]``): one command whose subcommands are the
-``pipelines/*.py`` scripts' own ``main(argv)``, run as a user runs it (subprocesses), and a non-editable build that
-ships it (wheel contents, then the wheel installed outside the source tree and run from there)."""
+modules of ``pconv.commands`` (``main(argv)`` each), the same as the ``pipelines/*.py`` scripts, run as a user runs
+them (subprocesses), and a non-editable build that ships only ``pconv`` (wheel contents, then the wheel installed
+outside the source tree and run from there)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _commands() -> dict[str, tuple[str, str]]:
-    """pipelines/__main__.py's table, read from the source tree (standard library only, so no install needed)."""
-    spec = importlib.util.spec_from_file_location("pconv_command", REPO / "pipelines" / "__main__.py")
+def _command_table():
+    """pconv/commands/__init__.py, read from the source tree (standard library only, so no install needed)."""
+    spec = importlib.util.spec_from_file_location("pconv_command", REPO / "pconv" / "commands" / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.COMMANDS
+    return module
 
 
-COMMANDS = _commands()
+COMMANDS = _command_table().COMMANDS
+SCRIPT_OF = {module: script for script, module in _command_table().SCRIPT_NAMES.items()}  # ingest: prepare_data
 
 PCONV = Path(sys.executable).parent / "pconv"
 ENV = {**os.environ, "COLUMNS": "100"}  # argparse wraps help at $COLUMNS: the same width in both runs
@@ -39,7 +41,7 @@ def run(args: list[str], cwd: Path | None = None, env: dict | None = None, timeo
 
 def test_the_entry_point_is_installed_in_the_venv():
     eps = [ep for ep in entry_points(group="console_scripts") if ep.name == "pconv"]
-    assert [ep.value for ep in eps] == ["pipelines.__main__:main"], \
+    assert [ep.value for ep in eps] == ["pconv.commands:main"], \
         "the pconv entry point is not installed: run `make setup` (or `pip install -e .`) after changing pyproject.toml"
     assert PCONV.is_file() and os.access(PCONV, os.X_OK), PCONV
 
@@ -51,22 +53,24 @@ def test_top_level_help_lists_every_command_on_one_line():
     for name, (_, help_line) in COMMANDS.items():
         assert any(line.split() == [name, *help_line.split()] for line in lines), (name, proc.stdout)
     assert len(COMMANDS) == len({module for module, _ in COMMANDS.values()})
+    assert {SCRIPT_OF.get(module, module) for module, _ in COMMANDS.values()} == {
+        p.stem for p in (REPO / "pipelines").glob("*.py")}, "a script has no command, or a command no script"
     assert {module for module, _ in COMMANDS.values()} == {
-        p.stem for p in (REPO / "pipelines").glob("*.py") if not p.stem.startswith("__")}, "a script has no command"
+        p.stem for p in (REPO / "pconv" / "commands").glob("*.py") if p.stem not in {"__init__", "common"}}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_each_command_help_is_its_scripts_help(command):
     """`pconv CMD --help` prints the script's own parser (only the program name differs)."""
-    module = COMMANDS[command][0]
+    script = SCRIPT_OF.get(COMMANDS[command][0], COMMANDS[command][0])
     via_pconv = run([str(PCONV), command, "--help"])
-    via_script = run([sys.executable, f"pipelines/{module}.py", "--help"])
+    via_script = run([sys.executable, f"pipelines/{script}.py", "--help"])
     assert via_pconv.returncode == 0 == via_script.returncode, via_pconv.stderr + via_script.stderr
     assert via_pconv.stdout.startswith(f"usage: pconv {command} ")
     def words(text: str, prog: str) -> list[str]:  # usage lines are indented by the program name's length
         return re.sub(rf"(?<![\w/]){re.escape(prog)}\b", "PROG", text).split()
 
-    assert words(via_pconv.stdout, f"pconv {command}") == words(via_script.stdout, f"{module}.py")
+    assert words(via_pconv.stdout, f"pconv {command}") == words(via_script.stdout, f"{script}.py")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -91,8 +95,8 @@ def test_a_commands_exit_status_and_error_line_come_through():
 
 
 def test_a_non_editable_install_ships_the_command(tmp_path):
-    """`pip wheel .` of the sources the node image copies (Dockerfile): the wheel holds pipelines, pconv.apps and the
-    Serve page; installed outside the source tree, `pconv` runs from the installed copy."""
+    """`pip wheel .` of the sources the node image copies (Dockerfile): the wheel holds pconv only (its stage packages,
+    pconv.commands, pconv.apps and the Serve page); installed outside the source tree, `pconv` runs from there."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -104,20 +108,20 @@ def test_a_non_editable_install_ships_the_command(tmp_path):
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "dist").glob("pconv-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"pipelines/{p.name}" for p in (REPO / "pipelines").glob("*.py")}
-    expected |= {p.relative_to(REPO).as_posix() for p in (REPO / "pconv").rglob("*.py")} | {"pconv/serve_page.html"}
+    expected = {p.relative_to(REPO).as_posix() for p in (REPO / "pconv").rglob("*.py")} | {
+        "pconv/inference/serve_page.html"}
     assert expected <= names, sorted(expected - names)
-    assert not any(n.startswith(("tests/", "benchmarks/", "configs/")) for n in names)
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"pconv"}, sorted(names)
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "pconv = pipelines.__main__:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "pconv = pconv.commands:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
     site = tmp_path / "site"
     install = run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
                    str(wheel)])
     assert install.returncode == 0, install.stderr
     env = {**ENV, "PYTHONPATH": str(site)}  # before the venv's editable finder: the installed copy wins
-    where = run([sys.executable, "-c", "import pipelines, pconv.serve as s; print(pipelines.__file__, "
+    where = run([sys.executable, "-c", "import pconv.commands as c, pconv.inference.serve as s; print(c.__file__, "
                  "s.PAGE_FILE.is_file())"], cwd=tmp_path, env=env)
-    assert where.stdout.split() == [str(site / "pipelines" / "__init__.py"), "True"], where.stdout + where.stderr
+    assert where.stdout.split() == [str(site / "pconv" / "commands" / "__init__.py"), "True"], where.stdout + where.stderr
     proc = run([str(site / "bin" / "pconv"), "serve", "--help"], cwd=tmp_path, env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: pconv serve "), proc.stderr

@@ -137,15 +137,14 @@ def test_the_autoscaler_config_is_found_from_the_head_monitor_of_this_cluster():
 
 
 def test_decode_concurrency_follows_the_reachable_cpus_not_the_cpus_up_now():
-    from pconv import data
-
-    assert data.default_concurrency(0.5, cpus=0.0) == 1  # head only, nothing up yet: still one task
-    assert data.default_concurrency(0.5, cpus=4.0) == 4  # one task per CPU at most
-    assert data.default_concurrency(0.5, cpus=math.inf) == 1024  # unbounded types: the input-block limit
+    from pconv.data import stream
+    assert stream.default_concurrency(0.5, cpus=0.0) == 1  # head only, nothing up yet: still one task
+    assert stream.default_concurrency(0.5, cpus=4.0) == 4  # one task per CPU at most
+    assert stream.default_concurrency(0.5, cpus=math.inf) == 1024  # unbounded types: the input-block limit
 
 
 def test_the_batch_actor_pool_grows_to_what_the_cluster_can_reach():
-    from pconv.batch import _actor_pool
+    from pconv.inference.batch import _actor_pool
 
     assert _actor_pool(production(), None, None, 100) == (64, True)  # GPU actors, up to the 64 GPUs launchable
     assert _actor_pool(production(), None, None, 10) == (10, True)  # never more actors than images

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pconv.config import REGISTER_AUTO, ConfigError, TrainConfig, default_text, markdown_table, merge
-from pconv.model import build_model, default_layer_size
+from pconv.core.config import REGISTER_AUTO, ConfigError, TrainConfig, default_text, markdown_table, merge
+from pconv.core.unet import build_model, default_layer_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_default_layer_size(size, layers):
 
 @pytest.mark.parametrize("size", [384, 96, 512, 64])
 def test_config_accepts_what_the_model_accepts(size):
-    """One rule (pconv.model.default_layer_size): 384 px was refused by the config's former copy of it."""
+    """One rule (pconv.core.unet.default_layer_size): 384 px was refused by the config's former copy of it."""
     cfg = valid(image_size=size).validate()
     assert cfg.layer_size == default_layer_size(size)
     out, _ = build_model(cfg.layer_size)(torch.rand(1, 3, size, size), torch.ones(1, 1, size, size))
@@ -134,5 +134,5 @@ def test_readme_configuration_table_is_the_generated_one():
         f"README.md needs the markers {README_START} and {README_END} around the configuration table")
     table = text.split(README_START, 1)[1].split(README_END, 1)[0]
     assert table.strip() == markdown_table().strip(), (
-        "README.md's configuration table differs from pconv.config.markdown_table(); paste the output of "
-        "`python -c \"from pconv.config import markdown_table; print(markdown_table())\"` between the markers")
+        "README.md's configuration table differs from pconv.core.config.markdown_table(); paste the output of "
+        "`python -c \"from pconv.core.config import markdown_table; print(markdown_table())\"` between the markers")

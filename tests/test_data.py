@@ -1,8 +1,8 @@
-"""pconv.data on real Ray: shards on a real moto S3 server -> decoded, cropped, masked batches; epochs, validation,
+"""pconv.data.stream on real Ray: shards on a real moto S3 server -> decoded, cropped, masked batches; epochs, validation,
 corrupt rows, and a 2-worker Ray Train (V2) TorchTrainer consuming the dataset.
 
 Ray is started once for the module with num_cpus=2 (logical), the size of the development machine, and the
-training workers take 0.5 CPU each as pconv.train does on CPU: this is the configuration that must not stall
+training workers take 0.5 CPU each as pconv.train.driver does on CPU: this is the configuration that must not stall
 (read/decode tasks request 0.5 CPU or less; Ray Data's file listing needs one free CPU for a moment).
 """
 
@@ -15,8 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from pconv import data, model_inputs, shards, storage
+from pconv.data import stream
 
+from pconv.data import inputs
+
+from pconv.storage import shards
+
+from pconv.storage import uris
 pytestmark = pytest.mark.integration
 SIZE = 32
 
@@ -42,7 +47,7 @@ def s3_shards(prepared_shards, s3_server, tmp_path_factory) -> dict[str, str]:
     out = {}
     for name, local in prepared_shards.items():
         uri = f"s3://data-shards/{name}"
-        storage.upload_dir(local, uri)
+        uris.upload_dir(local, uri)
         out[name] = uri
     return out
 
@@ -55,7 +60,7 @@ def _train_keys(root: str) -> set[int]:
 
 def _epoch(ds) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
     ids, images, masks, skipped = [], {}, {}, 0
-    for batch in model_inputs.iter_batches(ds, 4, include_masked=True):
+    for batch in inputs.iter_batches(ds, 4, include_masked=True):
         assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.float32
         n = len(batch["id"])
         assert batch["image"].shape == (n, 3, SIZE, SIZE) and batch["mask"].shape == (n, 1, SIZE, SIZE)
@@ -70,7 +75,7 @@ def _epoch(ds) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tens
 
 
 def test_train_stream_from_s3_epochs_differ(ray_cluster, s3_shards):
-    ds = data.build_train_dataset(s3_shards["images"], s3_shards["masks"], SIZE, seed=5, num_cpus=0.25)
+    ds = stream.build_train_dataset(s3_shards["images"], s3_shards["masks"], SIZE, seed=5, num_cpus=0.25)
     expected = _train_keys(s3_shards["images"])
     ids0, img0, mask0, skipped0 = _epoch(ds)
     ids1, img1, mask1, skipped1 = _epoch(ds)  # second pass over the SAME dataset (as Ray Train epochs do)
@@ -85,11 +90,11 @@ def test_train_stream_from_s3_epochs_differ(ray_cluster, s3_shards):
 
 def test_deterministic_mode_reproduces_and_epoch_argument_changes(ray_cluster, prepared_shards):
     args = (prepared_shards["images"], prepared_shards["masks"], SIZE)
-    ids_a, img_a, mask_a, _ = _epoch(data.build_train_dataset(*args, seed=5, num_cpus=0.25, deterministic=True))
-    ids_b, img_b, mask_b, _ = _epoch(data.build_train_dataset(*args, seed=5, num_cpus=0.25, deterministic=True))
+    ids_a, img_a, mask_a, _ = _epoch(stream.build_train_dataset(*args, seed=5, num_cpus=0.25, deterministic=True))
+    ids_b, img_b, mask_b, _ = _epoch(stream.build_train_dataset(*args, seed=5, num_cpus=0.25, deterministic=True))
     assert ids_a == ids_b
     assert all(torch.equal(img_a[i], img_b[i]) and torch.equal(mask_a[i], mask_b[i]) for i in ids_a)
-    ids_c, img_c, _, _ = _epoch(data.build_train_dataset(*args, seed=5, epoch=1, num_cpus=0.25, deterministic=True))
+    ids_c, img_c, _, _ = _epoch(stream.build_train_dataset(*args, seed=5, epoch=1, num_cpus=0.25, deterministic=True))
     assert sorted(ids_c) == sorted(ids_a) and ids_c != ids_a
     assert any(not torch.equal(img_a[i], img_c[i]) for i in ids_a)
 
@@ -98,7 +103,7 @@ def test_iter_train_batches_crosses_epochs(ray_cluster, prepared_shards):
     n_train = shards.read_manifest(prepared_shards["images"])["counts"]["train"]
     per_epoch = n_train // 4
     seen = []
-    for step, (epoch, batch) in enumerate(data.iter_train_batches(prepared_shards["images"], prepared_shards["masks"],
+    for step, (epoch, batch) in enumerate(stream.iter_train_batches(prepared_shards["images"], prepared_shards["masks"],
                                                                   SIZE, 4, seed=1, num_cpus=0.25)):
         assert batch["image"].shape == (4, 3, SIZE, SIZE)
         seen.append(epoch)
@@ -123,13 +128,13 @@ def _corrupt_root(prepared_shards, tmp_path) -> tuple[str, int, int]:
         writer.add(r)
     writer.flush()
     bad_manifest = {**manifest, "shards": writer.shards, "counts": {"train": len(rows), "val": 0}}
-    storage.write_bytes_atomic(storage.join(root, shards.MANIFEST), json.dumps(bad_manifest).encode())
+    uris.write_bytes_atomic(uris.join(root, shards.MANIFEST), json.dumps(bad_manifest).encode())
     return root, good, len(rows) - good
 
 
 def test_corrupt_rows_are_skipped_and_counted(ray_cluster, prepared_shards, tmp_path):
     root, good, bad = _corrupt_root(prepared_shards, tmp_path)
-    ds = data.build_train_dataset(root, prepared_shards["masks"], SIZE, seed=0, num_cpus=0.25)
+    ds = stream.build_train_dataset(root, prepared_shards["masks"], SIZE, seed=0, num_cpus=0.25)
     ids, _, _, skipped = _epoch(ds)
     assert len(ids) == good and skipped == bad == 2
     assert shards.key_id("bad/truncated.jpg") not in ids
@@ -137,8 +142,8 @@ def test_corrupt_rows_are_skipped_and_counted(ray_cluster, prepared_shards, tmp_
 
 def test_validation_pairs_are_fixed(ray_cluster, prepared_shards):
     images, masks = prepared_shards["images"], prepared_shards["masks"]
-    a = data.load_val_pairs(images, masks, SIZE)
-    b = data.load_val_pairs(images, masks, SIZE)
+    a = stream.load_val_pairs(images, masks, SIZE)
+    b = stream.load_val_pairs(images, masks, SIZE)
     n_val = shards.read_manifest(images)["counts"]["val"]
     assert a["image"].shape == (n_val, 3, SIZE, SIZE) and a["mask"].shape == (n_val, 1, SIZE, SIZE)
     assert a["keys"] == sorted(a["keys"]) and a["mask_keys"] == b["mask_keys"]
@@ -147,11 +152,11 @@ def test_validation_pairs_are_fixed(ray_cluster, prepared_shards):
     assert set(np.unique(a["mask"])) <= {0.0, 1.0} and a["image"].min() >= 0 and a["image"].max() <= 1
     assert len(set(a["mask_keys"])) == n_val  # spread over the mask set, not the first few
     assert len(set(a["bin"].tolist())) > 1
-    limited = data.load_val_pairs(images, masks, SIZE, limit=2)
+    limited = stream.load_val_pairs(images, masks, SIZE, limit=2)
     assert limited["keys"] == a["keys"][:2]
 
-    rows = data.build_val_dataset(images, masks, SIZE, num_cpus=0.25).take_all()
-    rows2 = data.build_val_dataset(images, masks, SIZE, num_cpus=0.25).take_all()
+    rows = stream.build_val_dataset(images, masks, SIZE, num_cpus=0.25).take_all()
+    rows2 = stream.build_val_dataset(images, masks, SIZE, num_cpus=0.25).take_all()
     by_index = {int(r["index"]): r for r in rows}
     assert sorted(by_index) == list(range(n_val))
     assert {int(r["index"]): int(r["mask_index"]) for r in rows2} == \
@@ -184,7 +189,7 @@ def test_torch_trainer_two_workers(ray_cluster, s3_shards, tmp_path):
         Path(config["out"], f"rank{rank}.json").write_text(_json.dumps(out))
         ray.train.report({"batches": len(out["epochs"][0])})
 
-    ds = data.build_train_dataset(s3_shards["images"], s3_shards["masks"], SIZE, seed=2, num_cpus=0.25)
+    ds = stream.build_train_dataset(s3_shards["images"], s3_shards["masks"], SIZE, seed=2, num_cpus=0.25)
     trainer = TorchTrainer(
         _loop, train_loop_config={"out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
@@ -205,19 +210,19 @@ def test_torch_trainer_two_workers(ray_cluster, s3_shards, tmp_path):
 def test_read_units_cover_every_row_with_or_without_recorded_row_groups(prepared_shards, tmp_path):
     root = prepared_shards["images"]
     manifest = shards.read_manifest(root)
-    units = data.read_units(root, "train", manifest)
+    units = stream.read_units(root, "train", manifest)
     assert sum(u["rows"] for u in units) == manifest["counts"]["train"]
     assert all(e.get("row_groups") for e in manifest["shards"])  # written by ingestion
     # An older manifest without row-group sizes: the same units, from the shards' Parquet footers.
     legacy = {**manifest, "shards": [{k: v for k, v in e.items() if k != "row_groups"} for e in manifest["shards"]]}
-    assert data.read_units(root, "train", legacy) == units
+    assert stream.read_units(root, "train", legacy) == units
     rows = sum(shards.read_row_group(u["uri"], u["row_group"], ["key"]).num_rows for u in units)
     assert rows == manifest["counts"]["train"]
 
 
 def test_a_missing_or_mismatched_shard_is_a_clear_error(prepared_shards, tmp_path):
     root = prepared_shards["images"]
-    unit = data.read_units(root, "train")[0]
+    unit = stream.read_units(root, "train")[0]
     with pytest.raises(ValueError, match="no row group 999"):
         shards.read_row_group(unit["uri"], 999, ["key"])
     with pytest.raises(FileNotFoundError, match="missing"):
@@ -229,16 +234,16 @@ def test_a_missing_or_mismatched_shard_is_a_clear_error(prepared_shards, tmp_pat
 
 def test_rows_are_compact_uint8_and_float_batches_follow_the_contract(ray_cluster, prepared_shards):
     def build():
-        return data.build_train_dataset(prepared_shards["images"], prepared_shards["masks"], SIZE, seed=3,
+        return stream.build_train_dataset(prepared_shards["images"], prepared_shards["masks"], SIZE, seed=3,
                                         num_cpus=0.25, deterministic=True)
 
     raw = next(iter(build().iter_torch_batches(batch_size=4)))
     assert raw["image"].dtype == torch.uint8 and raw["mask"].dtype == torch.uint8
     assert set(torch.unique(raw["mask"]).tolist()) <= {0, 1}
-    batch = model_inputs.to_float_batch(raw, include_masked=True)
+    batch = inputs.to_float_batch(raw, include_masked=True)
     torch.testing.assert_close(batch["image"] * 255, raw["image"].float(), rtol=0, atol=1e-4)
     torch.testing.assert_close(batch["masked"], batch["image"] * raw["mask"].float())
-    same = next(model_inputs.iter_batches(build(), 4))  # the collate path gives the same floats
+    same = next(inputs.iter_batches(build(), 4))  # the collate path gives the same floats
     torch.testing.assert_close(same["image"], batch["image"])
     assert torch.equal(same["id"], raw["id"])
 
@@ -248,16 +253,15 @@ def test_the_next_read_unit_is_fetched_while_one_is_decoded(prepared_shards, mon
     (Decoding unit j waits until the read of unit j + 1 has started; a read-then-decode loop fails here.)"""
     import threading
 
-    from pconv import transforms as T
-
-    units = data.read_units(prepared_shards["images"], "train")[:3]
+    from pconv.data import transforms
+    units = stream.read_units(prepared_shards["images"], "train")[:3]
     assert len(units) == 3
     unit_of = {k: j for j, u in enumerate(units)
                for k in shards.read_row_group(u["uri"], u["row_group"], ["key"]).column("key").to_pylist()}
-    bank = T.load_mask_bank(prepared_shards["masks"])
-    monkeypatch.setattr(data, "_resolve_bank", lambda holder: bank)
+    bank = transforms.load_mask_bank(prepared_shards["masks"])
+    monkeypatch.setattr(stream, "_resolve_bank", lambda holder: bank)
     reads, cond = [], threading.Condition()
-    real_rows, real_transform = data._unit_rows, T.train_transform
+    real_rows, real_transform = stream._unit_rows, transforms.train_transform
 
     def rows(uri, group, *args):
         with cond:
@@ -272,11 +276,11 @@ def test_the_next_read_unit_is_fetched_while_one_is_decoded(prepared_shards, mon
                 f"unit {j + 1} was not being read while unit {j} was decoded"
         return real_transform(batch, **kwargs)
 
-    monkeypatch.setattr(data, "_unit_rows", rows)
-    monkeypatch.setattr(T, "train_transform", transform)
+    monkeypatch.setattr(stream, "_unit_rows", rows)
+    monkeypatch.setattr(transforms, "train_transform", transform)
     block = {"uri": np.array([u["uri"] for u in units]), "row_group": np.array([u["row_group"] for u in units]),
              "_rand": np.array([0.1, 0.2, 0.3])}  # units are taken in _rand order
-    out = list(data._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=0))
+    out = list(stream._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=0))
     assert reads == [(u["uri"], u["row_group"]) for u in units]
     assert sum(len(o["id"]) for o in out) == sum(u["rows"] for u in units)
 
@@ -284,7 +288,7 @@ def test_the_next_read_unit_is_fetched_while_one_is_decoded(prepared_shards, mon
 _FAULTS_SCRIPT = """
 import ctypes, resource, sys
 import numpy as np
-from pconv import allocator
+from pconv.data import allocator
 ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KB pages only, so fault counts do not depend
                                          # on whether the kernel found free 2 MB huge pages this time
 applied = allocator.reuse_freed_memory() if sys.argv[1] == "tune" else False
@@ -325,20 +329,19 @@ def test_decode_tasks_and_training_workers_tune_malloc(prepared_shards, monkeypa
     """The processes that allocate per image (read/decode tasks) and per batch (training workers) call it."""
     import inspect
 
-    from pconv import train_loop
-    from pconv import transforms as T
-
+    from pconv.train import loop
+    from pconv.data import transforms
     calls = []
-    monkeypatch.setattr(data, "reuse_freed_memory", lambda: calls.append(1) or True)
-    monkeypatch.setattr(data, "_resolve_bank", lambda holder: T.load_mask_bank(prepared_shards["masks"]))
-    unit = data.read_units(prepared_shards["images"], "train")[0]
+    monkeypatch.setattr(stream, "reuse_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(stream, "_resolve_bank", lambda holder: transforms.load_mask_bank(prepared_shards["masks"]))
+    unit = stream.read_units(prepared_shards["images"], "train")[0]
     block = {"uri": np.array([unit["uri"]]), "row_group": np.array([unit["row_group"]]), "_rand": np.array([0.5])}
-    next(data._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=0))
+    next(stream._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=0))
     assert calls == [1]
-    next(data._val_units_udf({"uri": block["uri"], "row_group": block["row_group"]}, bank=[None],
+    next(stream._val_units_udf({"uri": block["uri"], "row_group": block["row_group"]}, bank=[None],
                              image_size=SIZE, pairing={}))
     assert calls == [1, 1]
-    assert "reuse_freed_memory()" in inspect.getsource(train_loop.train_loop_per_worker)
+    assert "reuse_freed_memory()" in inspect.getsource(loop.train_loop_per_worker)
 
 
 def test_read_ahead_reads_the_next_unit_while_the_caller_decodes_this_one(monkeypatch):
@@ -354,16 +357,16 @@ def test_read_ahead_reads_the_next_unit_while_the_caller_decodes_this_one(monkey
         started[group].set()
         return (np.array([f"{uri}/{group}"], dtype=object),) * 3
 
-    monkeypatch.setattr(data, "_unit_rows", fake_rows)
+    monkeypatch.setattr(stream, "_unit_rows", fake_rows)
     todo = [("s3://b/a.parquet", g, 0.1 * g) for g in range(3)]
-    units = data._read_ahead(todo, 7, shuffle=False)
+    units = stream._read_ahead(todo, 7, shuffle=False)
     uri, group, (keys, _, _) = next(units)
     assert (uri, group, keys[0]) == ("s3://b/a.parquet", 0, "s3://b/a.parquet/0")
     assert started[1].wait(timeout=10), "unit 1 was not read while unit 0 was being decoded"
     assert [g for _, g, _ in units] == [1, 2]
     assert [(r[1], r[2], r[3]) for r in reads] == [(0, 7, False), (1, 7, False), (2, 7, False)]
     assert all(r[4].startswith("pconv-read") for r in reads)
-    assert list(data._read_ahead([], 0, shuffle=True)) == []
+    assert list(stream._read_ahead([], 0, shuffle=True)) == []
 
 
 def test_scheduling_settings_exist_in_this_ray_and_stay_on_our_dataset(ray_cluster, prepared_shards):
@@ -376,7 +379,7 @@ def test_scheduling_settings_exist_in_this_ray_and_stay_on_our_dataset(ray_clust
     fields = {f.name for f in dataclasses.fields(DataContext)}
     assert {"op_resource_reservation_enabled", "downstream_capacity_backpressure_ratio",
             "target_max_block_size"} <= fields
-    ds = data.build_train_dataset(prepared_shards["images"], prepared_shards["masks"], SIZE, num_cpus=0.25)
+    ds = stream.build_train_dataset(prepared_shards["images"], prepared_shards["masks"], SIZE, num_cpus=0.25)
     assert ds.context.op_resource_reservation_enabled is False
     assert ds.context.downstream_capacity_backpressure_ratio is None
     assert DataContext.get_current().op_resource_reservation_enabled is True  # the process default is untouched

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pconv import registry, shards
+from pconv.tracking import registry
+
+from pconv.storage import shards
 from pconv.apps import demo, demo_inputs
-from pconv.config import TrainConfig
-from pconv.loading import REGISTRY_SCHEME
+from pconv.core.config import TrainConfig
+from pconv.tracking.loading import REGISTRY_SCHEME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +50,7 @@ def test_stage_test_masks_takes_every_nth_sorted_member(tmp_path):
 
 
 def test_ingestion_is_reused_only_for_the_same_inputs(tmp_path):
-    from pconv.ingest import generate_masks
+    from pconv.ingest.local import generate_masks
 
     dst, state = str(tmp_path / "shards"), tmp_path / "state"
     calls = []
@@ -66,12 +68,14 @@ def test_ingestion_is_reused_only_for_the_same_inputs(tmp_path):
 
 
 def test_inpaint_grid_layout(prepared_shards, tmp_path, monkeypatch):
-    """The grid (pconv.tracking.grid_image, upscaled): one row per held-back image, columns masked input | result |
+    """The grid (pconv.tracking.runs.grid_image, upscaled): one row per held-back image, columns masked input | result |
     ground truth, 2-px borders; the ground-truth cell of row 0 holds the (upscaled) centre-cropped image exactly."""
     import torch
 
-    from pconv import evaluation, loading
-    from pconv.model import build_model
+    from pconv.evaluation import inpainting
+
+    from pconv.tracking import loading
+    from pconv.core.unet import build_model
 
     torch.manual_seed(0)
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: (build_model(4).eval(), {}))
@@ -81,7 +85,7 @@ def test_inpaint_grid_layout(prepared_shards, tmp_path, monkeypatch):
     with Image.open(png) as im:
         arr = np.asarray(im.convert("RGB"))
     assert arr.shape == (scale * (rows * size + (rows + 1) * border), scale * (3 * size + 4 * border), 3)
-    _, images = evaluation.load_images(prepared_shards["images"], size, limit=rows)
+    _, images = inpainting.load_images(prepared_shards["images"], size, limit=rows)
     y0, x0 = scale * border, scale * (border + 2 * (size + border))
     want = images[0].repeat(scale, axis=0).repeat(scale, axis=1)
     assert np.array_equal(arr[y0:y0 + scale * size, x0:x0 + scale * size], want)

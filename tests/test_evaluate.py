@@ -1,4 +1,4 @@
-"""pconv.evaluation: the paper's Table-1 protocol on real CBSD68 photos with NVIDIA test masks, the non-learned
+"""pconv.evaluation.inpainting: the paper's Table-1 protocol on real CBSD68 photos with NVIDIA test masks, the non-learned
 baseline's table, MLflow logging through a REAL server, and promotion of `champion` only when a model is better.
 (The baseline's fill itself: tests/test_baseline.py.)"""
 
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
-from pconv import evaluation as E
-from pconv import masks as M
-from pconv.config import TrainConfig
-from pconv.model import build_model
-from pconv.registry import CANDIDATE, CHAMPION, INPAINTING_MODEL
+from pconv.evaluation import inpainting
+from pconv.core import masks as M
+from pconv.core.config import TrainConfig
+from pconv.core.unet import build_model
+from pconv.tracking.registry import CANDIDATE, CHAMPION, INPAINTING_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_SIZE, IMAGE_SIZE, N_IMAGES = 4, 64, 3
@@ -29,7 +29,7 @@ MASK_ZIP_DIR = "mask/testing_mask_dataset"
 @pytest.fixture(scope="module")
 def eval_data(datasets_dir, tmp_path_factory):
     """Two NVIDIA test masks per (bin, border) block as raw PNGs and as mask shards; the CBSD68 folder."""
-    from pconv.ingest import ingest_masks
+    from pconv.ingest.local import ingest_masks
 
     root = tmp_path_factory.mktemp("evaldata")
     raw = root / "raw_masks"
@@ -45,7 +45,7 @@ def eval_data(datasets_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eval_set(eval_data):
-    return E.build_eval_set(eval_data["images"], eval_data["shards"], IMAGE_SIZE, limit=N_IMAGES)
+    return inpainting.build_eval_set(eval_data["images"], eval_data["shards"], IMAGE_SIZE, limit=N_IMAGES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,18 +63,18 @@ def test_fixed_pairing_covers_every_bin_and_border_group(eval_data, eval_set):
         block = int(rec.key[:5]) // 1000
         assert (rec.bin, rec.border) == (block // 2, block % 2 == 1), rec.key
     # deterministic: same inputs, same pairs; raw files (with explicit polarity) pair exactly like shards
-    again = E.build_eval_set(eval_data["images"], eval_data["raw"], IMAGE_SIZE, limit=N_IMAGES, hole_color="white")
+    again = inpainting.build_eval_set(eval_data["images"], eval_data["raw"], IMAGE_SIZE, limit=N_IMAGES, hole_color="white")
     assert [(j, r.key, r.bin, r.border) for j, r in again.pairs] == [(j, r.key, r.bin, r.border) for j, r in es.pairs]
     for (_, a), (_, b) in zip(es.pairs[:6], again.pairs[:6]):
         np.testing.assert_array_equal(es.mask(a), again.mask(b))
     m = es.mask(es.pairs[0][1])
     assert m.shape == (IMAGE_SIZE, IMAGE_SIZE) and set(np.unique(m)) <= {0, 1}
     with pytest.raises(ValueError, match="--hole-color"):
-        E.build_eval_set(eval_data["images"], eval_data["raw"], IMAGE_SIZE, limit=1)
+        inpainting.build_eval_set(eval_data["images"], eval_data["raw"], IMAGE_SIZE, limit=1)
 
 
 def test_shard_roots_are_told_apart_from_file_sets(eval_data, datasets_dir):
-    from pconv.shards import is_dataset_root
+    from pconv.storage.shards import is_dataset_root
 
     assert is_dataset_root(eval_data["shards"])
     assert not is_dataset_root(eval_data["raw"]) and not is_dataset_root(eval_data["images"])
@@ -84,8 +84,8 @@ def test_shard_roots_are_told_apart_from_file_sets(eval_data, datasets_dir):
 def test_image_shards_are_evaluated_on_their_val_split(eval_data, tmp_path, s3_bucket):
     import shutil
 
-    from pconv.ingest import ingest_images
-    from pconv.shards import key_hash01
+    from pconv.ingest.local import ingest_images
+    from pconv.storage.shards import key_hash01
 
     src = tmp_path / "photos"
     src.mkdir()
@@ -93,7 +93,7 @@ def test_image_shards_are_evaluated_on_their_val_split(eval_data, tmp_path, s3_b
     for name in names:
         shutil.copy(Path(eval_data["images"]) / name, src / name)
     ingest_images(str(src), f"{s3_bucket}/img", val_fraction=0.5, max_side=96, progress=False)
-    keys, images = E.load_images(f"{s3_bucket}/img", IMAGE_SIZE)
+    keys, images = inpainting.load_images(f"{s3_bucket}/img", IMAGE_SIZE)
     expected = sorted(n for n in names if key_hash01(n) < 0.5)
     assert 0 < len(expected) < len(names) and keys == expected
     assert all(im.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) for im in images)
@@ -117,12 +117,12 @@ def constant_fill_model(value: float, seed: int = 0) -> torch.nn.Module:
 
 
 def register(model: torch.nn.Module, run_name: str) -> str:
-    from pconv import tracking
-    from pconv.registry import log_and_register_model
+    from pconv.tracking import runs
+    from pconv.tracking.registry import log_and_register_model
 
     cfg = TrainConfig(images="x", masks="y", image_size=IMAGE_SIZE, layer_size=LAYER_SIZE, run_name=run_name,
                       experiment="eval-exp", phase1_steps=1, phase2_steps=0)
-    run_id = tracking.start_or_resume_run("eval-exp", run_name)
+    run_id = runs.start_or_resume_run("eval-exp", run_name)
     return log_and_register_model(model, cfg, run_id, name=INPAINTING_MODEL, alias=CANDIDATE)
 
 
@@ -185,7 +185,7 @@ def test_promote_moves_champion_only_when_better(mlflow_server, versions, eval_d
     from mlflow import MlflowClient
 
     def evaluate(version: str) -> dict:
-        return E.run_evaluation(f"models:/{INPAINTING_MODEL}/{version}", eval_data["images"], eval_data["shards"],
+        return inpainting.run_evaluation(f"models:/{INPAINTING_MODEL}/{version}", eval_data["images"], eval_data["shards"],
                                 IMAGE_SIZE, limit=N_IMAGES, device="cpu", baseline=False, experiment=None,
                                 promote_alias=CHAMPION)["promotion"]
 
@@ -212,5 +212,5 @@ def test_promote_moves_champion_only_when_better(mlflow_server, versions, eval_d
     assert not again["promoted"] and "already has alias" in again["reason"]
 
     with pytest.raises(ValueError, match="registered model"):
-        E.run_evaluation("/some/checkpoint", eval_data["images"], eval_data["shards"], IMAGE_SIZE, limit=1,
+        inpainting.run_evaluation("/some/checkpoint", eval_data["images"], eval_data["shards"], IMAGE_SIZE, limit=1,
                          experiment=None, promote_alias=CHAMPION)

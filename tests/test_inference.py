@@ -1,5 +1,5 @@
-"""pconv.inference / pconv.registry / pconv.batch: exact composites at any size, the registry round trip through a
-REAL mlflow server (artifacts in the moto S3 server) loaded back by pconv.loading, the inpaint CLI and folder
+"""pconv.inference.inpaint / pconv.tracking.registry / pconv.inference.batch: exact composites at any size, the registry round trip through a
+REAL mlflow server (artifacts in the moto S3 server) loaded back by pconv.tracking.loading, the inpaint CLI and folder
 pairing, and Ray Data batch inference writing to S3. Loading from checkpoints and paths: tests/test_loading.py."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
-from pconv import storage
-from pconv.inference import Job, inpaint, inpaint_job, net_multiple, pair_files
-from pconv.loading import load_model
-from pconv.registry import register_checkpoint
+from pconv.storage import uris
+from pconv.inference.inpaint import Job, inpaint, inpaint_job, net_multiple, pair_files
+from pconv.tracking.loading import load_model
+from pconv.tracking.registry import register_checkpoint
 from test_loading import IMAGE_SIZE, LAYER_SIZE, outputs, random_pair, save_checkpoint, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,10 +83,9 @@ def test_net_multiple_looks_through_wrappers():
 @pytest.fixture(scope="module")
 def registered(mlflow_server, tmp_path_factory):
     """A checkpoint logged into its training run and registered as pconv-unet (alias candidate)."""
-    from pconv import tracking
-
-    run_id = tracking.start_or_resume_run("infer-exp", "tiny")
-    tracking.Tracker(run_id).set_terminated("FINISHED")
+    from pconv.tracking import runs
+    run_id = runs.start_or_resume_run("infer-exp", "tiny")
+    runs.Tracker(run_id).set_terminated("FINISHED")
     model = tiny_model(5)
     directory = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000003", model, step=3,
                                 run_id=run_id)
@@ -204,14 +203,14 @@ def test_pair_files_by_relative_stem(tmp_path):
 def test_batch_inpaint_with_ray_writes_to_s3(registered, s3_bucket, tmp_path):
     import ray
 
-    from pconv.batch import batch_inpaint
+    from pconv.inference.batch import batch_inpaint
 
     pairs = {stem: _write_pair(tmp_path / "in", tmp_path / "masks", stem, 40 + 3 * i, 37, i)
              for i, stem in enumerate(["p0", "p1", "p2"])}
     (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
     Image.new("L", (8, 8)).save(tmp_path / "masks" / "broken.png")
-    storage.upload_dir(str(tmp_path / "in"), f"{s3_bucket}/in")
-    storage.upload_dir(str(tmp_path / "masks"), f"{s3_bucket}/masks")
+    uris.upload_dir(str(tmp_path / "in"), f"{s3_bucket}/in")
+    uris.upload_dir(str(tmp_path / "masks"), f"{s3_bucket}/masks")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         summary = batch_inpaint("models:/pconv-unet@candidate", f"{s3_bucket}/in", f"{s3_bucket}/masks",
@@ -221,7 +220,7 @@ def test_batch_inpaint_with_ray_writes_to_s3(registered, s3_bucket, tmp_path):
     assert summary["total"] == 4 and summary["written"] == 3 and summary["skipped"] == 1
     assert summary["polarity_warning"] is None  # the masks are ~ 9 % holes: nothing to warn about
     assert summary["errors"][0][0].endswith("broken.png") and "ValueError" in summary["errors"][0][1]
-    assert storage.list_files(f"{s3_bucket}/out") == [f"{s3_bucket}/out/{s}.png" for s in ("p0", "p1", "p2")]
+    assert uris.list_files(f"{s3_bucket}/out") == [f"{s3_bucket}/out/{s}.png" for s in ("p0", "p1", "p2")]
     for stem, (img, holes) in pairs.items():
-        out = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{s3_bucket}/out/{stem}.png"))))
+        out = np.asarray(Image.open(io.BytesIO(uris.read_bytes(f"{s3_bucket}/out/{stem}.png"))))
         np.testing.assert_array_equal(out[~holes], img[~holes])

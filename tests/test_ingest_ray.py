@@ -1,4 +1,4 @@
-"""Issue 17: ingestion as a Ray Data job (:mod:`pconv.ingest_job`) on a local cluster of two nodes.
+"""Issue 17: ingestion as a Ray Data job (:mod:`pconv.ingest.job`) on a local cluster of two nodes.
 
 Real photos (../shared/datasets) plus broken files, to a local folder and to the local S3 server; the NVIDIA test
 masks compared with the single-process engine; the CLI killed half-way (SIGKILL) and re-run. Starts Ray: run under
@@ -20,8 +20,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pconv import data, ingest, ingest_job, model_inputs, shards, storage
-from pconv.shards import key_hash01
+from pconv.data import stream as data
+
+from pconv.ingest import local
+
+from pconv.ingest import job
+
+from pconv.data import inputs
+
+from pconv.storage import shards
+
+from pconv.storage import uris as storage
+from pconv.storage.shards import key_hash01
 
 SCRIPT = "pipelines/prepare_data.py"
 
@@ -121,7 +131,7 @@ def test_images_and_masks_to_a_local_folder_on_two_nodes_and_pconv_data_streams_
                                                                                      tmp_path):
     src, expected = photos
     out = tmp_path / "ray"
-    summary = ingest_job.ingest_images(str(src), str(out / "images"), val_fraction=0.25, shard_size_mb=0.5,
+    summary = job.ingest_images(str(src), str(out / "images"), val_fraction=0.25, shard_size_mb=0.5,
                                        progress=False)
     assert summary.nodes == 2, "both nodes' CPUs decoded and wrote shards"
     assert summary.ingested == 16 and len(summary.skipped) == len(expected)
@@ -134,13 +144,13 @@ def test_images_and_masks_to_a_local_folder_on_two_nodes_and_pconv_data_streams_
                for k in shards.read_table([storage.join(str(out / "images"), s["path"])], ["key"])["key"].to_pylist()}
     assert folders == {"scenes", "faces"}
 
-    ingest.ingest_images(str(src), str(tmp_path / "threads"), val_fraction=0.25, shard_size_mb=0.5, progress=False)
+    local.ingest_images(str(src), str(tmp_path / "threads"), val_fraction=0.25, shard_size_mb=0.5, progress=False)
     assert_same_dataset(str(out / "images"), str(tmp_path / "threads"), "image", ["height", "width", "format"])
 
-    ingest_job.ingest_masks(str(masks300), str(out / "masks"), hole_color="white", progress=False)
+    job.ingest_masks(str(masks300), str(out / "masks"), hole_color="white", progress=False)
     stream = data.build_train_dataset(str(out / "images"), str(out / "masks"), 32, seed=1, num_cpus=0.5)
     ids = []
-    for batch in model_inputs.iter_batches(stream, 4):
+    for batch in inputs.iter_batches(stream, 4):
         assert batch["image"].shape[1:] == (3, 32, 32) and batch["mask"].shape[1:] == (1, 32, 32)
         ids.extend(batch["id"].tolist())
     train_keys = rows_by_key(str(out / "images"), [])
@@ -149,8 +159,8 @@ def test_images_and_masks_to_a_local_folder_on_two_nodes_and_pconv_data_streams_
 
 @pytest.mark.integration
 def test_nvidia_masks_and_generated_masks_match_the_single_process_engine(cluster, masks300, tmp_path):
-    summary = ingest_job.ingest_masks(str(masks300), str(tmp_path / "ray"), hole_color="white", progress=False)
-    ingest.ingest_masks(str(masks300), str(tmp_path / "threads"), hole_color="white", progress=False)
+    summary = job.ingest_masks(str(masks300), str(tmp_path / "ray"), hole_color="white", progress=False)
+    local.ingest_masks(str(masks300), str(tmp_path / "threads"), hole_color="white", progress=False)
     assert summary.ingested == 300 and [s["key"] for s in summary.skipped] == ["mask/README.txt"]
     assert_same_dataset(str(tmp_path / "ray"), str(tmp_path / "threads"), "mask",
                         ["hole_ratio", "bin", "border", "height", "width", "source", "split"])
@@ -158,8 +168,8 @@ def test_nvidia_masks_and_generated_masks_match_the_single_process_engine(cluste
     assert manifest["bins"] == {"0": {"border": 0, "no_border": 300}}, "files 0-299: bin 0, no border (README)"
     assert_shards_consistent(str(tmp_path / "ray"))
 
-    ingest_job.generate_masks(24, str(tmp_path / "gen-ray"), size=64, seed=3, progress=False)
-    ingest.generate_masks(24, str(tmp_path / "gen-threads"), size=64, seed=3, progress=False)
+    job.generate_masks(24, str(tmp_path / "gen-ray"), size=64, seed=3, progress=False)
+    local.generate_masks(24, str(tmp_path / "gen-threads"), size=64, seed=3, progress=False)
     assert_same_dataset(str(tmp_path / "gen-ray"), str(tmp_path / "gen-threads"), "mask",
                         ["hole_ratio", "bin", "border"])
 
@@ -167,15 +177,15 @@ def test_nvidia_masks_and_generated_masks_match_the_single_process_engine(cluste
 @pytest.mark.integration
 def test_inverted_polarity_and_nothing_usable_are_refused_and_keep_the_dataset(cluster, masks300, tmp_path):
     dst = tmp_path / "masks"
-    ingest_job.ingest_masks(str(masks300), str(dst), hole_color="white", progress=False)
+    job.ingest_masks(str(masks300), str(dst), hole_color="white", progress=False)
     before = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
-    with pytest.raises(ingest.IngestError, match="--force"):
-        ingest_job.ingest_masks(str(masks300), str(dst), hole_color="black", progress=False)
+    with pytest.raises(local.IngestError, match="--force"):
+        job.ingest_masks(str(masks300), str(dst), hole_color="black", progress=False)
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.png").write_bytes(b"broken")
-    with pytest.raises(ingest.IngestError, match="nothing usable"):
-        ingest_job.ingest_masks(str(junk), str(dst), hole_color="white", progress=False)
+    with pytest.raises(local.IngestError, match="nothing usable"):
+        job.ingest_masks(str(junk), str(dst), hole_color="white", progress=False)
     assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before
 
 
@@ -197,11 +207,11 @@ def test_s3_prefix_and_s3_zip_to_s3_one_get_per_object(cluster, photos, masks300
     bucket = s3_bucket.split("://", 1)[1]
     mark = s3_server.log_path.stat().st_size
 
-    summary = ingest_job.ingest_images(f"{s3_bucket}/raw", f"{s3_bucket}/images", val_fraction=0.25,
+    summary = job.ingest_images(f"{s3_bucket}/raw", f"{s3_bucket}/images", val_fraction=0.25,
                                        shard_size_mb=0.5, progress=False)
     assert summary.ingested == 16 and sorted(s["key"] for s in summary.skipped) == sorted(expected)
     assert_shards_consistent(f"{s3_bucket}/images")
-    ingest.ingest_images(str(src), str(tmp_path / "threads"), val_fraction=0.25, shard_size_mb=0.5, progress=False)
+    local.ingest_images(str(src), str(tmp_path / "threads"), val_fraction=0.25, shard_size_mb=0.5, progress=False)
     a, b = shards.read_manifest(f"{s3_bucket}/images"), shards.read_manifest(str(tmp_path / "threads"))
     assert a["counts"] == b["counts"] and a["skipped"] == b["skipped"]
     # the listing streams LIST pages; every object is read by exactly one GET, and no object gets a HEAD
@@ -210,9 +220,9 @@ def test_s3_prefix_and_s3_zip_to_s3_one_get_per_object(cluster, photos, masks300
     gets = sorted(ln.split("GET /", 1)[1].split(" ")[0] for ln in lines if "GET /" in ln)
     assert gets == sorted(f"{bucket}/raw/{p.relative_to(src).as_posix()}" for p in files if p.suffix != ".txt")
 
-    summary = ingest_job.ingest_masks(f"{s3_bucket}/zips/masks.zip", f"{s3_bucket}/masks", hole_color="white",
+    summary = job.ingest_masks(f"{s3_bucket}/zips/masks.zip", f"{s3_bucket}/masks", hole_color="white",
                                       progress=False)
-    ingest.ingest_masks(str(masks300), str(tmp_path / "masks-threads"), hole_color="white", progress=False)
+    local.ingest_masks(str(masks300), str(tmp_path / "masks-threads"), hole_color="white", progress=False)
     assert_same_dataset(f"{s3_bucket}/masks", str(tmp_path / "masks-threads"), "mask", ["hole_ratio", "bin", "border"])
 
 
@@ -231,7 +241,7 @@ def parquet_files(root: Path) -> set[str]:
 def test_cli_killed_half_way_keeps_the_previous_dataset_and_the_rerun_cleans_up(cluster, photos, datasets_dir,
                                                                                repo_root, tmp_path):
     dst = tmp_path / "images"
-    ingest_job.ingest_images(str(photos[0]), str(dst), val_fraction=0.25, shard_size_mb=0.5, progress=False)
+    job.ingest_images(str(photos[0]), str(dst), val_fraction=0.25, shard_size_mb=0.5, progress=False)
     manifest_bytes = (dst / shards.MANIFEST).read_bytes()
     previous = shards.read_manifest(str(dst))
     src = tmp_path / "all"  # every shared photo: one file per task below, so the run lasts a while
@@ -284,14 +294,14 @@ def test_cli_killed_half_way_keeps_the_previous_dataset_and_the_rerun_cleans_up(
 def test_a_source_that_a_node_does_not_see_fails_the_run_with_a_clear_error(cluster, tmp_path):
     import pyarrow as pa
 
-    from pconv.ingest_job import _execute, _Plan
-    from pconv.sources import EntryReader
+    from pconv.ingest.job import _execute, _Plan
+    from pconv.storage.sources import EntryReader
 
     # what a task on a machine without this folder meets: the listing was made elsewhere, the folder is not here
-    plan = _Plan(shards.IMAGES_KIND, str(tmp_path / "out"), ingest.new_run_id(), 0.0,
+    plan = _Plan(shards.IMAGES_KIND, str(tmp_path / "out"), local.new_run_id(), 0.0,
                  EntryReader(str(tmp_path / "only-on-the-driver"), "dir"))
     listing = pa.table({"key": ["a.jpg", "b.jpg"], "size": [10, 10], "h": [0.1, 0.2], "split": ["train"] * 2})
-    with pytest.raises(ingest.IngestError, match="not visible on node .*s3://"):
+    with pytest.raises(local.IngestError, match="not visible on node .*s3://"):
         _execute(listing, plan, 1.0, 10, progress=False, remote=False)
     assert not (tmp_path / "out" / shards.MANIFEST).exists()
 
@@ -316,7 +326,7 @@ def test_ray_engine_fails_fast_without_starting_ray(case, repo_root, photo_dir, 
 
 
 def test_entry_reader_says_when_a_local_source_is_not_visible(tmp_path):
-    from pconv.sources import EntryReader, SourceError
+    from pconv.storage.sources import EntryReader, SourceError
 
     with pytest.raises(SourceError, match="not visible on node"):
         EntryReader(str(tmp_path / "elsewhere"), "dir").read("a.jpg")
@@ -326,7 +336,7 @@ def test_entry_reader_says_when_a_local_source_is_not_visible(tmp_path):
 
 
 def test_chunks_follow_the_byte_target_and_the_file_cap():
-    from pconv.ingest_job import _cut
+    from pconv.ingest.job import _cut
 
     assert _cut(np.array([3, 3, 3, 3, 3]), 6, 100) == [(0, 2), (2, 4), (4, 5)]
     assert _cut(np.array([1] * 5), 100, 2) == [(0, 2), (2, 4), (4, 5)]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conv_recorder import ConvRecorder
-from pconv.layers import CONV_TYPES, GatedConv2d, MaskedInput, PartialConv2d, cat_masked, make_conv
+from pconv.core.layers import CONV_TYPES, GatedConv2d, MaskedInput, PartialConv2d, cat_masked, make_conv
 
 
 def reference_pconv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -453,7 +453,7 @@ def test_gated_under_bf16_autocast():
 
 def test_gated_is_a_drop_in_for_partial_in_the_unet():
     """Swapping every PartialConv2d of the U-Net for a GatedConv2d of the same arguments keeps the net working."""
-    from pconv.model import PConvUNet
+    from pconv.core.unet import PConvUNet
 
     torch.manual_seed(17)
     net = PConvUNet(layer_size=3)

@@ -1,4 +1,4 @@
-"""pconv.loading: a PConv U-Net from every kind of model URI (checkpoint folder, folder of checkpoints, s3://
+"""pconv.tracking.loading: a PConv U-Net from every kind of model URI (checkpoint folder, folder of checkpoints, s3://
 prefix, logged model folder; registry URIs are round-tripped in tests/test_inference.py), device resolution, and
 registration refusing what is not a checkpoint. The helpers here (tiny model, checkpoint writer) serve
 tests/test_inference.py too."""
@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pconv import checkpoint as ckpt
-from pconv import registry, storage
-from pconv.config import TrainConfig
-from pconv.loading import from_state_dict, load_model, parse_registry_uri, resolve_device
-from pconv.model import build_model
-from pconv.registry import register_checkpoint
+from pconv.tracking import checkpoints as ckpt
+from pconv.tracking import registry
+from pconv.storage import uris
+from pconv.core.config import TrainConfig
+from pconv.tracking.loading import from_state_dict, load_model, parse_registry_uri, resolve_device
+from pconv.core.unet import build_model
+from pconv.tracking.registry import register_checkpoint
 
 LAYER_SIZE, IMAGE_SIZE = 4, 32  # tiny net: multiple of 16, trained size 32
 
@@ -59,7 +60,7 @@ def test_load_model_from_checkpoints(tmp_path, s3_bucket):
     latest, info = load_model(str(tmp_path / "run"))  # a folder of checkpoints -> the highest step
     assert info["step"] == 20 and torch.equal(outputs(latest), outputs(new))
 
-    storage.upload_dir(str(tmp_path / "run"), f"{s3_bucket}/runs/tiny")
+    uris.upload_dir(str(tmp_path / "run"), f"{s3_bucket}/runs/tiny")
     remote, info = load_model(f"{s3_bucket}/runs/tiny/checkpoint_000001")
     assert info["source"] == f"{s3_bucket}/runs/tiny/checkpoint_000001"
     assert torch.equal(outputs(remote), outputs(old))
@@ -74,7 +75,7 @@ def test_load_model_from_checkpoints(tmp_path, s3_bucket):
 
 
 def test_load_model_from_a_logged_model_folder(tmp_path):
-    """The layout pconv.registry logs (MLmodel + extra_files/state_dict.pt + config.yaml), read back pickle-free."""
+    """The layout pconv.tracking.registry logs (MLmodel + extra_files/state_dict.pt + config.yaml), read back pickle-free."""
     model = tiny_model(2)
     extra = tmp_path / "model" / registry.EXTRA_FILES_DIR
     extra.mkdir(parents=True)

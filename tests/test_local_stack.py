@@ -126,7 +126,7 @@ def test_up_rejects_an_unknown_auth_mode(tmp_path):
 # ---------------------------------------------------------------- pconv.apps.local_s3
 @pytest.mark.integration
 def test_local_s3_points_the_aws_environment_at_itself_only_while_entered(tmp_path, monkeypatch):
-    from pconv import storage
+    from pconv.storage import uris
     from pconv.apps.local_s3 import LocalS3
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://elsewhere.invalid")  # would win over AWS_ENDPOINT_URL
@@ -135,8 +135,8 @@ def test_local_s3_points_the_aws_environment_at_itself_only_while_entered(tmp_pa
         with s3.environment():
             assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint and "AWS_ENDPOINT_URL_S3" not in os.environ
             bucket = s3.create_bucket("local-s3-test")
-            storage.write_bytes_atomic(f"{bucket}/a/b.txt", b"hello")
-            assert storage.read_bytes(f"{bucket}/a/b.txt") == b"hello"
+            uris.write_bytes_atomic(f"{bucket}/a/b.txt", b"hello")
+            assert uris.read_bytes(f"{bucket}/a/b.txt") == b"hello"
         assert os.environ["AWS_ENDPOINT_URL_S3"] == "http://elsewhere.invalid"
         assert "AWS_ENDPOINT_URL" not in os.environ
         process = s3.process

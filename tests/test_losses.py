@@ -1,4 +1,4 @@
-"""Tests of pconv/losses.py: each term of eq. 3-7 against an independent computation, and the extractor."""
+"""Tests of pconv/core/losses.py: each term of eq. 3-7 against an independent computation, and the extractor."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from pconv.losses import (
+from pconv.core.losses import (
     PAPER_LOSS_WEIGHTS,
     InpaintingLoss,
     LossWeights,
@@ -149,7 +149,7 @@ def test_extractor_matches_torchvision_with_imagenet_normalisation(extractor):
 
 
 def test_random_weights_warn_and_are_seeded(caplog):
-    with caplog.at_level(logging.WARNING, logger="pconv.losses"):
+    with caplog.at_level(logging.WARNING, logger="pconv.core.losses"):
         a = VGG16FeatureExtractor("random", seed=7)
     assert any("RANDOM" in r.getMessage() for r in caplog.records)
     b = VGG16FeatureExtractor("random", seed=7)
@@ -200,16 +200,12 @@ def test_bad_weights_sources(tmp_path):
 
 
 def test_weights_by_uri_go_through_storage_read_bytes(monkeypatch, full_vgg16_state_file):
-    """An s3:// URI is read with pconv.storage.read_bytes (imported lazily); unreadable URIs name the URI.
+    """An s3:// URI is read with the ``read_bytes`` it is given (training passes pconv.storage.uris.read_bytes: the
+    core imports no storage); unreadable URIs name the URI, and a URI without a reader is a clear error.
 
     The object-storage round trip itself is covered by the storage integration tests (real S3 server);
-    here a stand-in storage module records the call.
+    here a reader records the call.
     """
-    import sys
-    import types
-
-    import pconv
-
     blob = open(full_vgg16_state_file, "rb").read()
     seen: list[str] = []
 
@@ -219,16 +215,14 @@ def test_weights_by_uri_go_through_storage_read_bytes(monkeypatch, full_vgg16_st
             raise FileNotFoundError(uri)
         return blob
 
-    fake = types.ModuleType("pconv.storage")
-    fake.read_bytes = read_bytes
-    monkeypatch.setitem(sys.modules, "pconv.storage", fake)
-    monkeypatch.setattr(pconv, "storage", fake, raising=False)
-    ext = VGG16FeatureExtractor("s3://weights/vgg16.pth")
+    with pytest.raises(ValueError, match="are a URI: pass read_bytes"):
+        VGG16FeatureExtractor("s3://weights/vgg16.pth")
+    ext = VGG16FeatureExtractor("s3://weights/vgg16.pth", read_bytes=read_bytes)
     assert seen == ["s3://weights/vgg16.pth"]
     state = torch.load(full_vgg16_state_file, weights_only=True)
     assert torch.equal(ext.features[12].weight, state["features.12.weight"])
     with pytest.raises(FileNotFoundError, match="s3://weights/missing.pth"):
-        VGG16FeatureExtractor("s3://weights/missing.pth")
+        VGG16FeatureExtractor("s3://weights/missing.pth", read_bytes=read_bytes)
 
 
 def test_imagenet_download_failure_says_how_to_supply_weights(monkeypatch, tmp_path):
@@ -404,13 +398,13 @@ def test_works_under_bf16_autocast(extractor):
 
 
 def test_core_modules_import_no_ray_mlflow_or_storage():
-    """losses/masks/metrics are core modules: importing them pulls in neither ray, mlflow nor pconv.storage."""
+    """losses/masks/metrics are core modules: importing them pulls in neither ray, mlflow nor pconv.storage.uris."""
     import subprocess
     import sys
 
     code = (
-        "import sys, pconv.losses, pconv.masks, pconv.metrics; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow') or m == 'pconv.storage'))"
+        "import sys, pconv.core.losses, pconv.core.masks, pconv.core.metrics; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow') or m == 'pconv.storage.uris'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

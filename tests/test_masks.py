@@ -1,4 +1,4 @@
-"""Tests of pconv/masks.py against NVIDIA's real test masks and the paper's bin/border definitions."""
+"""Tests of pconv/core/masks.py against NVIDIA's real test masks and the paper's bin/border definitions."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from pconv import masks
-from pconv.masks import (
+from pconv.core import masks
+from pconv.core.masks import (
     BORDER_BAND,
     HOLE_RATIO_BINS,
     augment_mask,
@@ -150,7 +150,7 @@ def test_encode_rejects_non_binary():
 
 def test_decode_applies_exif_orientation_like_images():
     """A mask photographed/exported with an EXIF orientation is read as displayed, like its image (issue 19.4)."""
-    from pconv.images import open_image
+    from pconv.core.images import open_image
 
     grey = np.zeros((20, 40), dtype=np.uint8)  # stored 40 wide x 20 high, hole in the top-left corner
     grey[:5, :10] = 255

@@ -1,4 +1,4 @@
-"""Tests of pconv/metrics.py: PSNR/SSIM against scikit-image on real photos, L1, and per-bin aggregation."""
+"""Tests of pconv/core/metrics.py: PSNR/SSIM against scikit-image on real photos, L1, and per-bin aggregation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageFilter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pconv.masks import HOLE_RATIO_BINS
-from pconv.metrics import BinnedMetrics, l1_percent, psnr, ssim
+from pconv.core.masks import HOLE_RATIO_BINS
+from pconv.core.metrics import BinnedMetrics, l1_percent, psnr, ssim
 
 CBSD68 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cbsd68"
 

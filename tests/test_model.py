@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conv_recorder import ConvRecorder
-from pconv.layers import MaskedInput
-from pconv.model import (PAPER_ENCODER, PConvUNet, build_model, decoder_spec, default_layer_size, encoder_spec,
+from pconv.core.layers import MaskedInput
+from pconv.core.unet import (PAPER_ENCODER, PConvUNet, build_model, decoder_spec, default_layer_size, encoder_spec,
                          min_image_size)
 
 

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from conftest import free_port
-from pconv import checkpoint as ckpt
-from pconv.config import TrainConfig
-from pconv.model import build_model
+from pconv.tracking import checkpoints
+from pconv.core.config import TrainConfig
+from pconv.core.unet import build_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SIDE = 384
@@ -44,14 +44,14 @@ def app_url(tmp_path_factory):
     import ray
     from ray import serve
 
-    from pconv.serve import APP_NAME, build_app
+    from pconv.inference.serve import APP_NAME, build_app
 
     torch.manual_seed(7)
     cfg = TrainConfig(images="x", masks="y", image_size=32, layer_size=4, run_name="page", phase1_steps=1,
                       phase2_steps=0)
     state = {"model": build_model(4).state_dict(), "optimizer": {}, "scaler": {}, "step": 1, "phase": 1, "epoch": 0,
              "data_seed": 0}
-    directory = ckpt.save(tmp_path_factory.mktemp("ckpt") / "checkpoint_000001", state, cfg.to_yaml(), {"step": 1})
+    directory = checkpoints.save(tmp_path_factory.mktemp("ckpt") / "checkpoint_000001", state, cfg.to_yaml(), {"step": 1})
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:

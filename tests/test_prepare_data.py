@@ -9,8 +9,9 @@ import zipfile
 
 import pytest
 
-from pconv import shards, storage
+from pconv.storage import shards
 
+from pconv.storage import uris
 SCRIPT = "pipelines/prepare_data.py"
 
 
@@ -44,7 +45,7 @@ def test_images_and_masks_to_s3(repo_root, photo_dir, mask_zip, tmp_path, s3_buc
     manifest = shards.read_manifest(dst)
     assert sum(manifest["counts"].values()) == 6
     assert sorted(s["key"] for s in manifest["skipped"]) == ["cut.jpg", "empty.jpg"]
-    assert all(storage.exists(storage.join(dst, s["path"])) for s in manifest["shards"])
+    assert all(uris.exists(uris.join(dst, s["path"])) for s in manifest["shards"])
 
     res = run_cli(repo_root, "masks", mask_zip, f"{s3_bucket}/masks", "--hole-color", "white", "--threshold", "0.6")
     assert res.returncode == 0, res.stderr

@@ -1,5 +1,5 @@
-"""The pyfunc flavour every registered version carries (pconv.pyfunc_model), through a REAL MLflow server:
-``mlflow.pyfunc.load_model(models:/...@candidate).predict(df)`` returns the same composite as pconv.inference,
+"""The pyfunc flavour every registered version carries (pconv.inference.pyfunc), through a REAL MLflow server:
+``mlflow.pyfunc.load_model(models:/...@candidate).predict(df)`` returns the same composite as pconv.inference.inpaint,
 a consumer without this repository loads it from the model's own code/, and a real ``mlflow models serve`` process
 answers a JSON /invocations request."""
 
@@ -24,10 +24,10 @@ from PIL import Image
 
 from conftest import free_port, stop_process
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
-from pconv import registry
-from pconv.config import TrainConfig
-from pconv.inference import inpaint
-from pconv.model import build_model
+from pconv.tracking import registry
+from pconv.core.config import TrainConfig
+from pconv.inference.inpaint import inpaint
+from pconv.core.unet import build_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LAYER_SIZE, IMAGE_SIZE = 4, 32
@@ -73,7 +73,7 @@ def test_pyfunc_round_trip_through_the_registry(registered, mlflow_server):
         loaded = mlflow.pyfunc.load_model(URI)
         meta = loaded.metadata
     assert {"pytorch", "python_function"} <= set(meta.flavors)           # the PyTorch artifacts stay beside it
-    assert meta.flavors["python_function"]["loader_module"] == "pconv.pyfunc_model"
+    assert meta.flavors["python_function"]["loader_module"] == "pconv.inference.pyfunc"
     assert [c.name for c in meta.get_input_schema().inputs] == ["image", "mask", "hole_color"]
     assert meta.saved_input_example_info is not None
     assert isinstance(meta, Model)
@@ -89,7 +89,7 @@ def test_pyfunc_round_trip_through_the_registry(registered, mlflow_server):
         got = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         assert got.shape == photo.shape
         assert np.array_equal(got[hole == 0], photo[hole == 0])          # valid pixels unchanged
-        assert np.array_equal(got, want)                                 # the same composite as pconv.inference
+        assert np.array_equal(got, want)                                 # the same composite as pconv.inference.inpaint
     with pytest.raises(Exception, match="mask"):
         loaded.predict(pd.DataFrame({"image": [png(photo)], "mask": [png(np.zeros((5, 5), np.uint8))]}))
 

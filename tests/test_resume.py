@@ -15,10 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from pconv import checkpoint as ckpt
-from pconv import data, images, train_loop, train_stream
-from pconv import transforms as T
-from pconv.train_stream import DataPosition
+from pconv.tracking import checkpoints
+from pconv.data import stream
+from pconv.core import images
+from pconv.train import loop
+from pconv.data import plan as train_stream
+from pconv.data import transforms
+from pconv.data.plan import DataPosition
+from fault_hooks import fault_hooks
 
 SIZE = 32
 
@@ -70,12 +74,12 @@ def test_position_for_another_group_size_starts_the_next_epoch(caplog):
 
 def _rank_rows(prepared_shards, monkeypatch, start: int, epoch: int = 1, rank: int = 0, world: int = 1):
     """Rank ``rank``'s rows of ``epoch`` from ``start`` on, through the Ray Data task function in-process."""
-    units = data.read_units(prepared_shards["images"], "train")
-    bank = T.load_mask_bank(prepared_shards["masks"])
-    monkeypatch.setattr(data, "_resolve_bank", lambda holder: bank)
+    units = stream.read_units(prepared_shards["images"], "train")
+    bank = transforms.load_mask_bank(prepared_shards["masks"])
+    monkeypatch.setattr(stream, "_resolve_bank", lambda holder: bank)
     todo = train_stream.remaining_units(train_stream.epoch_plan(units, 9, epoch, world)[rank], start)
     block = {k: np.array([u[k] for u in todo]) for k in ("uri", "row_group", "_rand", "pos0", "skip", "lo", "hi")}
-    out = list(data._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=T.derive_seed("train", 9, epoch)))
+    out = list(stream._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=transforms.derive_seed("train", 9, epoch)))
     return {k: np.concatenate([o[k] for o in out]) for k in ("image", "mask", "id", "pos")}
 
 
@@ -83,7 +87,7 @@ def test_the_resumed_stream_equals_the_uninterrupted_tail_without_decoding_the_h
     full = _rank_rows(prepared_shards, monkeypatch, 0)
     n = len(full["id"])
     assert list(full["pos"]) == list(range(n)) and len(set(full["id"].tolist())) == n
-    units = data.read_units(prepared_shards["images"], "train")
+    units = stream.read_units(prepared_shards["images"], "train")
     assert len(units) >= 3 and n == sum(u["rows"] for u in units)
     decoded = []
     real_open = images.open_image
@@ -99,7 +103,7 @@ def test_the_resumed_stream_equals_the_uninterrupted_tail_without_decoding_the_h
 def test_two_ranks_read_disjoint_rows_covering_the_epoch(prepared_shards, monkeypatch):
     r0, r1 = (_rank_rows(prepared_shards, monkeypatch, 0, rank=r, world=2) for r in (0, 1))
     ids = r0["id"].tolist() + r1["id"].tolist()
-    assert len(ids) == len(set(ids)) == sum(u["rows"] for u in data.read_units(prepared_shards["images"], "train"))
+    assert len(ids) == len(set(ids)) == sum(u["rows"] for u in stream.read_units(prepared_shards["images"], "train"))
 
 
 class _FakeStream:
@@ -137,12 +141,12 @@ def test_worker_stream_positions_epochs_and_agreement():
 # The grad scaler across the phase switch and resume (issue 14)
 # ---------------------------------------------------------------------------------------------
 def _ctx(cfg):
-    amp = train_loop.AmpSettings(True, torch.float16, True)
-    return train_loop.WorkerContext(cfg, 0, 1, torch.device("cpu"), amp, None)
+    amp = loop.AmpSettings(True, torch.float16, True)
+    return loop.WorkerContext(cfg, 0, 1, torch.device("cpu"), amp, None)
 
 
 def _cfg(**kw):
-    from pconv.config import TrainConfig
+    from pconv.core.config import TrainConfig
 
     base = dict(images="i", masks="m", image_size=32, batch_size=2, phase1_steps=2, phase2_steps=2,
                 vgg_weights="random")
@@ -151,22 +155,22 @@ def _cfg(**kw):
 
 
 def test_grad_scaler_state_survives_the_phase_switch_and_resume_from_the_switch_checkpoint(monkeypatch):
-    monkeypatch.setattr(train_loop, "prepare_for_training", lambda model, cfg: model)
+    monkeypatch.setattr(loop, "prepare_for_training", lambda model, cfg: model)
     cfg = _cfg()
-    monkeypatch.setattr(train_loop, "_restore", lambda model, cfg: (None, 0, 0))
-    state = train_loop._initial_state(_ctx(cfg))
+    monkeypatch.setattr(loop, "_restore", lambda model, cfg: (None, 0, 0))
+    state = loop._initial_state(_ctx(cfg))
     state.scaler.scale(torch.ones(()))  # the scaler's state exists once it has scaled something
     state.scaler.update(new_scale=512.0)
     scaler = state.scaler
-    train_loop._enter_phase_2(state, cfg)  # uninterrupted: the same scaler, same scale
+    loop._enter_phase_2(state, cfg)  # uninterrupted: the same scaler, same scale
     assert state.scaler is scaler and state.scaler.get_scale() == 512.0
 
     # The checkpoint at the switch (step == phase1_steps) says phase 1; the resumed run is in phase 2.
     saved = {**state.checkpoint_state(0, DataPosition(0, [4], 1)), "phase": 1, "step": 2}
     saved["scaler"] = scaler.state_dict()
     saved["optimizer"] = {"state": {}, "param_groups": []}  # phase 1's: must not be loaded into phase 2's Adam
-    monkeypatch.setattr(train_loop, "_restore", lambda model, cfg: (saved, 2, 0))
-    resumed = train_loop._initial_state(_ctx(cfg))
+    monkeypatch.setattr(loop, "_restore", lambda model, cfg: (saved, 2, 0))
+    resumed = loop._initial_state(_ctx(cfg))
     assert resumed.phase == 2 and resumed.scaler.get_scale() == 512.0
     assert resumed.scaler.state_dict()["_growth_tracker"] == scaler.state_dict()["_growth_tracker"]
     assert resumed.position == DataPosition(0, [4], 1)
@@ -175,43 +179,26 @@ def test_grad_scaler_state_survives_the_phase_switch_and_resume_from_the_switch_
 
 def test_checkpoint_records_the_data_position_in_state_and_meta(tmp_path):
     state = {"model": {}, "step": 3, "data_position": DataPosition(1, [5, 7], 2).to_dict()}
-    ckpt.save(tmp_path, state, "a: 1\n", {"step": 3, "data_position": state["data_position"]})
-    assert ckpt.load_state(tmp_path)["data_position"] == {"epoch": 1, "rows": [5, 7], "world": 2}
-    assert ckpt.load_meta(tmp_path)["data_position"]["rows"] == [5, 7]
+    checkpoints.save(tmp_path, state, "a: 1\n", {"step": 3, "data_position": state["data_position"]})
+    assert checkpoints.load_state(tmp_path)["data_position"] == {"epoch": 1, "rows": [5, 7], "world": 2}
+    assert checkpoints.load_meta(tmp_path)["data_position"]["rows"] == [5, 7]
 
 
 # ---------------------------------------------------------------------------------------------
 # Whole runs: interrupted + resumed == uninterrupted (local Ray, real workers, CPU)
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_hooks(tmp_path_factory):
-    """A local Ray whose workers see PCONV_TEST_HOOKS (set before ray.init: workers inherit the environment)."""
-    import ray
-
-    hooks = tmp_path_factory.mktemp("hooks") / "hooks.json"
-    hooks.write_text("{}")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PCONV_TEST_HOOKS", str(hooks))
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        yield hooks
-        ray.shutdown()
-
-
-def _run(prepared_shards, tmp_path, hooks: Path, name: str, workers: int, crash: dict | None = None, **kw):
+def _run(prepared_shards, tmp_path, name: str, workers: int, crash: dict | None = None, **kw):
     """Train ``name`` (8 steps over ~1.5 epochs, both phases, --deterministic) with sample ids traced."""
-    from pconv.config import TrainConfig
-    from pconv.train import run
+    from pconv.core.config import TrainConfig
+    from pconv.train.driver import run
 
     trace = tmp_path / f"trace-{name}"
     trace.mkdir(exist_ok=True)
-    hooks.write_text(json.dumps({"trace_dir": str(trace), "crash": crash}))
     cfg = TrainConfig(images=prepared_shards["images"], masks=prepared_shards["masks"], image_size=SIZE,
                       batch_size=2 * workers, workers=workers, phase1_steps=4, phase2_steps=4, checkpoint_every=2,
                       val_every=100, sample_every=100, log_every=4, val_size=2, vgg_weights="random",
                       storage=str(tmp_path / "runs"), run_name=name, register_as="", deterministic=True, **kw)
-    return run(cfg), trace
+    return run(cfg, step_hook=fault_hooks(str(trace), crash)), trace
 
 
 def _steps(trace: Path, workers: int) -> dict[int, list]:
@@ -225,9 +212,9 @@ def _steps(trace: Path, workers: int) -> dict[int, list]:
 
 
 def _final_model(tmp_path, name: str) -> dict[str, torch.Tensor]:
-    found = ckpt.latest(str(tmp_path / "runs" / name))
+    found = checkpoints.latest(str(tmp_path / "runs" / name))
     assert found and found[1]["step"] == 8
-    return ckpt.load_state(found[0])["model"]
+    return checkpoints.load_state(found[0])["model"]
 
 
 def _assert_same_run(tmp_path, a: str, b: str, trace_a: Path, trace_b: Path, workers: int) -> None:
@@ -240,14 +227,14 @@ def _assert_same_run(tmp_path, a: str, b: str, trace_a: Path, trace_b: Path, wor
 
 
 @pytest.mark.slow
-def test_a_killed_job_resubmitted_ends_like_an_uninterrupted_run(prepared_shards, tmp_path, ray_hooks, monkeypatch):
+def test_a_killed_job_resubmitted_ends_like_an_uninterrupted_run(prepared_shards, tmp_path, ray_local, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    _, trace_a = _run(prepared_shards, tmp_path, ray_hooks, "whole", 1)
+    _, trace_a = _run(prepared_shards, tmp_path, "whole", 1)
     crash = {"rank": 0, "step": 4, "marker": str(tmp_path / "crashed-job")}
     with pytest.raises(Exception):  # noqa: B017 - the job dies (no restarts allowed): whatever Ray raises
-        _run(prepared_shards, tmp_path, ray_hooks, "killed", 1, crash=crash, max_failures=0)
-    assert Path(crash["marker"]).exists() and ckpt.latest(str(tmp_path / "runs" / "killed"))[1]["step"] == 4
-    resumed, trace_b = _run(prepared_shards, tmp_path, ray_hooks, "killed", 1, crash=crash, max_failures=0)
+        _run(prepared_shards, tmp_path, "killed", 1, crash=crash, max_failures=0)
+    assert Path(crash["marker"]).exists() and checkpoints.latest(str(tmp_path / "runs" / "killed"))[1]["step"] == 4
+    resumed, trace_b = _run(prepared_shards, tmp_path, "killed", 1, crash=crash, max_failures=0)
     assert resumed.status == "finished" and resumed.step == 8
     _assert_same_run(tmp_path, "whole", "killed", trace_a, trace_b, 1)
 
@@ -256,13 +243,13 @@ def test_a_killed_job_resubmitted_ends_like_an_uninterrupted_run(prepared_shards
 def corrupt_images(prepared_shards, tmp_path_factory) -> str:
     """prepared_shards' images with 2 corrupt rows added to each train shard (the val split as is): a 2-worker run
     drops rows on both ranks, so its ``data/skipped`` must be their sum."""
-    from pconv import shards, storage
-
+    from pconv.storage import shards
+    from pconv.storage import uris
     src = prepared_shards["images"]
     manifest = shards.read_manifest(src)
     root, entries = str(tmp_path_factory.mktemp("corrupt") / "images"), []
     for i, entry in enumerate(manifest["shards"]):
-        rows = shards.read_table([storage.join(src, entry["path"])], shards.IMAGE_SCHEMA.names).to_pylist()
+        rows = shards.read_table([uris.join(src, entry["path"])], shards.IMAGE_SCHEMA.names).to_pylist()
         if entry["split"] == "train":
             rows.insert(1, {**rows[0], "key": f"bad/{i}-truncated", "image": rows[0]["image"][:200]})
             rows.append({**rows[0], "key": f"bad/{i}-garbage.png", "image": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40})
@@ -273,22 +260,22 @@ def corrupt_images(prepared_shards, tmp_path_factory) -> str:
         entries += writer.shards
     counts = {s: sum(e["rows"] for e in entries if e["split"] == s) for s in shards.SPLITS}
     manifest = {**manifest, "shards": entries, "counts": counts}
-    storage.write_bytes_atomic(storage.join(root, shards.MANIFEST), json.dumps(manifest).encode())
+    uris.write_bytes_atomic(uris.join(root, shards.MANIFEST), json.dumps(manifest).encode())
     return root
 
 
 @pytest.mark.slow
 def test_a_lost_worker_restarted_by_ray_ends_like_an_uninterrupted_run(prepared_shards, corrupt_images, tmp_path,
-                                                                       ray_hooks, monkeypatch):
+                                                                       ray_local, monkeypatch):
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     inputs = {**prepared_shards, "images": corrupt_images}  # corrupt rows on both ranks (data/skipped below)
-    whole, trace_a = _run(inputs, tmp_path, ray_hooks, "whole2", 2)
+    whole, trace_a = _run(inputs, tmp_path, "whole2", 2)
     crash = {"rank": 1, "step": 4, "marker": str(tmp_path / "crashed-worker")}
-    summary, trace_b = _run(inputs, tmp_path, ray_hooks, "lost2", 2, crash=crash, max_failures=1)
+    summary, trace_b = _run(inputs, tmp_path, "lost2", 2, crash=crash, max_failures=1)
     assert Path(crash["marker"]).exists() and summary.status == "finished" and summary.step == 8
-    meta = ckpt.load_meta(ckpt.latest(str(tmp_path / "runs" / "lost2"))[0])
+    meta = checkpoints.load_meta(checkpoints.latest(str(tmp_path / "runs" / "lost2"))[0])
     assert meta["data_position"]["world"] == 2 and len(meta["data_position"]["rows"]) == 2
     _assert_same_run(tmp_path, "whole2", "lost2", trace_a, trace_b, 2)
     # data/skipped (logged by rank 0) is the corrupt rows the batches of BOTH ranks carried, summed over the run
@@ -301,10 +288,9 @@ def test_a_lost_worker_restarted_by_ray_ends_like_an_uninterrupted_run(prepared_
 
 
 def test_val_pairs_read_and_decode_only_the_rows_they_use(prepared_shards, monkeypatch):
-    from pconv import shards
-
+    from pconv.storage import shards
     images_uri, masks_uri = prepared_shards["images"], prepared_shards["masks"]
-    everything = data.load_val_pairs(images_uri, masks_uri, SIZE)
+    everything = stream.load_val_pairs(images_uri, masks_uri, SIZE)
     assert len(everything["keys"]) >= 3
     decoded, image_rows = [], []
     real_open, real_read = images.open_image, shards.read_row_group
@@ -317,10 +303,10 @@ def test_val_pairs_read_and_decode_only_the_rows_they_use(prepared_shards, monke
         return table
 
     monkeypatch.setattr(shards, "read_row_group", read)
-    first = data.load_val_pairs(images_uri, masks_uri, SIZE, limit=1)
+    first = stream.load_val_pairs(images_uri, masks_uri, SIZE, limit=1)
     assert first["keys"] == everything["keys"][:1] and len(decoded) == 1
     np.testing.assert_array_equal(first["image"][0], everything["image"][0])
-    units = data.read_units(images_uri, "val")
+    units = stream.read_units(images_uri, "val")
     holding = [u for u in units
                if everything["keys"][0] in real_read(u["uri"], u["row_group"], ["key"]).column("key").to_pylist()]
     assert len(image_rows) == 1 and image_rows[0] <= holding[0]["rows"]  # one row group's bytes, not the split's

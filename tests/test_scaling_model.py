@@ -37,7 +37,7 @@ def test_architecture_table_is_the_papers(sm):
 
 
 def test_parameter_count_matches_the_real_model(sm):
-    from pconv.model import build_model
+    from pconv.core.unet import build_model
 
     for layer_size in (5, 8):
         model = build_model(layer_size)
@@ -49,8 +49,8 @@ def test_step_flops_match_torch_flop_counter_on_the_real_model_and_loss(sm):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pconv.losses import InpaintingLoss, VGG16FeatureExtractor
-    from pconv.model import build_model
+    from pconv.core.losses import InpaintingLoss, VGG16FeatureExtractor
+    from pconv.core.unet import build_model
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

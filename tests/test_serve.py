@@ -1,4 +1,4 @@
-"""pconv.serve on a REAL local Ray + Serve, serving a tiny random model registered on a REAL MLflow server:
+"""pconv.inference.serve on a REAL local Ray + Serve, serving a tiny random model registered on a REAL MLflow server:
 POST /inpaint with a real photo and an NVIDIA test mask (valid pixels unchanged, holes filled), bad inputs -> 4xx
 naming the problem, 40 concurrent requests all answered 200 or 503 (bounded queues, no hang), and moving the
 ``champion`` alias switches the answering version without failing requests. Starts Ray: run under the Ray lock
@@ -20,9 +20,9 @@ from PIL import Image
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
-from pconv import registry
-from pconv.config import TrainConfig
-from pconv.model import build_model
+from pconv.tracking import registry
+from pconv.core.config import TrainConfig
+from pconv.core.unet import build_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LAYER_SIZE, IMAGE_SIZE, SIDE = 4, 32, 512
@@ -61,7 +61,7 @@ def served(mlflow_server, tmp_path_factory):
     from mlflow import MlflowClient
     from ray import serve
 
-    from pconv.serve import APP_NAME, build_app
+    from pconv.inference.serve import APP_NAME, build_app
 
     v1 = register_tiny(1, alias=None)
     v2 = register_tiny(2, alias=None)
@@ -183,7 +183,7 @@ def test_an_sr_model_is_served_on_post_super_resolve(served, photo_and_mask):
     the LR pixels exact; each route answers 409 naming the other when the model is of the other task."""
     from ray import serve
 
-    from pconv.serve import build_app
+    from pconv.inference.serve import build_app
 
     torch.manual_seed(3)
     cfg = TrainConfig(images="x", task="sr", sr_scale=2, image_size=IMAGE_SIZE, layer_size=LAYER_SIZE,

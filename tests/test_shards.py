@@ -1,4 +1,4 @@
-"""pconv.ingest + pconv.shards: ingestion of real photos / NVIDIA masks (broken files mixed in) into Parquet shards + manifest,
+"""pconv.ingest.local + pconv.storage.shards: ingestion of real photos / NVIDIA masks (broken files mixed in) into Parquet shards + manifest,
 locally and on a real moto S3 server."""
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pconv import masks as M
-from pconv import images, ingest, shards, storage
-
+from pconv.core import masks
+from pconv.core import images
+from pconv.ingest import local
+from pconv.storage import shards
+from pconv.storage import uris
 BROKEN = {  # file name -> substring expected in its skip reason
     "broken/truncated.jpg": "truncated",
     "broken/notanimage.jpg": "not a readable image",
@@ -58,7 +60,7 @@ def _read_rows(root: str, manifest: dict, split: str | None = None) -> list[dict
     rows = []
     for s in manifest["shards"]:
         if split is None or s["split"] == split:
-            fs, path = storage.get_filesystem(storage.join(root, s["path"]))
+            fs, path = uris.get_filesystem(uris.join(root, s["path"]))
             table = pq.read_table(path, filesystem=fs)
             assert table.num_rows == s["rows"]
             rows += table.to_pylist()
@@ -72,12 +74,12 @@ def test_ingest_images_with_broken_files(where, photo_dir, tmp_path, request):
                   and p.relative_to(src).as_posix() not in BROKEN)
     if where == "s3":
         bucket = request.getfixturevalue("s3_bucket")
-        storage.upload_dir(str(src), f"{bucket}/raw/photos")
+        uris.upload_dir(str(src), f"{bucket}/raw/photos")
         src_uri, dst = f"{bucket}/raw/photos", f"{bucket}/shards/images"
     else:
         src_uri, dst = str(src), str(tmp_path / "dst")
 
-    summary = ingest.ingest_images(src_uri, dst, val_fraction=0.3, shard_size_mb=1.0, progress=False)
+    summary = local.ingest_images(src_uri, dst, val_fraction=0.3, shard_size_mb=1.0, progress=False)
 
     manifest = shards.read_manifest(dst)
     assert manifest["schema_version"] == shards.SCHEMA_VERSION and manifest["kind"] == "images"
@@ -111,7 +113,7 @@ def test_ingest_images_with_broken_files(where, photo_dir, tmp_path, request):
 
 def test_max_side_reencodes_only_large_images(photo_dir, tmp_path):
     dst = str(tmp_path / "dst")
-    ingest.ingest_images(str(photo_dir), dst, val_fraction=0.0, max_side=300, progress=False)
+    local.ingest_images(str(photo_dir), dst, val_fraction=0.0, max_side=300, progress=False)
     manifest = shards.read_manifest(dst)
     assert manifest["counts"] == {"train": 16, "val": 0} and manifest["options"]["max_side"] == 300
     for row in _read_rows(dst, manifest):
@@ -124,7 +126,7 @@ def test_max_side_reencodes_only_large_images(photo_dir, tmp_path):
 
 def test_rerun_replaces_shards_and_removes_stale_ones(photo_dir, tmp_path):
     dst = tmp_path / "dst"
-    ingest.ingest_images(str(photo_dir), str(dst), val_fraction=0.25, shard_size_mb=1.0, progress=False)
+    local.ingest_images(str(photo_dir), str(dst), val_fraction=0.25, shard_size_mb=1.0, progress=False)
     first = shards.read_manifest(str(dst))
     # An orphan from a run that died before writing its manifest:
     orphan = dst / "train" / shards.shard_name(0, "19990101T000000-dead00")
@@ -132,7 +134,7 @@ def test_rerun_replaces_shards_and_removes_stale_ones(photo_dir, tmp_path):
     unrelated = dst / "notes.txt"
     unrelated.write_text("user file")
 
-    summary = ingest.ingest_images(str(photo_dir), str(dst), val_fraction=0.25, shard_size_mb=4.0, progress=False)
+    summary = local.ingest_images(str(photo_dir), str(dst), val_fraction=0.25, shard_size_mb=4.0, progress=False)
     second = shards.read_manifest(str(dst))
     assert second["run_id"] != first["run_id"]
     assert second["counts"] == first["counts"]
@@ -158,7 +160,7 @@ def _mask_zip_with_broken(mask_zip: Path, dest: Path) -> Path:
 def test_ingest_nvidia_masks_bins_border_polarity(mask_zip, tmp_path):
     src = _mask_zip_with_broken(mask_zip, tmp_path / "masks.zip")
     dst = str(tmp_path / "dst")
-    summary = ingest.ingest_masks(str(src), dst, hole_color="white", progress=False)
+    summary = local.ingest_masks(str(src), dst, hole_color="white", progress=False)
     manifest = shards.read_manifest(dst)
     assert manifest["kind"] == "masks" and manifest["counts"] == {"train": 60, "val": 0} == summary.counts
     reasons = {s["key"]: s["reason"] for s in manifest["skipped"]}
@@ -173,7 +175,7 @@ def test_ingest_nvidia_masks_bins_border_polarity(mask_zip, tmp_path):
             # README facts: block b = files b*1000..; bin k = blocks 2k, 2k+1; odd blocks touch the border band
             assert row["bin"] == number // 2000, row["key"]
             assert row["border"] == bool((number // 1000) % 2), row["key"]
-            stored = M.decode_stored_mask(row["mask"])
+            stored = masks.decode_stored_mask(row["mask"])
             original = np.asarray(Image.open(io.BytesIO(zf.read(row["key"]))).convert("L"))
             np.testing.assert_array_equal(stored, (original < 128).astype(np.uint8))  # white = hole -> 0
             assert stored.shape == (row["height"], row["width"]) == (512, 512)
@@ -184,38 +186,38 @@ def test_ingest_nvidia_masks_bins_border_polarity(mask_zip, tmp_path):
 
 def test_black_hole_color_inverts_polarity(mask_zip, tmp_path):
     white, black = str(tmp_path / "w"), str(tmp_path / "b")
-    ingest.ingest_masks(str(mask_zip), white, hole_color="white", progress=False)
-    ingest.ingest_masks(str(mask_zip), black, hole_color="black", val_fraction=0.5, progress=False,
+    local.ingest_masks(str(mask_zip), white, hole_color="white", progress=False)
+    local.ingest_masks(str(mask_zip), black, hole_color="black", val_fraction=0.5, progress=False,
                         force=True)  # inverted NVIDIA masks are refused without force (tests/test_bad_input_ingest.py)
     w = {r["key"]: r for r in _read_rows(white, shards.read_manifest(white))}
     b = {r["key"]: r for r in _read_rows(black, shards.read_manifest(black))}
     assert w.keys() == b.keys()
     assert {r["split"] for r in b.values()} == {"train", "val"}
     for key in list(w)[:10]:
-        np.testing.assert_array_equal(M.decode_stored_mask(w[key]["mask"]), 1 - M.decode_stored_mask(b[key]["mask"]))
+        np.testing.assert_array_equal(masks.decode_stored_mask(w[key]["mask"]), 1 - masks.decode_stored_mask(b[key]["mask"]))
         assert abs(w[key]["hole_ratio"] + b[key]["hole_ratio"] - 1.0) < 1e-6
 
 
 def test_generate_masks_is_balanced_and_reproducible(tmp_path, s3_bucket):
     a, b, c = f"{s3_bucket}/gen-a", str(tmp_path / "gen-b"), str(tmp_path / "gen-c")
-    ingest.generate_masks(12, a, size=96, seed=7, progress=False)
-    ingest.generate_masks(12, b, size=96, seed=7, progress=False)
-    ingest.generate_masks(12, c, size=96, seed=8, progress=False)
+    local.generate_masks(12, a, size=96, seed=7, progress=False)
+    local.generate_masks(12, b, size=96, seed=7, progress=False)
+    local.generate_masks(12, c, size=96, seed=8, progress=False)
     ra = sorted(_read_rows(a, shards.read_manifest(a)), key=lambda r: r["key"])
     rb = sorted(_read_rows(b, shards.read_manifest(b)), key=lambda r: r["key"])
     rc = sorted(_read_rows(c, shards.read_manifest(c)), key=lambda r: r["key"])
     assert len(ra) == 12 and [r["mask"] for r in ra] == [r["mask"] for r in rb]
     assert [r["mask"] for r in ra] != [r["mask"] for r in rc]
     for i, row in enumerate(ra):
-        mask = M.decode_stored_mask(row["mask"])
+        mask = masks.decode_stored_mask(row["mask"])
         assert mask.shape == (96, 96) and set(np.unique(mask)) <= {0, 1}
-        assert row["bin"] == i % 6 == M.ratio_bin(M.hole_ratio(mask))
+        assert row["bin"] == i % 6 == masks.ratio_bin(masks.hole_ratio(mask))
         assert row["border"] == bool((i // 6) % 2)
 
 
 def test_read_manifest_checks_the_kind_and_is_dataset_root_finds_manifests(tmp_path, mask_zip):
     root = str(tmp_path / "gen")
-    ingest.generate_masks(3, root, size=64, progress=False)
+    local.generate_masks(3, root, size=64, progress=False)
     assert shards.read_manifest(root, kind=shards.MASKS_KIND)["kind"] == shards.MASKS_KIND
     with pytest.raises(ValueError, match="manifest kind is 'masks', expected 'images'"):
         shards.read_manifest(root, kind=shards.IMAGES_KIND)
@@ -225,7 +227,7 @@ def test_read_manifest_checks_the_kind_and_is_dataset_root_finds_manifests(tmp_p
 
 def test_split_is_stable_across_processes():
     keys = [f"dir{i % 7}/img_{i:05d}.jpg" for i in range(4000)]
-    code = ("import sys, json; from pconv.shards import split_of; "
+    code = ("import sys, json; from pconv.storage.shards import split_of; "
             "print(json.dumps([split_of(k, 0.1) for k in json.load(sys.stdin)]))")
     outs = []
     for seed in ("1", "2"):
@@ -239,27 +241,27 @@ def test_split_is_stable_across_processes():
 
 def test_errors_before_any_work(photo_dir, tmp_path, s3_server):
     dst = tmp_path / "dst"
-    with pytest.raises(ingest.IngestError, match="does not exist"):
-        ingest.ingest_images(str(tmp_path / "missing"), str(dst), progress=False)
-    with pytest.raises(ingest.IngestError, match="does not exist"):
-        ingest.ingest_masks(str(tmp_path / "missing.zip"), str(dst), hole_color="white", progress=False)
-    with pytest.raises(ingest.IngestError, match="does not exist"):
-        ingest.ingest_images("s3://no-such-bucket-abc/photos", str(dst), progress=False)
+    with pytest.raises(local.IngestError, match="does not exist"):
+        local.ingest_images(str(tmp_path / "missing"), str(dst), progress=False)
+    with pytest.raises(local.IngestError, match="does not exist"):
+        local.ingest_masks(str(tmp_path / "missing.zip"), str(dst), hole_color="white", progress=False)
+    with pytest.raises(local.IngestError, match="does not exist"):
+        local.ingest_images("s3://no-such-bucket-abc/photos", str(dst), progress=False)
     assert not dst.exists()
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    with pytest.raises(ingest.IngestError, match="not writable|not a directory"):
-        ingest.ingest_images(str(photo_dir), str(blocker / "sub"), progress=False)
-    with pytest.raises(ingest.IngestError, match="not writable"):
-        ingest.ingest_images(str(photo_dir), "s3://no-such-bucket-abc/out", progress=False)
-    with pytest.raises(ingest.IngestError, match="hole-color"):
-        ingest.ingest_masks(str(photo_dir), str(dst), hole_color="grey", progress=False)
-    with pytest.raises(ingest.IngestError, match="val-fraction"):
-        ingest.ingest_images(str(photo_dir), str(dst), val_fraction=1.5, progress=False)
+    with pytest.raises(local.IngestError, match="not writable|not a directory"):
+        local.ingest_images(str(photo_dir), str(blocker / "sub"), progress=False)
+    with pytest.raises(local.IngestError, match="not writable"):
+        local.ingest_images(str(photo_dir), "s3://no-such-bucket-abc/out", progress=False)
+    with pytest.raises(local.IngestError, match="hole-color"):
+        local.ingest_masks(str(photo_dir), str(dst), hole_color="grey", progress=False)
+    with pytest.raises(local.IngestError, match="val-fraction"):
+        local.ingest_images(str(photo_dir), str(dst), val_fraction=1.5, progress=False)
     not_zip = tmp_path / "fake.zip"
     not_zip.write_text("not a zip")
-    with pytest.raises(ingest.IngestError, match="not a readable zip"):
-        ingest.ingest_masks(str(not_zip), str(dst), hole_color="white", progress=False)
+    with pytest.raises(local.IngestError, match="not a readable zip"):
+        local.ingest_masks(str(not_zip), str(dst), hole_color="white", progress=False)
     assert not dst.exists()
 
 
@@ -268,11 +270,11 @@ def test_row_group_reads_fetch_each_footer_once_per_shard_version(photo_dir, tmp
     shard, and again only if the file at that URI changed (re-ingested under the same name: another size)."""
     root = str(tmp_path / "images")
     monkeypatch.setattr(shards, "_ROW_GROUP_BYTES", 400_000)  # a few rows per group at this test's sizes
-    ingest.ingest_images(str(photo_dir), root, val_fraction=0.0, progress=False)
+    local.ingest_images(str(photo_dir), root, val_fraction=0.0, progress=False)
     manifest = shards.read_manifest(root)
     entry = max(manifest["shards"], key=lambda e: len(e["row_groups"]))
     assert len(entry["row_groups"]) >= 2
-    uri = storage.join(root, entry["path"])
+    uri = uris.join(root, entry["path"])
     footer_reads = []
     real = pq.read_metadata
     monkeypatch.setattr(pq, "read_metadata", lambda *a, **k: footer_reads.append(a) or real(*a, **k))

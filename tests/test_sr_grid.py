@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from pconv import sr_grid
-
-
+from pconv.core import sr_grid
 @pytest.mark.parametrize("scale", [2, 4])
 def test_grid_holds_one_valid_pixel_per_lr_pixel_at_the_offset(scale):
     h, w = 8 * scale, 5 * scale

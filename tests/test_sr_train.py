@@ -1,7 +1,7 @@
 """Super-resolution TRAINING (``task: sr``, issue 18; paper Sec. 5): the pairs the data pipeline builds from an HR
 crop (the crop is the truth, the grid mask is exact, ``lr`` is the crop downsampled with Pillow bicubic), the net's
 input (the LR canvas, not ``image * mask``), batching-independent rows (what exact resume relies on), the config
-keys and their errors, and — end to end on Ray — a tiny SR training through ``pconv.train.run`` that registers
+keys and their errors, and — end to end on Ray — a tiny SR training through ``pconv.train.driver.run`` that registers
 ``pconv-sr`` (alias ``candidate``) with its task and scale recorded in the checkpoint, the version's tags and the
 model metadata.
 """
@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pconv import images
-from pconv import transforms as T
-from pconv.config import ConfigError, TrainConfig
-from pconv.model_inputs import to_float_batch
-from pconv.sr_grid import take_from_grid
+from pconv.core import images
+from pconv.data import transforms
+from pconv.core.config import ConfigError, TrainConfig
+from pconv.data.inputs import to_float_batch
+from pconv.core.sr_grid import take_from_grid
 
 SIZE = 32
 
@@ -43,7 +43,7 @@ def hwc(chw: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("scale", [2, 4])
 def test_sr_training_rows_truth_grid_and_lr(scale):
     rows = photo_rows()
-    out = T.train_transform(rows, image_size=SIZE, base_seed=7, bank=T.SRPairs(scale))
+    out = transforms.train_transform(rows, image_size=SIZE, base_seed=7, bank=transforms.SRPairs(scale))
     n, lr_side = 3, SIZE // scale
     assert out["image"].shape == (n, 3, SIZE, SIZE) and out["image"].dtype == np.uint8
     assert out["mask"].shape == (n, 1, SIZE, SIZE) and out["mask"].dtype == np.uint8
@@ -55,7 +55,7 @@ def test_sr_training_rows_truth_grid_and_lr(scale):
         assert mask[off::scale, off::scale].all()
         # the HR truth is the training crop itself (same seeded crop + flip as inpainting rows)
         rng = np.random.default_rng([7, int(float(rows["_rand"][i]) * 2**53)])
-        crop = T.random_crop_flip(images.open_image(rows["image"][i], draft_size=SIZE), SIZE, rng)
+        crop = transforms.random_crop_flip(images.open_image(rows["image"][i], draft_size=SIZE), SIZE, rng)
         np.testing.assert_array_equal(hwc(out["image"][i]), crop)
         # lr is that crop downsampled with the one SR filter (Pillow bicubic, antialiased)
         np.testing.assert_array_equal(hwc(out["lr"][i]), images.downsample(crop, scale))
@@ -67,8 +67,8 @@ def test_sr_training_rows_truth_grid_and_lr(scale):
 def test_sr_rows_do_not_depend_on_batching_so_resume_is_exact():
     rows = photo_rows(4, seed=3)
     rows["pos"] = np.arange(10, 14)
-    whole = T.train_transform(rows, image_size=SIZE, base_seed=1, bank=T.SRPairs(4))
-    halves = [T.train_transform({k: v[s] for k, v in rows.items()}, image_size=SIZE, base_seed=1, bank=T.SRPairs(4))
+    whole = transforms.train_transform(rows, image_size=SIZE, base_seed=1, bank=transforms.SRPairs(4))
+    halves = [transforms.train_transform({k: v[s] for k, v in rows.items()}, image_size=SIZE, base_seed=1, bank=transforms.SRPairs(4))
               for s in (slice(0, 1), slice(1, 4))]
     for key in ("image", "mask", "lr", "id", "pos"):
         np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
@@ -76,19 +76,19 @@ def test_sr_rows_do_not_depend_on_batching_so_resume_is_exact():
 
 def test_sr_validation_rows_are_the_centre_crop_on_the_grid():
     rows = photo_rows(2)
-    pairs = T.SRPairs(2)
-    out = T.val_transform({"key": rows["key"], "image": rows["image"]}, image_size=SIZE, bank=pairs,
-                          pairing=T.val_pairing(list(rows["key"]), len(pairs)))
+    pairs = transforms.SRPairs(2)
+    out = transforms.val_transform({"key": rows["key"], "image": rows["image"]}, image_size=SIZE, bank=pairs,
+                          pairing=transforms.val_pairing(list(rows["key"]), len(pairs)))
     for i in range(2):
         crop = images.center_crop(images.open_image(rows["image"][i], draft_size=SIZE), SIZE)
         np.testing.assert_array_equal(hwc(out["image"][i]), crop)
         np.testing.assert_array_equal(hwc(out["lr"][i]), images.downsample(crop, 2))
         assert int(out["mask"][i].sum()) == (SIZE // 2) ** 2
-    assert pairs.keys == ["sr-grid-x2"] and list(pairs.bins) == [-1] and T.load_mask_bank(pairs) is pairs
+    assert pairs.keys == ["sr-grid-x2"] and list(pairs.bins) == [-1] and transforms.load_mask_bank(pairs) is pairs
 
 
 def test_the_net_input_is_the_lr_canvas_not_the_masked_image():
-    out = T.train_transform(photo_rows(2), image_size=SIZE, base_seed=0, bank=T.SRPairs(4))
+    out = transforms.train_transform(photo_rows(2), image_size=SIZE, base_seed=0, bank=transforms.SRPairs(4))
     batch = to_float_batch({k: torch.from_numpy(v) for k, v in out.items()})
     x, mask, image = batch["input"], batch["mask"], batch["image"]
     lr = torch.from_numpy(out["lr"]).float() / 255.0
@@ -101,7 +101,7 @@ def test_the_net_input_is_the_lr_canvas_not_the_masked_image():
 
 
 def test_sr_config_keys_defaults_errors_and_registered_name(tmp_path):
-    from pconv.train import registered_name
+    from pconv.train.driver import registered_name
 
     sr = TrainConfig(images="i", image_size=SIZE, task="sr").validate()
     assert (sr.task, sr.sr_scale) == ("sr", 4) and registered_name(sr) == "pconv-sr"  # no masks needed
@@ -123,13 +123,8 @@ def test_sr_config_keys_defaults_errors_and_registered_name(tmp_path):
 
 
 def test_train_cli_has_the_sr_flags_and_rejects_scale_3(capsys):
-    import importlib.util
-    from pathlib import Path
+    from pconv.commands import train as cli
 
-    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).resolve().parents[1] / "pipelines" /
-                                                  "train.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     text = " ".join(cli.build_parser().format_help().split())
     assert "--task TASK inpainting (holes from the mask shards) or sr" in text
     assert "--sr-scale SR_SCALE upscaling factor K of task: sr, one of 2, 4" in text
@@ -138,15 +133,15 @@ def test_train_cli_has_the_sr_flags_and_rejects_scale_3(capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# End to end: pconv.train.run on a real local Ray cluster, MLflow in a local sqlite store
+# End to end: pconv.train.driver.run on a real local Ray cluster, MLflow in a local sqlite store
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.integration
 def test_tiny_sr_training_registers_pconv_sr_with_task_and_scale(prepared_shards, tmp_path, monkeypatch, ray_local):
     from mlflow import MlflowClient
 
-    from pconv import checkpoint as ckpt
-    from pconv.train import run
+    from pconv.tracking import checkpoints
+    from pconv.train.driver import run
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
@@ -159,9 +154,9 @@ def test_tiny_sr_training_registers_pconv_sr_with_task_and_scale(prepared_shards
     assert (summary.model_name, summary.model_version) == ("pconv-sr", "1")  # register_as auto -> pconv-sr
 
     directory = max((tmp_path / "runs" / "sr").glob("checkpoint_*"))
-    saved = TrainConfig.from_dict(ckpt.load_config_dict(directory))
+    saved = TrainConfig.from_dict(checkpoints.load_config_dict(directory))
     assert (saved.task, saved.sr_scale, saved.masks, saved.register_as) == ("sr", 4, "", "pconv-sr")
-    assert ckpt.load_meta(directory)["step"] == 4
+    assert checkpoints.load_meta(directory)["step"] == 4
 
     client = MlflowClient(tracking)
     version = client.get_model_version_by_alias("pconv-sr", "candidate")
@@ -176,8 +171,8 @@ def test_tiny_sr_training_registers_pconv_sr_with_task_and_scale(prepared_shards
     assert "task: sr (x4 super-resolution, paper Sec. 5)" in open(card).read()
 
     # use: super_resolve.py on the registered version gives a 4x larger image with the LR pixels exact
-    import pipelines.evaluate as evaluate_cli
-    import pipelines.super_resolve as sr_cli
+    import pconv.commands.evaluate as evaluate_cli
+    import pconv.commands.super_resolve as sr_cli
 
     lr = np.random.default_rng(9).integers(0, 256, (12, 20, 3), dtype=np.uint8)
     Image.fromarray(lr).save(tmp_path / "lr.png")

@@ -1,6 +1,6 @@
-"""Super-resolution USE (issue 18; paper Sec. 5): ``pconv.super_resolution`` (LR -> K-times larger composite with
+"""Super-resolution USE (issue 18; paper Sec. 5): ``pconv.inference.super_resolve`` (LR -> K-times larger composite with
 the LR pixels exact at their grid positions, any size, tiles), the task / scale / size checks and their messages,
-the CLI ``pipelines/super_resolve.py``, the pyfunc flavour of an SR model, and ``pconv.sr_evaluation`` (PSNR /
+the CLI ``pipelines/super_resolve.py``, the pyfunc flavour of an SR model, and ``pconv.evaluation.sr`` (PSNR /
 SSIM on Y and RGB against bicubic upsampling, on real photos).
 """
 
@@ -15,14 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pconv import checkpoint as ckpt
-from pconv import images, sr_evaluation
-from pconv.config import TrainConfig
-from pconv.loading import load_model
-from pconv.model import build_model
-from pconv.pyfunc_model import BadInput, PConvPyfunc
-from pconv.sr_grid import take_from_grid
-from pconv.super_resolution import check_size, resolve_scale, super_resolve, super_resolve_file
+from pconv.tracking import checkpoints
+from pconv.core import images
+from pconv.evaluation import sr as sr_evaluation
+from pconv.core.config import TrainConfig
+from pconv.tracking.loading import load_model
+from pconv.core.unet import build_model
+from pconv.inference.pyfunc import BadInput, PConvPyfunc
+from pconv.core.sr_grid import take_from_grid
+from pconv.inference.super_resolve import check_size, resolve_scale, super_resolve, super_resolve_file
 
 LAYER_SIZE = 4  # tiny net: inputs padded to a multiple of 16
 
@@ -38,7 +39,7 @@ def save_checkpoint(directory: Path, task: str = "sr", scale: int = 4, seed: int
                       layer_size=LAYER_SIZE, run_name="tiny", phase1_steps=1, phase2_steps=0)
     state = {"model": tiny_model(seed).state_dict(), "optimizer": {}, "scaler": {}, "step": 1, "phase": 1,
              "epoch": 0, "data_seed": 0}
-    return ckpt.save(directory, state, cfg.to_yaml(), {"mlflow_run_id": None, "step": 1})
+    return checkpoints.save(directory, state, cfg.to_yaml(), {"mlflow_run_id": None, "step": 1})
 
 
 def lr_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -93,7 +94,7 @@ def test_scale_and_size_checks_name_what_is_wrong():
 
 
 def test_cli_super_resolves_a_file_and_refuses_bad_requests(tmp_path, capsys):
-    import pipelines.super_resolve as cli
+    import pconv.commands.super_resolve as cli
 
     model_dir = save_checkpoint(tmp_path / "sr4" / "checkpoint_000001", scale=4)
     lr = lr_image(20, 30, seed=5)
@@ -121,7 +122,7 @@ def test_cli_super_resolves_a_file_and_refuses_bad_requests(tmp_path, capsys):
 
 
 def test_an_sr_model_is_refused_by_inpainting_with_a_pointer_to_super_resolve(tmp_path):
-    from pconv.inference import inpaint_files
+    from pconv.inference.inpaint import inpaint_files
 
     model_dir = save_checkpoint(tmp_path / "sr" / "checkpoint_000001", scale=2)
     model, info = load_model(str(model_dir))
@@ -180,7 +181,7 @@ def test_sr_evaluation_run_reports_y_headline_and_rejects_bad_sizes(tmp_path, ph
 
 
 def test_streamed_sr_evaluation_equals_the_in_memory_one_and_counts_unreadable_files(tmp_path, photo_dir):
-    from pconv.eval_data import load_images
+    from pconv.evaluation.inputs import load_images
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""pconv.tracking against a REAL mlflow server (artifacts proxied to the moto S3 server) and a dead port."""
+"""pconv.tracking.runs against a REAL mlflow server (artifacts proxied to the moto S3 server) and a dead port."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from PIL import Image
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
-from pconv import checkpoint, tracking
-from pconv.config import TrainConfig
+from pconv.tracking import checkpoints
+from pconv.tracking import runs as tracking
+from pconv.core.config import TrainConfig
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +131,7 @@ def test_tracker_logs_params_metrics_and_sample_grids(mlflow_server, tmp_path):
     tracker = tracking.Tracker(run_id, policy=FAST)
     cfg = TrainConfig(images="s3://b/img", masks="s3://b/masks", image_size=64, phase1_steps=3, phase2_steps=1)
     tracker.log_params(tracking.run_params(cfg, {"cluster": {"workers": 2, "gpu": "none"}},
-                                           versions=checkpoint.versions()))
+                                           versions=checkpoints.versions()))
     for step in range(3):
         tracker.log_metrics({"loss/total": 1.0 / (step + 1), "lr": 2e-4, "phase": 1}, step=step)
     n, h, w = 2, 16, 16
@@ -169,7 +170,7 @@ def test_tracker_logs_params_metrics_and_sample_grids(mlflow_server, tmp_path):
 def test_unreachable_server_never_raises(caplog, monkeypatch):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    caplog.set_level(logging.WARNING, logger="pconv.tracking")
+    caplog.set_level(logging.WARNING, logger="pconv.tracking.runs")
     assert tracking.start_or_resume_run("exp", "run", tracking_uri=dead, policy=FAST) is None
     assert "WITHOUT tracking" in caplog.text
 
@@ -190,7 +191,7 @@ def test_unreachable_server_never_raises(caplog, monkeypatch):
 
 def test_metric_names_are_the_contract():
     """ARCHITECTURE.md "Contracts": loss/<term>, val/<term>, lr, phase, throughput, data wait / skipped, nan steps."""
-    from pconv.losses import LOSS_TERMS
+    from pconv.core.losses import LOSS_TERMS
 
     assert [tracking.loss_metric(t) for t in LOSS_TERMS][-1] == "loss/total"
     assert tracking.val_metric("hole") == "val/hole" and (tracking.VAL_PSNR, tracking.VAL_SSIM) == ("val/psnr", "val/ssim")

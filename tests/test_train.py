@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pconv import checkpoint as ckpt
-from pconv.config import ConfigError, TrainConfig
-from pconv.model import build_model
+from pconv.tracking import checkpoints
+from pconv.core.config import ConfigError, TrainConfig
+from pconv.core.unet import build_model
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
     return sorted((m.step, m.value) for m in MlflowClient(tracking_uri).get_metric_history(run_id, key))
 
 
-def checkpoints(storage: Path, run_name: str) -> dict[int, Path]:
+def checkpoints_by_step(storage: Path, run_name: str) -> dict[int, Path]:
     out = {}
     for meta in (storage / run_name).glob("checkpoint_*/meta.json"):
         out[json.loads(meta.read_text())["step"]] = meta.parent
@@ -51,8 +51,8 @@ def checkpoints(storage: Path, run_name: str) -> dict[int, Path]:
 
 def bn_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(encoder BN tensors, decoder BN tensors) of a checkpoint: running stats and affine parameters."""
-    state = ckpt.load_state(directory)["model"]
-    model = build_model(ckpt.load_config_dict(directory)["layer_size"])
+    state = checkpoints.load_state(directory)["model"]
+    model = build_model(checkpoints.load_config_dict(directory)["layer_size"])
     enc_bn = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
               and any(m is e for e in model.encoder_batch_norms())}
     dec_bn = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)} - enc_bn
@@ -65,8 +65,8 @@ def bn_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
 
 
 def test_register_as_auto_is_the_inpainting_model_name():
-    from pconv import registry
-    from pconv.train import registered_name
+    from pconv.tracking import registry
+    from pconv.train.driver import registered_name
 
     assert registered_name(TrainConfig()) == registry.INPAINTING_MODEL  # default register_as: "auto"
     assert registered_name(TrainConfig(register_as="").resolved()) is None
@@ -74,7 +74,7 @@ def test_register_as_auto_is_the_inpainting_model_name():
 
 
 def test_local_mode_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_path, sqlite_tracking, ray_local):
-    from pconv.train import run
+    from pconv.train.driver import run
 
     summary = run(tiny_config(prepared_shards, tmp_path / "runs", phase2_steps=3), local_mode=True)
     assert summary.status == "finished" and summary.step == 5 and summary.mlflow_run_id
@@ -89,7 +89,7 @@ def test_local_mode_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_pat
     assert [s for s, _ in psnr] == [2, 4, 5] and all(v > 0 for _, v in psnr)
     from mlflow.tracking import MlflowClient
 
-    from pconv.tracking import SAMPLES_KEY
+    from pconv.tracking.runs import SAMPLES_KEY
 
     images = [a.path for a in MlflowClient(sqlite_tracking).list_artifacts(summary.mlflow_run_id, "images")]
     steps = {int(p.split("+step+", 1)[1].split("+", 1)[0]) for p in images
@@ -99,8 +99,8 @@ def test_local_mode_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_pat
 
 def test_nan_losses_are_skipped_counted_and_stop_the_run(prepared_shards, tmp_path, sqlite_tracking, ray_local,
                                                          monkeypatch):
-    from pconv.losses import InpaintingLoss
-    from pconv.train import run
+    from pconv.core.losses import InpaintingLoss
+    from pconv.train.driver import run
 
     real_forward = InpaintingLoss.forward
 
@@ -113,11 +113,11 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run(prepared_shards, tmp_pa
     with pytest.raises(Exception, match="3 consecutive non-finite losses"):
         run(tiny_config(prepared_shards, tmp_path / "runs", max_nan_steps=3, phase1_steps=4, checkpoint_every=1,
                         log_every=1), local_mode=True)
-    assert not checkpoints(tmp_path / "runs", "t")
+    assert not checkpoints_by_step(tmp_path / "runs", "t")
 
 
 def test_fail_fast_on_missing_or_empty_data(prepared_shards, tmp_path, ray_local):
-    from pconv.train import run
+    from pconv.train.driver import run
 
     with pytest.raises(ConfigError, match="no manifest.json"):
         run(tiny_config({**prepared_shards, "images": str(tmp_path / "nothing")}, tmp_path / "runs"))
@@ -129,19 +129,19 @@ def test_fail_fast_on_missing_or_empty_data(prepared_shards, tmp_path, ray_local
 
 @pytest.mark.slow
 def test_two_workers_freeze_encoder_bn_and_resume_by_name(prepared_shards, tmp_path, sqlite_tracking, ray_local):
-    from pconv.train import run
+    from pconv.train.driver import run
 
     storage = tmp_path / "runs"
     cfg = tiny_config(prepared_shards, storage, workers=2, batch_size=4, phase1_steps=2, phase2_steps=4,
                       register_as="pconv-unet")
     first = run(cfg)
     assert first.status == "finished" and first.step == 6 and first.model_version == "1"
-    found = checkpoints(storage, "t")
+    found = checkpoints_by_step(storage, "t")
     assert list(found) == [2, 4, 6]
     for step, directory in found.items():
-        meta = ckpt.load_meta(directory)
+        meta = checkpoints.load_meta(directory)
         assert meta["mlflow_run_id"] == first.mlflow_run_id and meta["phase"] == (1 if step <= 2 else 2)
-        assert ckpt.load_state(directory)["phase"] == meta["phase"]
+        assert checkpoints.load_state(directory)["phase"] == meta["phase"]
     # Phase 2 froze encoder BN completely: statistics AND affine parameters equal across phase-2 checkpoints
     # (and equal to the end of phase 1); decoder BN kept training.
     enc2, dec2 = bn_state(found[2])
@@ -155,13 +155,13 @@ def test_two_workers_freeze_encoder_bn_and_resume_by_name(prepared_shards, tmp_p
     # Re-running the finished run is a no-op that says so.
     again = run(cfg)
     assert again.status == "already-finished" and again.step == 6 and again.mlflow_run_id == first.mlflow_run_id
-    assert list(checkpoints(storage, "t")) == [2, 4, 6]
+    assert list(checkpoints_by_step(storage, "t")) == [2, 4, 6]
 
     # The same run name with more phase-2 steps continues from step 6 (not from 0), in the same MLflow run.
     longer = run(tiny_config(prepared_shards, storage, workers=2, batch_size=4, phase1_steps=2, phase2_steps=6,
                              register_as=""))
     assert longer.status == "finished" and longer.step == 8 and longer.mlflow_run_id == first.mlflow_run_id
-    assert 8 in checkpoints(storage, "t")
+    assert 8 in checkpoints_by_step(storage, "t")
     steps = [s for s, _ in metric_history(sqlite_tracking, first.mlflow_run_id, "loss/total")]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # no step logged twice: training resumed at 7
 
@@ -171,25 +171,25 @@ def test_finetune_only_from_a_checkpoint_runs_phase_two(prepared_shards, tmp_pat
     """--phase1-steps 0 --init-from CHECKPOINT: starts from those weights, encoder BN frozen, lr 5e-5 throughout."""
     import logging
 
-    from pconv import train_loop
-    from pconv.train import run
+    from pconv.train import loop
+    from pconv.train.driver import run
 
-    caplog.set_level(logging.INFO, logger="pconv.train_loop")
+    caplog.set_level(logging.INFO, logger="pconv.train.loop")
     loaded = []
-    real_restore = train_loop._restore
+    real_restore = loop._restore
 
     def spy_restore(model, cfg):
         out = real_restore(model, cfg)
         loaded.append({k: v.clone() for k, v in model.state_dict().items()})
         return out
 
-    monkeypatch.setattr(train_loop, "_restore", spy_restore)
+    monkeypatch.setattr(loop, "_restore", spy_restore)
 
     source = build_model(4)
     with torch.no_grad():
         for p in source.parameters():
             p.add_(0.01)
-    init = ckpt.save(tmp_path / "init", {"model": source.state_dict(), "optimizer": {}, "scaler": {}, "step": 7,
+    init = checkpoints.save(tmp_path / "init", {"model": source.state_dict(), "optimizer": {}, "scaler": {}, "step": 7,
                                          "phase": 1, "epoch": 0, "data_seed": 0},
                      tiny_config(prepared_shards, tmp_path, layer_size=4).to_yaml(), {"mlflow_run_id": None})
     summary = run(tiny_config(prepared_shards, tmp_path / "runs", phase1_steps=0, phase2_steps=2,
@@ -210,7 +210,7 @@ def test_unreachable_tracking_server_does_not_stop_training(prepared_shards, tmp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("PCONV_MLFLOW_RETRY", "2,0.05,1,5")
-    from pconv.train import run
+    from pconv.train.driver import run
 
     summary = run(tiny_config(prepared_shards, tmp_path / "runs", register_as="pconv-unet"), local_mode=True)
     assert summary.status == "finished" and summary.step == 4

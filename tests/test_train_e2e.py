@@ -79,12 +79,11 @@ def s3_shards(ray_cluster, s3_server, photo_dir, mask_zip):
     pipelines/prepare_data.py` (the Ray Data ingest, issue 17), so the training job trains on what it wrote."""
     import boto3
 
-    from pconv import storage
-
+    from pconv.storage import uris
     bucket = "e2e-train"
     boto3.client("s3").create_bucket(Bucket=bucket)
-    storage.upload_dir(str(photo_dir), f"s3://{bucket}/raw/photos")
-    storage.write_bytes_atomic(f"s3://{bucket}/raw/masks.zip", mask_zip.read_bytes())
+    uris.upload_dir(str(photo_dir), f"s3://{bucket}/raw/photos")
+    uris.write_bytes_atomic(f"s3://{bucket}/raw/masks.zip", mask_zip.read_bytes())
     for name, args in (("images", [f"s3://{bucket}/raw/photos", f"s3://{bucket}/images", "--val-fraction", "0.25",
                                    "--shard-size-mb", "1"]),
                        ("masks", [f"s3://{bucket}/raw/masks.zip", f"s3://{bucket}/masks", "--hole-color", "white"])):
@@ -166,7 +165,7 @@ def test_job_submit_survives_a_killed_worker_and_rerun_is_a_noop(ray_cluster, s3
     # Phase 2 froze encoder BN: running stats identical between two phase-2 checkpoints in object storage.
     import boto3
 
-    from pconv.model import build_model
+    from pconv.core.unet import build_model
 
     s3 = boto3.client("s3")
     phase2 = sorted(s for s in metas if s > TOTAL_STEPS // 2)[-2:]

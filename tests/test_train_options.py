@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from pconv.config import PAPER_LR_PHASE1, PAPER_LR_PHASE2, ConfigError, TrainConfig
+from pconv.core.config import PAPER_LR_PHASE1, PAPER_LR_PHASE2, ConfigError, TrainConfig
 
 
 def cfg_for(**kw) -> TrainConfig:
@@ -30,8 +30,8 @@ def test_effective_lr_scales_both_phases_from_the_papers_batch_of_six(scaling, w
 
 
 def test_explicit_global_batch_drives_the_scaling_and_the_optimizer_uses_it():
-    from pconv.model import build_model
-    from pconv.train_loop import make_optimizer
+    from pconv.core.unet import build_model
+    from pconv.train.loop import make_optimizer
 
     cfg = cfg_for(workers=2, batch_size=24, lr_scaling="linear", image_size=64).validate()
     model = build_model(cfg.layer_size)
@@ -50,13 +50,9 @@ def test_bad_cluster_options_are_refused_before_ray(key, value, message):
 
 
 def test_cli_flags_exist_for_the_new_keys():
-    import importlib.util
-    from pathlib import Path
+    from pconv.commands import train
 
-    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).resolve().parents[1] / "pipelines/train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    args = vars(module.build_parser().parse_args(["--lr-scaling", "sqrt", "--grad-compression", "fp16",
+    args = vars(train.build_parser().parse_args(["--lr-scaling", "sqrt", "--grad-compression", "fp16",
                                                   "--ddp-bucket-mb", "50", "--compile"]))
     picked = {k: args[k] for k in ("lr_scaling", "grad_compression", "ddp_bucket_mb", "compile")}
     assert picked == {"lr_scaling": "sqrt", "grad_compression": "fp16", "ddp_bucket_mb": 50.0, "compile": True}
@@ -80,9 +76,9 @@ def test_ddp_comm_hook_and_bucket_size_on_two_gloo_workers(compression, tmp_path
         import ray.train
         import torch as _torch
 
-        from pconv.config import TrainConfig as _Cfg
-        from pconv.model import build_model
-        from pconv.train_loop import make_optimizer, prepare_for_training
+        from pconv.core.config import TrainConfig as _Cfg
+        from pconv.core.unet import build_model
+        from pconv.train.loop import make_optimizer, prepare_for_training
 
         cfg = _Cfg.from_dict(config["cfg"]).validate()
         _torch.manual_seed(0)
@@ -124,16 +120,16 @@ def test_ddp_comm_hook_and_bucket_size_on_two_gloo_workers(compression, tmp_path
 
 @pytest.mark.slow  # 44-62 s with a cold Inductor cache on 2 shared CPU cores (C++ code generation), ~13 s warm
 def test_compiled_training_steps_match_eager_through_both_phases():
-    """``--compile`` makes the worker call ``model.compile()`` and ``loss_fn.compile()`` (pconv.train_loop): the
+    """``--compile`` makes the worker call ``model.compile()`` and ``loss_fn.compile()`` (pconv.train.loop): the
     compiled net and loss give eager's loss terms, step after step with Adam, and again after the phase-2 switch
     (encoder BN frozen: a recompile); compiling in place keeps the state-dict keys the checkpoints use."""
     import copy
 
     import torch
 
-    from pconv.losses import InpaintingLoss, VGG16FeatureExtractor
-    from pconv.model import build_model
-    from pconv.train_loop import make_optimizer
+    from pconv.core.losses import InpaintingLoss, VGG16FeatureExtractor
+    from pconv.core.unet import build_model
+    from pconv.train.loop import make_optimizer
 
     cfg = cfg_for(image_size=32, layer_size=2, compile=True).validate()  # 4 PConv blocks: less to compile
     torch.manual_seed(0)

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pconv import checkpoint as ckpt
-from pconv.config import ConfigError, TrainConfig
-from pconv.layers import CONV_TYPES, GatedConv2d, PartialConv2d
-from pconv.loading import from_state_dict, load_model
-from pconv.model import PAPER_ENCODER, build_model, conv_of_state_dict, decoder_spec
+from pconv.tracking import checkpoints
+from pconv.core.config import ConfigError, TrainConfig
+from pconv.core.layers import CONV_TYPES, GatedConv2d, PartialConv2d
+from pconv.tracking.loading import from_state_dict, load_model
+from pconv.core.unet import PAPER_ENCODER, build_model, conv_of_state_dict, decoder_spec
 
 LAYER_SIZE, SIZE = 4, 32
 
@@ -112,7 +112,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, conv: str) -> Path:
                       phase1_steps=1, phase2_steps=0)
     state = {"model": model.state_dict(), "optimizer": {}, "scaler": {}, "step": 1, "phase": 1, "epoch": 0,
              "data_seed": 0}
-    return ckpt.save(directory, state, cfg.to_yaml(), {"mlflow_run_id": None, "step": 1})
+    return checkpoints.save(directory, state, cfg.to_yaml(), {"mlflow_run_id": None, "step": 1})
 
 
 def test_loading_rebuilds_the_variant_from_the_config_and_refuses_a_mismatch(tmp_path):
@@ -132,8 +132,8 @@ def test_loading_rebuilds_the_variant_from_the_config_and_refuses_a_mismatch(tmp
     # a config written before the key existed is the paper's net
     partial = build_model(LAYER_SIZE).eval()
     directory = save_checkpoint(tmp_path / "old", partial, "partial")
-    text = (directory / ckpt.CONFIG_FILE).read_text()
-    (directory / ckpt.CONFIG_FILE).write_text("\n".join(l for l in text.splitlines() if not l.startswith("conv:")))
+    text = (directory / checkpoints.CONFIG_FILE).read_text()
+    (directory / checkpoints.CONFIG_FILE).write_text("\n".join(l for l in text.splitlines() if not l.startswith("conv:")))
     assert load_model(str(directory))[1]["conv"] == "partial"
 
 
@@ -148,8 +148,8 @@ def test_gated_variant_trains_registers_and_serves_inpaint_and_evaluation(prepar
     from mlflow import MlflowClient
     from PIL import Image
 
-    from pconv import evaluation as E
-    from pconv.train import run
+    from pconv.evaluation import inpainting
+    from pconv.train.driver import run
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
@@ -168,7 +168,7 @@ def test_gated_variant_trains_registers_and_serves_inpaint_and_evaluation(prepar
     card = Path(client.download_artifacts(summary.mlflow_run_id, "model_card.md", str(tmp_path))).read_text()
     assert "convolution: gated" in card
     directory = max((tmp_path / "runs" / "gated").glob("checkpoint_*"))
-    assert TrainConfig.from_dict(ckpt.load_config_dict(directory)).conv == "gated"  # config.yaml records it
+    assert TrainConfig.from_dict(checkpoints.load_config_dict(directory)).conv == "gated"  # config.yaml records it
 
     model, info = load_model("models:/pconv-gated@candidate")
     assert info["conv"] == "gated" and model.conv_type == "gated"
@@ -191,7 +191,7 @@ def test_gated_variant_trains_registers_and_serves_inpaint_and_evaluation(prepar
     np.testing.assert_array_equal(out[~holes], photo[~holes])
 
     # the paper's per-bin evaluation loads it from the registry as well
-    result = E.run_evaluation("models:/pconv-gated/1", prepared_shards["images"], prepared_shards["masks"], SIZE,
+    result = inpainting.run_evaluation("models:/pconv-gated/1", prepared_shards["images"], prepared_shards["masks"], SIZE,
                               limit=2, device="cpu", baseline=False, experiment=None)
     assert result["pairs"] > 0 and np.isfinite(result["model"]["overall"]["psnr"])
 

@@ -1,7 +1,7 @@
 """Per-worker counters are summed over all workers before they are logged (issue 15): ``data/skipped`` is the
 corrupt rows dropped by EVERY rank, not rank 0's share, and a resumed run continues the count from its checkpoint;
 the loss terms are averaged. Two real processes form a torch.distributed gloo group (what Ray Train sets up on CPU)
-and run the training loop's own metric window (``pconv.train_loop._Meter``); the e2e check on MLflow is in
+and run the training loop's own metric window (``pconv.train.loop._Meter``); the e2e check on MLflow is in
 tests/test_resume.py (the 2-worker runs, uninterrupted and restarted after a lost worker)."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import textwrap
 
 from conftest import free_port
 
-from pconv import tracking
-
+from pconv.tracking import runs as tracking
 WORKER = textwrap.dedent("""
     import json, sys
     from types import SimpleNamespace
@@ -22,24 +21,24 @@ WORKER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
 
-    from pconv import train_loop
-    from pconv.losses import LOSS_TERMS
+    from pconv.train import loop
+    from pconv.core.losses import LOSS_TERMS
 
     rank, port = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ctx = SimpleNamespace(rank=rank, world=2, device=torch.device("cpu"))
     state = SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"lr": 2e-4}]), phase=1, epoch=0, step=1)
-    meter = train_loop._Meter()
+    meter = loop._Meter()
     # rank 0's batches carried 3 dropped rows, rank 1's 5 (+ 2 in a second window): as the loop counts them
-    meter.skipped += train_loop._sum_skipped({"skipped": torch.tensor([3, 0, 0, 0] if rank == 0 else [0, 5, 0, 0])})
+    meter.skipped += loop._sum_skipped({"skipped": torch.tensor([3, 0, 0, 0] if rank == 0 else [0, 5, 0, 0])})
     meter.add({k: torch.tensor(float(1 + rank)) for k in LOSS_TERMS}, 0.1, 1.0, 4 * 2)
     first = meter.flush(state, ctx)
-    meter.skipped += train_loop._sum_skipped({"skipped": torch.tensor([0, 0] if rank == 0 else [2, 0])})
+    meter.skipped += loop._sum_skipped({"skipped": torch.tensor([0, 0] if rank == 0 else [2, 0])})
     meter.add({k: torch.tensor(float(1 + rank)) for k in LOSS_TERMS}, 0.1, 1.0, 4 * 2)
     second = meter.flush(state, ctx)
     totals = meter.totals(ctx)  # what a checkpoint records (train_checkpoint.report)
     # a resumed worker group continues the run's counters from the checkpoint (every rank is given the same dict)
-    resumed = train_loop._Meter(totals, rank)
+    resumed = loop._Meter(totals, rank)
     resumed.skipped += 1 if rank == 1 else 0
     resumed.add({k: torch.tensor(1.0) for k in LOSS_TERMS}, 0.1, 1.0, 4 * 2)
     after_resume = resumed.flush(state, ctx)

@@ -32,14 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from pconv import registry, storage, tracking
+from pconv.tracking import registry
+
+from pconv.storage import uris
+
+from pconv.tracking import runs as tracking
 from pconv.apps.demo_inputs import (DEFAULT_DATASETS, MASK_ZIP, DemoError, check_datasets, fingerprint,
                                     ingest_once, reusable, stage_images, stage_test_masks)
 from pconv.apps.demo_progress import TrainProgress
 from pconv.apps.local_s3 import LocalS3
-from pconv.config import TrainConfig, merge
-from pconv.loading import REGISTRY_SCHEME, parse_registry_uri
-from pconv.masks import NVIDIA_HOLE_COLOR
+from pconv.core.config import TrainConfig, merge
+from pconv.tracking.loading import REGISTRY_SCHEME, parse_registry_uri
+from pconv.core.masks import NVIDIA_HOLE_COLOR
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +135,19 @@ class DemoResult:
 def inpaint_grid(model_uri: str, images_uri: str, masks_uri: str, image_size: int, rows: int, out_png: Path,
                  scale: int, tracking_uri: str) -> Path:
     """Inpaint the first ``rows`` held-back images with test masks from different hole-ratio bins; save the grid
-    (:func:`pconv.tracking.grid_image`: one row per image, masked input (holes white) | result | ground truth),
+    (:func:`pconv.tracking.runs.grid_image`: one row per image, masked input (holes white) | result | ground truth),
     upscaled ``scale`` times (nearest, to show the real pixels)."""
     import torch
     from PIL import Image
     from tqdm import tqdm
 
-    from pconv import evaluation
-    from pconv.inference import inpaint
-    from pconv.loading import load_model
+    from pconv.evaluation import inpainting
+    from pconv.inference.inpaint import inpaint
+    from pconv.tracking.loading import load_model
 
     model, _ = load_model(model_uri, device="cpu", tracking_uri=tracking_uri)
-    _, images = evaluation.load_images(images_uri, image_size, limit=rows)
-    records = sorted(evaluation.load_masks(masks_uri), key=lambda r: r.key)
+    _, images = inpainting.load_images(images_uri, image_size, limit=rows)
+    records = sorted(inpainting.load_masks(masks_uri), key=lambda r: r.key)
     by_bin: dict[int, list] = {}
     for rec in records:
         if rec.bin >= 0:
@@ -151,7 +155,7 @@ def inpaint_grid(model_uri: str, images_uri: str, masks_uri: str, image_size: in
     if not by_bin:
         raise DemoError(f"no test mask under {masks_uri} falls into the paper's hole-ratio bins")
     bins = sorted(by_bin)
-    es = evaluation.EvalSet(image_size, [], [], [])
+    es = inpainting.EvalSet(image_size, [], [], [])
     masked, results, truths = [], [], []
     for i, img in enumerate(tqdm(images, desc="inpaint held-back images", unit="image", dynamic_ncols=True)):
         b = bins[min(len(bins) - 1, 1 + 2 * i) % len(bins)]   # bins 1, 3, 5, ...: moderate to large holes
@@ -208,13 +212,12 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
 def _stages(settings: DemoSettings, cfg: TrainConfig, out: Path, datasets: Path, run_name: str,
             tracking_uri: str, random_vgg: bool) -> DemoResult:
-    from pconv import ingest
-
+    from pconv.ingest import local
     seconds: dict[str, float] = {}
     base = f"s3://{S3_BUCKET}" if settings.s3 else str(out)
-    images_uri = storage.join(base, "shards", "images")
-    test_masks_uri = storage.join(base, "shards", "test_masks")
-    train_masks_uri = storage.join(base, "shards", "train_masks")
+    images_uri = uris.join(base, "shards", "images")
+    test_masks_uri = uris.join(base, "shards", "test_masks")
+    train_masks_uri = uris.join(base, "shards", "train_masks")
     state_dir = out / "state"
 
     # 1. ingestion ---------------------------------------------------------------------------
@@ -223,7 +226,7 @@ def _stages(settings: DemoSettings, cfg: TrainConfig, out: Path, datasets: Path,
     keys = stage_images(datasets, staged_images, settings.images_per_folder)
     ingest_once("images", images_uri, state_dir,
                 {"keys": keys, "max_side": settings.max_side, "val_fraction": settings.val_fraction},
-                lambda: ingest.ingest_images(str(staged_images), images_uri, val_fraction=settings.val_fraction,
+                lambda: local.ingest_images(str(staged_images), images_uri, val_fraction=settings.val_fraction,
                                              shard_size_mb=64, max_side=settings.max_side, progress=True))
     staged_masks = out / "staging" / "test_masks"
     test_fp = {"zip": str(datasets / MASK_ZIP), "size": (datasets / MASK_ZIP).stat().st_size,
@@ -231,16 +234,16 @@ def _stages(settings: DemoSettings, cfg: TrainConfig, out: Path, datasets: Path,
     if not reusable(state_dir / "test_masks.json", test_masks_uri, fingerprint(test_fp)):
         stage_test_masks(datasets / MASK_ZIP, staged_masks, settings.mask_stride)
     ingest_once("test_masks", test_masks_uri, state_dir, test_fp,
-                lambda: ingest.ingest_masks(str(staged_masks), test_masks_uri, hole_color=NVIDIA_HOLE_COLOR,
+                lambda: local.ingest_masks(str(staged_masks), test_masks_uri, hole_color=NVIDIA_HOLE_COLOR,
                                             shard_size_mb=64, progress=True))
     ingest_once("train_masks", train_masks_uri, state_dir, {"n": settings.train_masks, "size": 256, "seed": 0},
-                lambda: ingest.generate_masks(settings.train_masks, train_masks_uri, size=256, seed=0,
+                lambda: local.generate_masks(settings.train_masks, train_masks_uri, size=256, seed=0,
                                               shard_size_mb=64, progress=True))
     seconds["ingest"] = time.monotonic() - t0
 
     # 2. training ----------------------------------------------------------------------------
     t0 = time.monotonic()
-    storage_uri = storage.join(base, "runs")
+    storage_uri = uris.join(base, "runs")
     cfg = dataclasses.replace(cfg, images=images_uri, masks=train_masks_uri, storage=storage_uri,
                               run_name=run_name).validate()
     summary = _train(cfg, tracking_uri)
@@ -255,7 +258,7 @@ def _stages(settings: DemoSettings, cfg: TrainConfig, out: Path, datasets: Path,
     t0 = time.monotonic()
     from tqdm import tqdm
 
-    from pconv.evaluation import run_evaluation
+    from pconv.evaluation.inpainting import run_evaluation
 
     with tqdm(total=1, desc="evaluate (model + baseline, per bin)", unit="stage", dynamic_ncols=True) as bar:
         evaluation = run_evaluation(model_uri, images_uri, test_masks_uri, image_size=cfg.image_size,
@@ -277,20 +280,19 @@ def _stages(settings: DemoSettings, cfg: TrainConfig, out: Path, datasets: Path,
                         model_version=str(summary.model_version), evaluation_markdown=evaluation["markdown"],
                         evaluation={k: evaluation[k] for k in ("model", "baseline", "baseline_name", "pairs")},
                         grid_png=str(grid), random_vgg=random_vgg, s3=settings.s3)
-    (out / "evaluation.md").write_text(evaluation["markdown"])
+    (out / "inpainting.md").write_text(evaluation["markdown"])
     (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=1, default=str))
     return result
 
 
 def _train(cfg: TrainConfig, tracking_uri: str):
-    """A local 2-CPU Ray cluster just for this demo (never an existing cluster), then ``pconv.train.run``."""
+    """A local 2-CPU Ray cluster just for this demo (never an existing cluster), then ``pconv.train.driver.run``."""
     import ray
 
-    from pconv import train
-
+    from pconv.train import driver
     started = False
     if not ray.is_initialized():
-        env = {k: os.environ[k] for k in (*storage.AWS_ENV_VARS, "MLFLOW_TRACKING_URI") if os.environ.get(k)}
+        env = {k: os.environ[k] for k in (*uris.AWS_ENV_VARS, "MLFLOW_TRACKING_URI") if os.environ.get(k)}
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level=logging.WARNING, runtime_env={"env_vars": env})
         started = True
@@ -298,7 +300,7 @@ def _train(cfg: TrainConfig, tracking_uri: str):
     progress.start()
     ok = False
     try:
-        summary = train.run(cfg)
+        summary = driver.run(cfg)
         ok = True
         return summary
     finally:

@@ -11,9 +11,9 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
-from pconv import shards
-from pconv.images import IMAGE_SUFFIXES
-from pconv.masks import MASK_SUFFIXES
+from pconv.storage import shards
+from pconv.core.images import IMAGE_SUFFIXES
+from pconv.core.masks import MASK_SUFFIXES
 
 log = logging.getLogger(__name__)
 

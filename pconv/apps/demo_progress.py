@@ -6,8 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from pconv import tracking
-
+from pconv.tracking import runs as tracking
 log = logging.getLogger(__name__)
 
 

@@ -1,13 +1,13 @@
 """A local S3 server for the demo, the tests and the benchmarks: moto's server in a subprocess on 127.0.0.1.
 
-Code under test reaches it like any S3 endpoint, through the standard AWS environment only (:mod:`pconv.storage`):
+Code under test reaches it like any S3 endpoint, through the standard AWS environment only (:mod:`pconv.storage.uris`):
 :meth:`LocalS3.environment` sets ``AWS_ENDPOINT_URL``, credentials and region in ``os.environ`` (and removes the
 variables that would send clients elsewhere) while it is entered, and restores them afterwards. ``LocalS3.env`` holds
 the same values for other processes (subprocesses, Ray workers). moto comes with the project's ``[test]`` extra.
 
     with LocalS3(log_path) as s3, s3.environment():
         s3.create_bucket("demo")
-        ...  # s3://demo/... works through pconv.storage, pyarrow, boto3
+        ...  # s3://demo/... works through pconv.storage.uris, pyarrow, boto3
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
-from pconv import storage
-
+from pconv.storage import uris
 log = logging.getLogger(__name__)
 # The server is on loopback: never ask a proxy from the environment for it.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -123,8 +122,8 @@ class LocalS3:
     @contextlib.contextmanager
     def environment(self) -> Iterator[dict[str, str]]:
         """``os.environ`` points S3 clients at this server while entered: :attr:`env` set, every other standard
-        AWS variable (:data:`pconv.storage.AWS_ENV_VARS`, the profile) removed; all restored on exit."""
-        names = (*storage.AWS_ENV_VARS, storage.AWS_PROFILE_VAR)
+        AWS variable (:data:`pconv.storage.uris.AWS_ENV_VARS`, the profile) removed; all restored on exit."""
+        names = (*uris.AWS_ENV_VARS, uris.AWS_PROFILE_VAR)
         saved = {k: os.environ.get(k) for k in names}
         try:
             for k in names:

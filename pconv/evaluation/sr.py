@@ -1,0 +1,223 @@
+"""Evaluation of a super-resolution model against bicubic upsampling, logged to MLflow, with the inpainting
+evaluation's promotion rule.
+
+Protocol (on held-back photos: an image shard root, whose ``val`` split is used when it has one, or a folder /
+zip / s3:// prefix of image files, STREAMED by :class:`pconv.evaluation.inputs.ImageStream`: ``limit`` N reads N images,
+and each decoded batch is scored by the model and the baseline in one pass and dropped, so memory stays bounded):
+
+- each photo is cut to its ``image_size``² centre view (:func:`pconv.core.images.center_crop`, as in the inpainting
+  evaluation): this is the HR ground truth;
+- the LR input is the HR crop downsampled by K with Pillow's BICUBIC filter (antialiased: Pillow widens the kernel
+  when it shrinks, as MATLAB's ``imresize``, the SR literature's usual degradation), rounded to 8 bit;
+- the model's output is :func:`pconv.inference.super_resolve.super_resolve` (LR pixels exact at the grid, holes filled);
+  the baseline is bicubic upsampling of the same LR image by K (Pillow BICUBIC), also rounded to 8 bit;
+- PSNR and SSIM (``pconv.core.metrics``) on the BT.601 luma Y (:func:`pconv.core.metrics.rgb_to_y`) and on RGB, with a
+  border of K pixels shaved off (the SR literature's convention), averaged over the images.
+
+Headline: PSNR on Y. The SR literature reports Y-channel PSNR / SSIM (the eye is most sensitive to luma, and
+chroma is often upsampled separately), so the Y numbers are the ones to compare with published tables; RGB is
+reported beside them. Promotion (``promote_alias``) calls :func:`pconv.evaluation.inpainting.promote`, the same rule as for
+inpainting: the candidate's mean headline PSNR over the same images must be strictly higher than the holder's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pconv.evaluation import inputs
+
+from pconv.evaluation import inpainting as evaluation
+
+from pconv.core import images
+
+from pconv.core import metrics
+from pconv.core.config import SR_TASK
+from pconv.tracking.loading import parse_registry_uri, resolve_device, resolve_version
+from pconv.inference.super_resolve import load_sr_model, super_resolve
+
+log = logging.getLogger(__name__)
+
+SR_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
+HEADLINE = "psnr_y"            # what promotion compares and what the README reports first (see the module doc)
+RESAMPLE = images.SR_RESAMPLE  # the degradation (training's, pconv.core.images.downsample) and the baseline (upsampling)
+BASELINE_NAME = "bicubic upsampling (Pillow)"
+
+
+class SRMetrics:
+    """Per-image SR metrics (:data:`SR_METRICS`) and their means; ``overall()["psnr"]`` / ``["ssim"]`` are the
+    Y-channel headline, so :func:`pconv.evaluation.inpainting.beats` / ``promote`` apply unchanged."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def add(self, **values: float) -> None:
+        self.rows.append({k: float(values[k]) for k in SR_METRICS})
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def overall(self) -> dict[str, Any]:
+        means = {k: (sum(r[k] for r in self.rows) / len(self.rows) if self.rows else math.nan) for k in SR_METRICS}
+        return {"count": self.count, **means, "psnr": means["psnr_y"], "ssim": means["ssim_y"]}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"overall": self.overall(), "rows": self.rows}
+
+
+def bicubic_upsample(lr: np.ndarray, scale: int) -> np.ndarray:
+    """The baseline: uint8 ``h x w x 3`` -> uint8 ``hK x wK x 3`` (Pillow BICUBIC)."""
+    h, w = lr.shape[:2]
+    return np.asarray(Image.fromarray(lr).resize((w * scale, h * scale), RESAMPLE), dtype=np.uint8)
+
+
+def score(pred: np.ndarray, gt: np.ndarray, scale: int) -> dict[str, float]:
+    """PSNR / SSIM on Y and on RGB of two uint8 ``H x W x 3`` images, ``scale`` px shaved off each border."""
+    s = slice(scale, -scale)
+    p, g = pred[s, s].astype(np.float64) / 255.0, gt[s, s].astype(np.float64) / 255.0
+    py, gy = metrics.rgb_to_y(p), metrics.rgb_to_y(g)
+    return {"psnr_y": metrics.psnr(py, gy), "ssim_y": metrics.ssim(py, gy),
+            "psnr_rgb": metrics.psnr(p, g), "ssim_rgb": metrics.ssim(p, g)}
+
+
+def evaluate_sr_model(model: torch.nn.Module, hr_images: list[np.ndarray], scale: int, batch_size: int = 4,
+                      device: str | torch.device | None = None) -> SRMetrics:
+    table = SRMetrics()
+    for i in range(0, len(hr_images), batch_size):
+        hr = hr_images[i:i + batch_size]
+        lr = torch.from_numpy(np.stack([images.downsample(x, scale) for x in hr])).permute(0, 3, 1, 2).contiguous()
+        out = super_resolve(model, lr, scale, device=device, batch_size=batch_size).permute(0, 2, 3, 1).numpy()
+        for pred, gt in zip(out, hr):
+            table.add(**score(pred, gt, scale))
+    return table
+
+
+def evaluate_bicubic(hr_images: list[np.ndarray], scale: int) -> SRMetrics:
+    table = SRMetrics()
+    for gt in hr_images:
+        table.add(**score(bicubic_upsample(images.downsample(gt, scale), scale), gt, scale))
+    return table
+
+
+def evaluate_stream(uri: str, image_size: int, limit: int | None, scale: int, model: torch.nn.Module | None,
+                    baseline: bool = True, batch_size: int = 4, device: str | torch.device | None = None,
+                    skipped: list[str] | None = None) -> tuple[SRMetrics | None, SRMetrics | None, list[str]]:
+    """One streamed pass over the HR images of ``uri``: ``(model table, bicubic table, keys scored)`` (a table is
+    None when its method is off). Each batch of decoded centre crops is scored and dropped; unreadable images are
+    skipped, logged and appended to ``skipped``; none decodable is a ValueError."""
+    table, base, keys = (SRMetrics() if model is not None else None), (SRMetrics() if baseline else None), []
+    with inputs.ImageStream(uri, image_size, limit, skipped=skipped) as stream:
+        for batch in stream.batches():
+            hr = [image for _, image in batch]
+            keys += [stream.keys[j] for j, _ in batch]
+            if table is not None:
+                table.rows += evaluate_sr_model(model, hr, scale, batch_size, device).rows
+            if base is not None:
+                base.rows += evaluate_bicubic(hr, scale).rows
+    if not keys:
+        raise ValueError(f"none of the {len(stream)} images under {uri} could be decoded: "
+                         f"{list(stream.failed.values())[:3]}")
+    return table, base, sorted(keys)
+
+
+def result_markdown(model_label: str, scale: int, image_size: int, table: SRMetrics,
+                    base: SRMetrics | None) -> str:
+    lines = [f"Super-resolution x{scale}: {table.count} held-back photos, {image_size}x{image_size} HR centre crops, "
+             f"LR = bicubic downsampling by {scale}; metrics with {scale} px shaved off each border. "
+             "Headline: PSNR on Y (BT.601 luma), the SR literature's convention.", "",
+             "| method | PSNR Y (dB) | SSIM Y | PSNR RGB (dB) | SSIM RGB |", "| --- | ---: | ---: | ---: | ---: |"]
+    for label, tab in ((f"model: {model_label}", table), (BASELINE_NAME, base)):
+        if tab is not None:
+            o = tab.overall()
+            lines.append(f"| {label} | {o['psnr_y']:.2f} | {o['ssim_y']:.4f} | {o['psnr_rgb']:.2f} | "
+                         f"{o['ssim_rgb']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sr_evaluation(model_uri: str, images: str, scale: int | None = None,
+                      image_size: int = evaluation.DEFAULT_IMAGE_SIZE, limit: int | None = None,
+                      batch_size: int = 4, device: str = "auto", baseline: bool = True,
+                      experiment: str | None = evaluation.EVAL_EXPERIMENT, promote_alias: str | None = None,
+                      tracking_uri: str | None = None,
+                      min_delta_db: float = evaluation.DEFAULT_MIN_DELTA_DB) -> dict[str, Any]:
+    """Evaluate an SR model (and bicubic) on held-back photos, log to MLflow (``experiment`` None: don't),
+    optionally promote. Returns ``{"markdown", "model", "baseline", "scale", "promotion", "mlflow_run_id", ...}``."""
+    if promote_alias:
+        if not model_uri.startswith("models:/"):
+            raise ValueError(f"--promote needs a registered model (models:/NAME@ALIAS or models:/NAME/VERSION), "
+                             f"got {model_uri}; register the checkpoint first with pipelines/register.py")
+        parse_registry_uri(model_uri)
+    dev = resolve_device(device)
+    model, info, k = load_sr_model(model_uri, scale, device=dev, tracking_uri=tracking_uri)
+    smallest = metrics.SSIM_WINDOW + 2 * k  # SSIM's window must fit after shaving K px off each side
+    if image_size % k or image_size < smallest:
+        raise ValueError(f"--image-size {image_size} must be a multiple of the scale {k} and at least {smallest}")
+    skipped: list[str] = []
+    t0 = time.perf_counter()
+    table, base, keys = evaluate_stream(images, image_size, limit, k, model, baseline, batch_size, dev, skipped)
+    log.info("SR model evaluated on %d images in %.1fs", len(keys), time.perf_counter() - t0)
+    result: dict[str, Any] = {"model_uri": model_uri, "model_info": dict(info), "task": SR_TASK, "scale": k,
+                              "image_size": image_size, "images": len(keys), "image_keys": keys,
+                              "headline": HEADLINE, "model": table.as_dict(),
+                              "baseline": base.as_dict() if base else None,
+                              "baseline_name": BASELINE_NAME if base else None, "promotion": None,
+                              "skipped": skipped}
+    result["markdown"] = result_markdown(model_uri, k, image_size, table, base)
+    if promote_alias:
+        name, version = resolve_version(model_uri, tracking_uri)
+
+        def evaluate_version(v: str) -> SRMetrics:
+            try:
+                other, _, _ = load_sr_model(f"models:/{name}/{v}", k, device=dev, tracking_uri=tracking_uri)
+            except ValueError as exc:
+                raise ValueError(f"cannot compare with {promote_alias!r} version {v} of {name}: {exc}") from None
+            return evaluate_stream(images, image_size, limit, k, other, False, batch_size, dev)[0]
+
+        decision = evaluation.promote(name, version, table, evaluate_version, promote_alias, tracking_uri,
+                                      min_delta_db)
+        result["promotion"] = vars(decision)
+        result["markdown"] += (f"\nPromotion to {promote_alias!r}: {'MOVED' if decision.promoted else 'not moved'}"
+                               f" - {decision.reason}\n")
+    result["mlflow_run_id"] = _log_result(result, table, base, experiment, tracking_uri) if experiment else None
+    return result
+
+
+def _log_result(result: dict[str, Any], table: SRMetrics, base: SRMetrics | None, experiment: str,
+                tracking_uri: str | None) -> str | None:
+    """One MLflow run: ``eval/<metric>`` and ``baseline/<metric>`` (:data:`SR_METRICS`), table and JSON."""
+    from pconv.tracking.runs import Tracker
+    from pconv.tracking.store import start_or_resume_run
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run_id = start_or_resume_run(experiment, f"eval-sr-x{result['scale']}-{stamp}-{secrets.token_hex(3)}",
+                                 tags={"pconv.model_uri": result["model_uri"], "pconv.task": SR_TASK},
+                                 tracking_uri=tracking_uri)
+    tracker = Tracker(run_id, tracking_uri)
+    if not tracker:
+        return None
+    info = result["model_info"]
+    tracker.log_params({"model_uri": result["model_uri"], "task": SR_TASK, "scale": result["scale"],
+                        "image_size": result["image_size"], "images": result["images"],
+                        "baseline": result["baseline_name"], "headline": HEADLINE, "shave_px": result["scale"],
+                        "downsampling": "Pillow BICUBIC (antialiased)", "model_version": info.get("version"),
+                        "model_layer_size": info.get("layer_size")})
+    values = {f"eval/{k}": table.overall()[k] for k in SR_METRICS}
+    if base is not None:
+        values.update({f"baseline/{k}": base.overall()[k] for k in SR_METRICS})
+    tracker.log_metrics(values, step=0, model_id=info.get("model_id"))
+    tracker.log_text(result["markdown"], "evaluation/table.md")
+    tracker.log_dict({k: v for k, v in result.items() if k != "markdown"}, "evaluation/results.json")
+    tracker.set_terminated("FINISHED")
+    return run_id
+
+
+__all__ = ["BASELINE_NAME", "HEADLINE", "SR_METRICS", "SRMetrics", "bicubic_upsample",
+           "evaluate_bicubic", "evaluate_sr_model", "evaluate_stream", "result_markdown", "run_sr_evaluation", "score"]

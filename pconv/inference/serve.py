@@ -1,0 +1,263 @@
+"""The Ray Serve application: the HTTP API and the web page for inpainting with a registered (or any) model.
+
+Routes (one deployment, :class:`InpaintServer`, FastAPI ingress):
+
+- ``POST /inpaint``: multipart form with files ``image`` and ``mask`` and optional field ``hole_color`` (``white``
+  default, or ``black``) -> ``image/png``, the composite at the image's size; header ``X-Model-Version`` names the
+  version that answered. Bad input gets a 4xx JSON ``{"error": ...}`` naming the problem (checks shared with the
+  MLflow pyfunc, :func:`pconv.inference.pyfunc.decode_request`); the replica keeps serving.
+- ``POST /super-resolve`` (a super-resolution model, ``task: sr``): multipart file ``image`` (the LR image) ->
+  ``image/png``, K times larger with the LR pixels exact at their grid positions. Each endpoint answers 409 with a
+  JSON error naming the other when the served model is of the other task.
+- ``GET /``: the page (``serve_page.html``: paint holes on a photo, inpaint, compare, download).
+- ``GET /healthz``: ``{"status": "ok", "model": ..., "version": ...}``.
+
+Requests are batched on the replica with ``@serve.batch`` (same-size images run as one forward pass). Queues are
+bounded: each replica takes ``max_ongoing_requests`` at a time and each proxy holds at most ``max_queued_requests``
+more; beyond that Serve answers 503 at once instead of letting clients hang. Replicas take a GPU when the cluster
+has one, and autoscale between ``min_replicas`` and ``max_replicas`` on ongoing requests.
+
+Alias following: for ``models:/NAME@ALIAS`` each replica polls the registry every ``poll_s`` seconds; when the alias
+moves, the new version is loaded beside the old one and swapped in between batches, so no request is dropped.
+"""
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+
+from pconv import cluster
+from pconv.inference.inpaint import encode_image
+from pconv.core.config import INPAINTING_TASK, SR_TASK
+from pconv.tracking.loading import REGISTRY_SCHEME, load_model, parse_registry_uri, resolve_version
+from pconv.inference.pyfunc import (DEFAULT_MAX_PIXELS, BadInput, Decoded, decode_lr_request, decode_request,
+                                inpaint_decoded)
+from pconv.inference.super_resolve import resolve_scale, super_resolve
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "pconv"
+PAGE_FILE = Path(__file__).with_name("serve_page.html")
+VERSION_HEADER = "X-Model-Version"
+WARNING_HEADER = "X-Mask-Warning"  # e.g. a mask that is probably inverted (masks.polarity_warning)
+DEFAULTS: dict[str, Any] = {
+    "poll_s": 10.0,              # how often a replica checks where the alias points
+    "max_pixels": DEFAULT_MAX_PIXELS,
+    "max_batch_size": 8,         # @serve.batch: requests per forward pass (1 = batching off)
+    "batch_wait_s": 0.01,        # @serve.batch: how long a batch waits to fill up
+    "device": "auto",
+}
+
+app = FastAPI(title="PConv inpainting", docs_url=None, redoc_url=None)
+
+
+def _version_label(info: dict[str, Any]) -> str:
+    if info.get("version") is not None:
+        return str(info["version"])
+    if info.get("step") is not None:
+        return f"step-{info['step']}"
+    return "local"
+
+
+async def _read_form(request: Request, files: tuple[str, ...] = ("image", "mask")) -> dict[str, Any]:
+    """The multipart form's ``files`` (bytes) and ``hole_color`` (text); BadInput when absent."""
+    kind = request.headers.get("content-type", "")
+    if not kind.startswith("multipart/form-data"):
+        raise BadInput(f"send multipart/form-data with files {' and '.join(files)} (got content-type "
+                       f"{kind or 'none'!r})", status=415)
+    try:
+        form = await request.form()
+    except Exception as exc:  # noqa: BLE001 - a malformed body is the client's problem
+        raise BadInput(f"cannot parse the multipart form: {exc}") from exc
+    fields: dict[str, Any] = {}
+    for name in files:
+        value = form.get(name)
+        if value is None or isinstance(value, str):
+            raise BadInput(f"missing file field {name!r}: send the {name} as a file part of the form")
+        fields[name] = await value.read()
+    color = form.get("hole_color")
+    fields["hole_color"] = color if isinstance(color, str) else None
+    return fields
+
+
+@serve.deployment(name="PConvInpaint")
+@serve.ingress(app)
+class InpaintServer:
+    """One replica: the model (swapped when the alias moves), the batcher and the routes."""
+
+    def __init__(self, model_uri: str, tracking_uri: str | None = None, **options: Any):
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown serve option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        self.opts = {**DEFAULTS, **options}
+        self.model_uri, self.tracking_uri = model_uri, tracking_uri
+        self._lock = threading.Lock()
+        self._current = self._load(self._resolved_uri())
+        self._batched.set_max_batch_size(int(self.opts["max_batch_size"]))
+        self._batched.set_batch_wait_timeout_s(float(self.opts["batch_wait_s"]))
+        self._stop = threading.Event()
+        if self._follows_alias() and float(self.opts["poll_s"]) > 0:
+            threading.Thread(target=self._follow, name="pconv-alias-poll", daemon=True).start()
+
+    # ---- model and alias ----------------------------------------------------------------------------------
+    def _follows_alias(self) -> bool:
+        return self.model_uri.startswith(REGISTRY_SCHEME) and parse_registry_uri(self.model_uri)[2] is not None
+
+    def _resolved_uri(self) -> str:
+        """An alias URI pinned to the version it points at now (so the loaded version is the one reported)."""
+        if not self._follows_alias():
+            return self.model_uri
+        name, version = resolve_version(self.model_uri, self.tracking_uri)
+        return f"{REGISTRY_SCHEME}{name}/{version}"
+
+    def _load(self, uri: str) -> tuple[Any, str]:
+        model, info = load_model(uri, device=self.opts["device"], tracking_uri=self.tracking_uri)
+        self.task = info.get("task")  # inpainting or sr: which POST route answers
+        self.scale = resolve_scale(info, None) if self.task == SR_TASK else None
+        version = _version_label(info)
+        log.info("serving %s (version %s) on %s", self.model_uri, version, next(model.parameters()).device)
+        return model, version
+
+    def _follow(self) -> None:
+        """Poll the registry; load a moved alias's version beside the old one, then swap (in-flight batches keep
+        the model they started with)."""
+        while not self._stop.wait(float(self.opts["poll_s"])):
+            try:
+                uri = self._resolved_uri()
+                if uri.rsplit("/", 1)[-1] == self._current[1]:
+                    continue
+                loaded = self._load(uri)
+                with self._lock:
+                    old, self._current = self._current[1], loaded
+                log.info("%s moved: version %s -> %s", self.model_uri, old, loaded[1])
+            except Exception:  # noqa: BLE001 - a registry hiccup must not stop serving the current version
+                log.exception("checking %s failed; still serving version %s", self.model_uri, self._current[1])
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+    # ---- batching -----------------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=DEFAULTS["max_batch_size"], batch_wait_timeout_s=DEFAULTS["batch_wait_s"])
+    async def _batched(self, items: list[Decoded]) -> list[tuple[bytes, str]]:
+        with self._lock:
+            model, version = self._current
+
+        def run() -> list[tuple[bytes, str]]:
+            return [(encode_image(c), version) for c in inpaint_decoded(model, items)]
+
+        return await asyncio.to_thread(run)
+
+    # ---- routes -------------------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(PAGE_FILE.read_text(encoding="utf-8"))
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_uri, "version": self._current[1], "task": self.task}
+
+    def _wrong_task(self, task: str) -> JSONResponse | None:
+        if (self.task == SR_TASK) == (task == SR_TASK):
+            return None
+        what = f"a super-resolution model (x{self.scale}): POST /super-resolve with the file image" \
+            if self.task == SR_TASK else "an inpainting model: POST /inpaint with the files image and mask"
+        return JSONResponse({"error": f"this server serves {self.model_uri}, {what}"}, status_code=409)
+
+    @app.post("/super-resolve")
+    async def super_resolve_route(self, request: Request) -> Response:
+        if (wrong := self._wrong_task(SR_TASK)) is not None:
+            return wrong
+        try:
+            fields = await _read_form(request, ("image",))
+            lr = await asyncio.to_thread(decode_lr_request, fields["image"], self.scale, int(self.opts["max_pixels"]))
+        except BadInput as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        with self._lock:
+            model, version = self._current
+        png = await asyncio.to_thread(lambda: encode_image(super_resolve(model, lr, self.scale)))
+        return Response(png, media_type="image/png", headers={VERSION_HEADER: version})
+
+    @app.post("/inpaint")
+    async def inpaint(self, request: Request) -> Response:
+        if (wrong := self._wrong_task(INPAINTING_TASK)) is not None:
+            return wrong
+        try:
+            fields = await _read_form(request)
+            decoded = await asyncio.to_thread(decode_request, fields["image"], fields["mask"],
+                                              fields.get("hole_color"), int(self.opts["max_pixels"]))
+        except BadInput as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        png, version = await self._batched(decoded)
+        headers = {VERSION_HEADER: version}
+        if decoded.warning:
+            headers[WARNING_HEADER] = decoded.warning
+        return Response(png, media_type="image/png", headers=headers)
+
+
+def cluster_gpus() -> float:
+    """GPUs the connected Ray cluster has or its autoscaler can launch (:mod:`pconv.cluster`; 0 when Ray is not
+    initialised): a cluster that starts without GPU nodes still gets GPU replicas, launched for them."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return float(cluster.most(cluster.read_view(), "GPU"))
+
+
+def build_app(model_uri: str, tracking_uri: str | None = None, min_replicas: int = 1, max_replicas: int = 2,
+              max_ongoing_requests: int = 8, max_queued_requests: int = 16, num_cpus: float = 1.0,
+              num_gpus: float | None = None, **options: Any) -> serve.Application:
+    """The bound application. ``num_gpus=None``: one GPU per replica when the cluster has or can launch GPUs."""
+    if num_gpus is None:
+        num_gpus = 1.0 if cluster_gpus() > 0 else 0.0
+    deployment = InpaintServer.options(
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
+        autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
+                            "target_ongoing_requests": max(1, max_ongoing_requests // 2)})
+    return deployment.bind(model_uri, tracking_uri, **options)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """``import_path: pconv.inference.serve:app_builder`` for ``serve deploy`` (infra/serve/): ``args`` are build_app's
+    keyword arguments (``model_uri`` required)."""
+    args = dict(args)
+    if "model_uri" not in args:
+        raise ValueError("serve config: args.model_uri is required (e.g. models:/pconv-unet@champion)")
+    ints = {"min_replicas", "max_replicas", "max_ongoing_requests", "max_queued_requests", "max_pixels",
+            "max_batch_size"}
+    floats = {"num_cpus", "num_gpus", "poll_s", "batch_wait_s"}
+    for key in list(args):
+        if key in ints:
+            args[key] = int(args[key])
+        elif key in floats and args[key] is not None:
+            args[key] = float(args[key])
+    return build_app(args.pop("model_uri"), **args)
+
+
+def run(model_uri: str, host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = None,
+        blocking: bool = True, **kwargs: Any):
+    """Start Serve (on the current Ray cluster, or a local one) with HTTP on ``host:port`` and deploy the app;
+    returns the app handle when ``blocking`` is False."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": host, "port": port})
+    handle = serve.run(build_app(model_uri, tracking_uri, **kwargs), name=APP_NAME, route_prefix="/")
+    log.info("serving %s at http://%s:%d/ (POST /inpaint, GET /healthz)", model_uri, host, port)
+    if not blocking:
+        return handle
+    threading.Event().wait()  # until interrupted
+    return handle
+
+
+__all__ = ["APP_NAME", "DEFAULTS", "InpaintServer", "VERSION_HEADER", "app", "app_builder", "build_app",
+           "cluster_gpus", "run"]

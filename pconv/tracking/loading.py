@@ -1,0 +1,268 @@
+"""Model loading: any model URI -> ``(model, info)``, a PConv U-Net in eval mode on the requested device.
+
+Model URIs (:func:`load_model`):
+
+- ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a registered model. Only the plain state dict and config of
+  the logged model (see :mod:`pconv.tracking.registry`) are downloaded; the net is rebuilt with ``build_model`` and the
+  weights load with ``torch.load(weights_only=True)``: no pickle is executed.
+- a checkpoint (see :mod:`pconv.tracking.checkpoints`): a local folder or ``s3://`` prefix; a folder of several checkpoints
+  (e.g. a run's storage folder) resolves to its latest complete one (highest step).
+- a local MLflow model folder (``MLmodel`` + ``extra_files/``) written by :mod:`pconv.tracking.registry`.
+
+Training (``init_from``), evaluation, batch inference, serving and the CLIs all load through here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pconv.tracking import checkpoints as ckpt
+from pconv.tracking import registry
+from pconv.storage import uris
+from pconv.core.config import INPAINTING_TASK, SR_TASK  # a config's `task` (absent: inpainting)
+from pconv.core.unet import build_model, check_conv, conv_of_state_dict, default_layer_size
+from pconv.tracking.store import redact_uri, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+REGISTRY_SCHEME = "models:/"
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` -> (NAME, None, ALIAS); ``models:/NAME/VERSION`` -> (NAME, VERSION, None)."""
+    if not uri.startswith(REGISTRY_SCHEME):
+        raise ValueError(f"{uri!r} is not a {REGISTRY_SCHEME} URI")
+    rest = uri[len(REGISTRY_SCHEME):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, None, alias
+    name, _, version = rest.partition("/")
+    if not name or not version:
+        raise ValueError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, version, None
+
+
+def resolve_version(uri: str, tracking_uri: str | None = None) -> tuple[str, str]:
+    """(name, version) of a registry URI, resolving an alias through the registry."""
+    name, version, alias = parse_registry_uri(uri)
+    if alias is not None:
+        version = registry.version_for_alias(name, alias, tracking_uri)
+    return name, str(version)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None -> cuda when available, else cpu; ``cuda`` without a GPU is a clear error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+    return dev
+
+
+def _layer_size(cfg: dict[str, Any], source: str) -> tuple[int, int]:
+    try:
+        image_size = int(cfg["image_size"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{source}: {ckpt.CONFIG_FILE} has no usable image_size") from None
+    layer_size = cfg.get("layer_size")
+    return image_size, int(layer_size) if layer_size is not None else default_layer_size(image_size)
+
+
+def from_state_dict(state_dict: dict[str, torch.Tensor], layer_size: int, source: str = "state dict",
+                    conv: str | None = None) -> torch.nn.Module:
+    """A ``layer_size`` U-Net (CPU, eval mode) holding ``state_dict``; ValueError when the weights do not fit.
+
+    ``conv`` is the convolution variant (``partial`` / ``gated``, from the config); None: the one the weights are.
+    """
+    found = conv_of_state_dict(state_dict)
+    try:
+        conv = check_conv(conv or found or "partial")
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    if found is not None and found != conv:
+        raise ValueError(f"{source}: the config says conv={conv!r} but the weights are a {found!r} U-Net")
+    model = build_model(layer_size, conv=conv)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise ValueError(f"{source}: weights do not fit a layer_size={layer_size} conv={conv} U-Net: {exc}") from exc
+    return model.eval()
+
+
+def _build(state_dict: dict[str, torch.Tensor], cfg: dict[str, Any], source: str) -> tuple[torch.nn.Module, dict]:
+    image_size, layer_size = _layer_size(cfg, source)
+    conv = str(cfg.get("conv") or "partial")  # configs from before the variant existed are the paper's net
+    model = from_state_dict(state_dict, layer_size, source, conv=conv)
+    return model, {"image_size": image_size, "layer_size": layer_size, "conv": conv, "source": source,
+                   **task_of_config(cfg)}
+
+
+def task_of_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``{"task", "sr_scale"}`` of a config mapping (no ``task`` key: inpainting; ``sr_scale`` only for SR)."""
+    task = str(cfg.get("task") or INPAINTING_TASK)
+    return {"task": task, "sr_scale": int(cfg.get("sr_scale") or 0) or None if task == SR_TASK else None}
+
+
+def check_task(info: dict[str, Any], task: str) -> None:
+    """ValueError naming the model when it was trained for another task than ``task`` (inpainting / sr)."""
+    have, uri = info.get("task") or INPAINTING_TASK, info.get("uri") or info.get("source")
+    if have == task:
+        return
+    if have == SR_TASK:
+        raise ValueError(f"{uri} is a super-resolution model (task: sr, scale {info.get('sr_scale')}), not an "
+                         "inpainting model; use it with pipelines/super_resolve.py (HTTP: POST /super-resolve)")
+    raise ValueError(f"{uri} is a {have} model, not a super-resolution model; super-resolution needs a model "
+                     f"trained with task: sr (pipelines/train.py --task sr), e.g. "
+                     f"{REGISTRY_SCHEME}{registry.SR_MODEL}@{registry.CHAMPION}")
+
+
+def model_config(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The config mapping of the model at ``uri`` WITHOUT loading its weights (only ``config.yaml`` is read);
+    what a caller reads to dispatch on the model's ``task`` before the (slow) load."""
+    uri = str(uri)
+    if uri.startswith(REGISTRY_SCHEME):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        store = registry_store(uri, tracking_uri)
+        try:
+            name, version = resolve_version(uri, store)
+            with tempfile.TemporaryDirectory(prefix="pconv-config-") as tmp:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{REGISTRY_SCHEME}{name}/{version}/{registry.EXTRA_FILES_DIR}/{ckpt.CONFIG_FILE}",
+                    dst_path=tmp, tracking_uri=store, registry_uri=store)
+                return ckpt.load_config_dict(Path(local).parent)  # where MLflow put it (it keeps sub-paths)
+        except MlflowException as exc:
+            detail = redact_uri(str(getattr(exc, "message", exc))).splitlines()[0][:300]
+            raise ValueError(f"{uri}: no such registered model, alias or version in the MLflow store "
+                             f"{redact_uri(store)} ({detail})") from None
+    base = ckpt.resolve(uri)
+    if base is not None:
+        with ckpt.local_copy(base) as directory:
+            return ckpt.load_config_dict(directory)
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if not uris.is_remote(uri) and registry.is_model_dir(path):
+        return ckpt.load_config_dict(registry.model_files_dir(path))
+    raise FileNotFoundError(f"model {uri}: no checkpoint ({' + '.join(ckpt.CHECKPOINT_FILES)}) or MLflow model "
+                            "folder there (expected models:/NAME@ALIAS, a checkpoint folder/s3:// prefix or an "
+                            "MLflow model folder)")
+
+
+def _read_torch(load: Callable[[], Any], what: str) -> dict[str, Any]:
+    """Run a ``torch.load``: a corrupt, truncated or foreign file becomes a ValueError naming it."""
+    try:
+        state = load()
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ValueError(f"{what}: corrupt or not a torch weights file ({type(exc).__name__}: {first})") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: holds a {type(state).__name__}, expected a dict of tensors")
+    return state
+
+
+def _load_checkpoint_dir(directory: Path, source: str) -> tuple[torch.nn.Module, dict]:
+    state = _read_torch(lambda: ckpt.load_state(directory), f"{source}/{ckpt.STATE_FILE}")
+    model, info = _build(ckpt.model_state(state, source), ckpt.load_config_dict(directory), source)
+    meta = ckpt.load_meta(directory)
+    info.update(kind="checkpoint", step=state.get("step", meta.get("step")), mlflow_run_id=meta.get("mlflow_run_id"))
+    return model, info
+
+
+def _load_model_dir(directory: Path, source: str) -> tuple[torch.nn.Module, dict]:
+    """An MLflow model folder (or its extra_files/ subfolder) written by :mod:`pconv.tracking.registry`."""
+    files = registry.model_files_dir(directory)
+    state = _read_torch(lambda: torch.load(files / registry.STATE_DICT_FILE, map_location="cpu", weights_only=True),
+                        f"{source}: {registry.STATE_DICT_FILE}")
+    model, info = _build(state, ckpt.load_config_dict(files), source)
+    info["kind"] = "mlflow-model"
+    return model, info
+
+
+def _load_checkpoint(uri: str, missing: str) -> tuple[torch.nn.Module, dict]:
+    """A checkpoint folder / s3:// prefix, or the latest complete checkpoint under it."""
+    base = ckpt.resolve(uri)
+    if base is None:
+        raise FileNotFoundError(f"{uri}: {missing}")
+    with ckpt.local_copy(base) as directory:
+        return _load_checkpoint_dir(directory, base)
+
+
+def registry_store(model_uri: str, tracking_uri: str | None = None) -> str:
+    """The tracking URI a ``models:/`` lookup uses. A SQLite store whose file does not exist is refused (MLflow
+    would silently create an empty database just to find nothing in it), saying which store that was."""
+    store = resolve_tracking_uri(tracking_uri)
+    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).is_file():
+        unset = not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        which = "MLFLOW_TRACKING_URI is unset, so the default store" if unset else "the tracking store"
+        raise FileNotFoundError(f"{model_uri}: {which} {store} does not exist, so it has no registered models; "
+                                "set MLFLOW_TRACKING_URI to the MLflow server (or sqlite:/// file) the model was "
+                                "registered in, or pass a checkpoint folder / s3:// prefix")
+    return store
+
+
+def _from_registry(uri: str, tracking_uri: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from mlflow.exceptions import MlflowException
+
+    store = registry_store(uri, tracking_uri)
+    where = redact_uri(store)
+    try:
+        name, version = resolve_version(uri, store)
+        with tempfile.TemporaryDirectory(prefix="pconv-model-") as tmp:
+            local = registry.download_model_files(name, version, tmp, store)
+            model, info = _load_model_dir(local, uri)
+        info.update(kind="registry", name=name, version=version, tracking_uri=where,
+                    model_id=registry.logged_model_id(name, version, store))
+    except MlflowException as exc:
+        missing = getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+        reason = "no such registered model, alias or version" if missing else "the registry lookup failed"
+        detail = redact_uri(str(exc.message if hasattr(exc, "message") else exc)).splitlines()[0][:300]
+        raise ValueError(f"{uri}: {reason} in the MLflow store {where} ({detail})") from None
+    log.info("model %s is version %s of %r in the MLflow store %s", uri, info["version"], info["name"], where)
+    return model, info
+
+
+def load_model(uri: str, device: str | torch.device = "cpu", tracking_uri: str | None = None,
+               task: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a PConv U-Net (eval mode) from a registry URI, a checkpoint URI or a local path; with ``task``
+    (inpainting / sr), a model trained for the other task is refused (:func:`check_task`).
+
+    Returns ``(model, info)``; ``info`` has ``image_size``, ``layer_size``, ``conv``, ``task``, ``sr_scale``,
+    ``source``, ``kind``, ``uri``
+    (plus ``name``/``version``/``model_id`` (the LoggedModel) for registry URIs, ``step``/``mlflow_run_id`` for
+    checkpoints).
+    """
+    uri = str(uri)
+    if uri.startswith(REGISTRY_SCHEME):
+        model, info = _from_registry(uri, tracking_uri)
+    elif uris.is_remote(uri):
+        model, info = _load_checkpoint(uri, f"no complete checkpoint ({' + '.join(ckpt.CHECKPOINT_FILES)}) there")
+    else:
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model {uri}: no such file or directory (expected models:/NAME@ALIAS, a "
+                                    "checkpoint folder/s3:// prefix or an MLflow model folder)")
+        if path.is_file():
+            path = path.parent
+        if not ckpt.is_complete(path) and registry.is_model_dir(path):
+            model, info = _load_model_dir(path, str(path))
+        else:
+            model, info = _load_checkpoint(str(path), f"neither a checkpoint ({' + '.join(ckpt.CHECKPOINT_FILES)}), "
+                                                      "an MLflow model folder, nor a folder holding checkpoints")
+    info["uri"] = uri
+    if task is not None:
+        check_task(info, task)
+    return model.to(resolve_device(device)).eval(), info
+
+
+__all__ = ["INPAINTING_TASK", "SR_TASK", "check_task", "from_state_dict", "load_model", "model_config",
+           "parse_registry_uri", "registry_store", "resolve_device", "resolve_version", "task_of_config"]
