@@ -4,15 +4,23 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench clean lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The exact, tested versions of everything (requirements.lock); pyproject.toml keeps ranges for library users.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test]'
 	touch $(STAMP)
+
+# Re-resolve requirements.lock after a change of pyproject.toml's dependencies (keeps the locked versions that still
+# fit; `make lock UPGRADE=--upgrade` moves everything to the newest that fits).
+lock:
+	$(PY) -m pip install --quiet uv
+	$(PY) -m uv pip compile pyproject.toml --extra test --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+		--annotation-style line $(UPGRADE) -o requirements.lock
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
