@@ -42,10 +42,14 @@ def load_cluster() -> dict:
     return yaml.safe_load(CLUSTER_YAML.read_text())
 
 
-def pyproject_pins() -> dict[str, str]:
-    """{package name: full requirement} of pyproject.toml's dependencies (extras stripped from the name)."""
+def locked_pins() -> dict[str, str]:
+    """{package name: "name==version"} of pyproject.toml's direct dependencies, at the versions requirements.lock
+    holds (the tested set the node image, make and CI install)."""
     deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    return {re.split(r"[\[<>=!~ ]", d, maxsplit=1)[0].lower(): d for d in deps}
+    lock = {name.lower(): version for name, version in
+            re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", (REPO_ROOT / "requirements.lock").read_text(), re.M)}
+    names = [re.split(r"[\[<>=!~ ]", d, maxsplit=1)[0].lower() for d in deps]
+    return {name: f"{name}=={lock[name]}" for name in names}
 
 
 def start_commands(cfg: dict) -> list[str]:
@@ -116,7 +120,7 @@ def test_image_and_pinned_ray_match():
     import ray
 
     cfg = load_cluster()
-    assert cfg["docker"]["image"] == expected_image(cfg), "pins changed: python infra/docker/image_ref.py --update, then make push-image"
+    assert cfg["docker"]["image"] == expected_image(cfg), "pins or code changed: python infra/docker/image_ref.py --update, then make push-image"
     for node_type in cfg["available_node_types"].values():
         assert "docker" not in node_type, "no per-node-type image override"
     (base,) = re.findall(r"^FROM\s+(\S+)", DOCKERFILE.read_text(), re.M)
@@ -178,7 +182,7 @@ def test_torch_comes_from_the_cuda126_index_before_the_project():
     project_cmd = next(i for i, c in enumerate(setup) if "-e ~/pconv" in c)
     assert torch_cmd < project_cmd
     assert f"--index-url {CU126_INDEX}" in setup[torch_cmd]
-    pins = pyproject_pins()
+    pins = locked_pins()
     for pkg in ("torch", "torchvision"):
         assert pins[pkg].replace(" ", "") in setup[torch_cmd].split(), (pkg, pins[pkg])
     assert not any("whl/cu13" in c for c in setup), "CUDA 13 wheels have no V100 (sm_70) kernels"
@@ -359,7 +363,7 @@ def test_rayjob_installs_cuda126_torch_and_the_project_pins():
     packages = runtime_env["pip"]["packages"]
     options = runtime_env["pip"]["pip_install_options"]
     assert CU126_INDEX in options
-    pins = pyproject_pins()
+    pins = locked_pins()
     version = {p: pins[p].split("==")[1] for p in ("torch", "torchvision")}
     assert f"torch=={version['torch']}+cu126" in packages
     assert f"torchvision=={version['torchvision']}+cu126" in packages
@@ -426,8 +430,8 @@ def dockerfile_args() -> dict[str, str]:
     return dict(re.findall(r"^ARG\s+(\w+)=(\S+)", DOCKERFILE.read_text(), re.M))
 
 
-def test_dockerfile_pins_equal_pyproject():
-    pins, args = pyproject_pins(), dockerfile_args()
+def test_dockerfile_pins_equal_the_lock():
+    pins, args = locked_pins(), dockerfile_args()
     assert pins["torch"].replace(" ", "") == f"torch=={args['TORCH_VERSION']}"
     assert pins["torchvision"].replace(" ", "") == f"torchvision=={args['TORCHVISION_VERSION']}"
     assert args["TORCH_INDEX_URL"] == CU126_INDEX, "V100 needs the CUDA 12.x builds"
@@ -436,8 +440,8 @@ def test_dockerfile_pins_equal_pyproject():
     text = DOCKERFILE.read_text()
     install = next(line for line in text.splitlines() if line.startswith("RUN pip install") and "torch" in line)
     assert '"torch==${TORCH_VERSION}"' in install and '"torchvision==${TORCHVISION_VERSION}"' in install
-    # the project (and with it every other pin of pyproject.toml) is installed after torch, from pyproject.toml
-    assert text.index("${TORCH_INDEX_URL}") < text.index("pip install --no-cache-dir /tmp/pconv-src")
+    # the project is installed after torch, every dependency at its locked version
+    assert text.index("${TORCH_INDEX_URL}") < text.index("pip install --no-cache-dir -c /tmp/pconv-src/requirements.lock /tmp/pconv-src")
     assert f"ray.__version__ == '{ray_version}'" in text and "startswith('12.6')" in text
     assert "whl/cu13" not in text
 
@@ -454,18 +458,23 @@ def test_docker_build_context_holds_what_the_dockerfile_copies():
     assert not {".venv", ".git", "runs", "data"} & allowed
 
 
-def test_image_tag_follows_the_pins_and_the_dockerfile(tmp_path):
+def test_image_tag_follows_the_pins_the_code_and_the_dockerfile(tmp_path):
     module = image_ref_module()
-    for name in ("pyproject.toml", "Dockerfile"):
+    for name in ("pyproject.toml", "Dockerfile", "requirements.lock"):
         shutil.copy(REPO_ROOT / name, tmp_path / name)
+    shutil.copytree(REPO_ROOT / "pconv", tmp_path / "pconv", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     tag = module.image_tag(tmp_path)
     assert tag == module.image_tag(REPO_ROOT)
     version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert tag.startswith(version + "-")
-    (tmp_path / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text().replace(
-        '"mlflow==3.17.2"', '"mlflow==3.17.1"'))
+    (tmp_path / "requirements.lock").write_text((REPO_ROOT / "requirements.lock").read_text().replace(
+        "\nmlflow==3.17.2", "\nmlflow==3.17.1"))
     assert module.image_tag(tmp_path) != tag, "a changed pin must give a new tag"
-    shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    shutil.copy(REPO_ROOT / "requirements.lock", tmp_path / "requirements.lock")
+    served = tmp_path / "pconv" / "inference" / "serve.py"
+    served.write_text(served.read_text() + "\n# changed\n")
+    assert module.image_tag(tmp_path) != tag, "changed code must give a new tag (serving runs the image's code)"
+    shutil.copy(REPO_ROOT / "pconv" / "inference" / "serve.py", served)
     (tmp_path / "Dockerfile").write_text(DOCKERFILE.read_text() + "\nRUN true\n")
     assert module.image_tag(tmp_path) != tag, "a changed Dockerfile must give a new tag"
 

@@ -1,13 +1,15 @@
 """The node image's reference in ECR, derived from what goes into the image.
 
-Tag = ``<project version>-<first 12 hex of sha256(dependencies + Dockerfile)>``: any change to a pin in
-pyproject.toml or to the Dockerfile gives a new tag, so ray_cluster.yaml and infra/k8s/rayjob.yaml (which
-tests/test_cluster_config.py compares with this function) cannot keep naming an image built from other pins.
+Tag = ``<project version>-<first 12 hex of sha256(dependencies + requirements.lock + Dockerfile + pconv/)>``: any
+change to a pin, to the Dockerfile or to the code the image installs (every file of the ``pconv`` package) gives a new
+tag, so ray_cluster.yaml and infra/k8s/rayjob.yaml / rayservice.yaml (which tests/test_cluster_config.py compares
+with this function) cannot keep naming an image built from other pins or older code. Training jobs override the
+image's code with their working_dir; a RayService runs the image's code, so a new tag is what makes nodes pull it.
 ``make image`` / ``make push-image`` print and use the same reference. Standard library only.
 
     python infra/docker/image_ref.py --tag
     python infra/docker/image_ref.py --account 123456789012 --region us-east-1
-    python infra/docker/image_ref.py --update     # after changing a pin: rewrite the tag in the cluster files
+    python infra/docker/image_ref.py --update     # after changing a pin or the code: rewrite the tag in the cluster files
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ def image_tag(root: Path = REPO_ROOT) -> str:
     digest = hashlib.sha256()
     for line in [project["requires-python"], *project["dependencies"]]:
         digest.update(line.replace(" ", "").encode() + b"\n")
+    digest.update((root / "requirements.lock").read_bytes())
     digest.update((root / "Dockerfile").read_bytes())
+    for path in sorted((root / "pconv").rglob("*")):  # what `pip install` puts in the image
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            digest.update(path.relative_to(root).as_posix().encode() + b"\n" + path.read_bytes())
     return f"{project['version']}-{digest.hexdigest()[:12]}"
 
 
