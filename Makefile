@@ -25,8 +25,10 @@ lock:
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# The fast tier: every test that starts no Ray, no MLflow server and no S3 server (tests/conftest.py marks the
+# others `server` from their fixtures, and fails a fast-tier test that starts one anyway).
 test-fast: setup
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not server" $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) pipelines/demo.py $(DEMO_ARGS)

@@ -1,4 +1,14 @@
-"""Shared pytest fixtures (generic: any test module may use them; add new fixtures below).
+"""Shared pytest fixtures (generic: any test module may use them; add new fixtures below), and the test tiers.
+
+Tiers (set here, from fixtures, never by hand): a test whose fixtures (directly or through other fixtures) include
+one of SERVER_FIXTURES starts Ray, an MLflow server or an S3 server and is in the **server tier** (marker
+``server``, added in :func:`pytest_collection_modifyitems`). Every other test is in the **fast tier**: ``make
+test-fast`` (``-m "not server"``) runs only those, and runs each with the guard of ``tests/fast_tier/`` on, so that a
+fast-tier test that starts Ray (``ray.init``, ``ray start``), ``mlflow server`` or moto's S3 server anyway, in this
+process or in a child process, fails with an error naming it. ``make test`` runs both tiers.
+
+Order: the tests that use no Ray run first, then those on the session's local Ray (``ray_local``), then those that
+start their own cluster (``own_ray_cluster``), which stops the session Ray first: one Ray cluster at a time.
 
 - ``repo_root`` / ``datasets_dir``: paths; ``datasets_dir`` skips with a reason when ../shared/datasets is absent.
 - ``s3_server`` (session): a REAL moto S3 server process on 127.0.0.1 (:mod:`pconv.apps.local_s3`, the one local S3
@@ -6,11 +16,18 @@
   ``os.environ`` carries AWS_ENDPOINT_URL + test credentials + region (restored afterwards), so code under test
   finds it through the standard environment only.
 - ``s3_bucket``: a fresh, empty bucket per test, yielded as ``"s3://<name>"``.
+- ``mlflow_server`` (module; ``from mlflow_server import mlflow_server``): a real ``mlflow server`` process.
+- ``ray_local`` (session): ONE in-process local Ray (2 CPUs) shared by every in-process Ray test of the session.
+- ``own_ray_cluster`` (session): for a test that starts its own Ray cluster (``ray start``, ``ray.cluster_utils``,
+  the fake autoscaler, a script that starts a local Ray in a subprocess): stops the session Ray first.
+- ``own_servers``: for a test that starts its own S3 or MLflow server process (e.g. it tests the script that does).
 - ``load_benchmark(name)`` (a function: ``from conftest import load_benchmark``): a script of benchmarks/ as a module.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 import uuid
@@ -115,11 +132,141 @@ def prepared_shards(photo_dir, mask_zip, tmp_path_factory) -> dict[str, str]:
     return {"images": images, "masks": masks}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray (2 CPUs) for one test module's end-to-end runs; Ray tests run under the Ray lock."""
-    import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+# ---------------------------------------------------------------------------------------------
+# Ray: one local Ray for the session; tests that start their own cluster run after it is stopped
+# ---------------------------------------------------------------------------------------------
+class _SessionRay:
+    """The session's one in-process local Ray (2 CPUs: the machine's, as the tests' budget assumes)."""
+
+    CPUS = 2
+
+    def __init__(self) -> None:
+        self.starts = 0
+        self.stopped_for_own_cluster = False
+
+    @staticmethod
+    def up() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    def start(self) -> None:
+        if self.up():
+            return
+        if self.stopped_for_own_cluster:
+            raise RuntimeError("ray_local was requested after a test that starts its own Ray cluster stopped the "
+                               "session Ray; tests/conftest.py orders such tests last, so this is a bug there")
+        import ray
+
+        with pytest.MonkeyPatch.context() as env:  # a local Ray of its own, never a cluster named by the shell
+            env.delenv("RAY_ADDRESS", raising=False)
+            ray.init(num_cpus=self.CPUS, include_dashboard=False, log_to_driver=True)
+        self.starts += 1
+
+    def stop(self) -> None:
+        if self.up():
+            sys.modules["ray"].shutdown()
+
+
+SESSION_RAY = _SessionRay()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """The session's local Ray (2 CPUs), started by the first test that asks for it and shared by all of them.
+    Tests on it must not call ``ray.init`` or ``ray.shutdown`` themselves."""
+    SESSION_RAY.start()
     yield
-    ray.shutdown()
+    SESSION_RAY.stop()
+
+
+@pytest.fixture(autouse=True)
+def _session_ray_is_up(request):
+    """A test on the session Ray finds it up, even if an earlier test shut it down (counted: see the summary)."""
+    if "ray_local" in request.fixturenames:
+        SESSION_RAY.start()
+
+
+@pytest.fixture(scope="session")
+def own_ray_cluster():
+    """For tests that start their own Ray cluster (``ray start``, ``ray.cluster_utils.Cluster``, the fake autoscaler,
+    a pipeline script that starts a local Ray in a subprocess, ``ray job submit`` to a cluster they start): only one
+    Ray cluster may run on this machine at a time, so the session Ray is stopped first. These tests run after all
+    the tests on the session Ray (:func:`pytest_collection_modifyitems`), so it is not started again."""
+    SESSION_RAY.stop()
+    SESSION_RAY.stopped_for_own_cluster = True
+    yield
+
+
+@pytest.fixture
+def own_servers():
+    """For a test that starts its own S3 or MLflow server process (e.g. it tests the script that starts them): it
+    needs no server fixture, and this puts it in the server tier."""
+    yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiers: marked from fixtures, ordered by Ray use, the fast tier guarded
+# ---------------------------------------------------------------------------------------------
+# A test that uses any of these (directly or through another fixture) is in the server tier.
+SERVER_FIXTURES = frozenset({"s3_server", "s3_bucket", "mlflow_server", "ray_local", "own_ray_cluster",
+                             "own_servers"})
+FAST_TIER_GUARD = Path(__file__).resolve().parent / "fast_tier"
+
+
+def _load_fast_tier_guard():
+    spec = importlib.util.spec_from_file_location("fast_tier_guard", FAST_TIER_GUARD / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_guard = _load_fast_tier_guard()
+_guard_on = False
+_guard.install(lambda: _guard_on)
+
+
+def server_tier(item) -> bool:
+    return bool(SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+
+
+def _ray_order(item) -> int:
+    names = set(getattr(item, "fixturenames", ()))
+    return 2 if "own_ray_cluster" in names else 1 if "ray_local" in names else 0
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("server") is not None:
+            raise pytest.UsageError(f"{item.nodeid} is marked `server` by hand; the tiers come from fixtures "
+                                    f"(tests/conftest.py): request the fixture that starts the server instead")
+        if server_tier(item):
+            item.add_marker(pytest.mark.server)
+    # no Ray first, then the session Ray's tests, then the tests that start their own cluster (stable otherwise)
+    order = {id(item): (_ray_order(item), i) for i, item in enumerate(items)}
+    items.sort(key=lambda item: order[id(item)])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Fast-tier tests run guarded (setup, call and teardown), and so do the Python processes they start."""
+    global _guard_on
+    fast = item.get_closest_marker("server") is None
+    saved = os.environ.get("PYTHONPATH")
+    if fast:
+        _guard_on = True
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAST_TIER_GUARD), saved) if p)
+    try:
+        yield
+    finally:
+        _guard_on = False
+        if fast:
+            if saved is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SESSION_RAY.starts > 1:
+        terminalreporter.write_line(f"ray_local: the session's local Ray was started {SESSION_RAY.starts} times "
+                                    "(a test shut it down; tests on it must not call ray.shutdown)", yellow=True)

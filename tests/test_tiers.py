@@ -1,0 +1,109 @@
+"""The test tiers of tests/conftest.py, checked on a small suite run by a separate pytest: the server tier comes from
+fixtures, the tests that start their own Ray cluster run last, and a fast-tier test that starts Ray, an MLflow
+server or an S3 server anyway (in the pytest process or in a child process) fails with an error naming it, having
+started nothing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+SUITE = '''
+import subprocess
+import sys
+
+
+def test_plain():
+    pass
+
+
+def test_on_the_session_ray(ray_local):
+    pass
+
+
+def test_on_its_own_cluster(own_ray_cluster):
+    pass
+
+
+def test_on_s3(s3_bucket):
+    pass
+
+
+def test_after_them():
+    pass
+
+
+def test_starts_ray_in_process():
+    import ray
+    ray.init(num_cpus=1, include_dashboard=False)
+
+
+def test_starts_ray_in_a_child():
+    proc = subprocess.run([sys.executable, "-c", "import ray; ray.init(num_cpus=1, include_dashboard=False)"],
+                          capture_output=True, text=True, timeout=120)
+    sys.stderr.write(proc.stderr)
+    assert proc.returncode == 0
+
+
+def test_spawns_an_mlflow_server():
+    subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--port", "1"])
+
+
+def test_a_shell_child_that_is_an_s3_server():
+    proc = subprocess.run(["bash", "-c", f"exec {sys.executable} -m moto.server -p 1"], capture_output=True,
+                          text=True, timeout=120)
+    sys.stderr.write(proc.stderr)
+    assert proc.returncode == 0
+'''
+
+
+def _suite(tmp_path: Path, text: str = SUITE) -> Path:
+    shutil.copy(TESTS / "conftest.py", tmp_path / "conftest.py")
+    shutil.copytree(TESTS / "fast_tier", tmp_path / "fast_tier", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "test_suite.py").write_text(text)
+    return tmp_path
+
+
+def _pytest(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(root), *args, str(root / "test_suite.py")], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_tiers_come_from_fixtures_and_own_clusters_run_last(tmp_path):
+    root = _suite(tmp_path)
+    every = _pytest(root, "--collect-only", "-q")
+    names = [line.split("::")[1] for line in every.stdout.splitlines() if "::" in line]
+    assert names[-2:] == ["test_on_the_session_ray", "test_on_its_own_cluster"], every.stdout
+    assert names[0] == "test_plain" and "test_after_them" in names[:-2]
+    server = _pytest(root, "--collect-only", "-q", "-m", "server")
+    assert sorted(line.split("::")[1] for line in server.stdout.splitlines() if "::" in line) == [
+        "test_on_its_own_cluster", "test_on_s3", "test_on_the_session_ray"], server.stdout
+
+
+def test_a_test_marked_server_by_hand_is_refused(tmp_path):
+    root = _suite(tmp_path, "import pytest\n\n@pytest.mark.server\ndef test_by_hand():\n    pass\n")
+    proc = _pytest(root, "--collect-only", "-q")
+    assert proc.returncode == pytest_usage_error(), proc.stdout + proc.stderr
+    assert "test_by_hand is marked `server` by hand" in proc.stdout + proc.stderr
+
+
+def pytest_usage_error() -> int:
+    import pytest
+
+    return int(pytest.ExitCode.USAGE_ERROR)
+
+
+def test_a_fast_tier_test_that_starts_a_server_fails_naming_itself(tmp_path):
+    root = _suite(tmp_path)
+    proc = _pytest(root, "-m", "not server", "-q", "-rf", "-W", "ignore")
+    out = proc.stdout + proc.stderr
+    assert "4 failed, 2 passed" in out, out
+    for name in ("test_starts_ray_in_process", "test_starts_ray_in_a_child", "test_spawns_an_mlflow_server",
+                 "test_a_shell_child_that_is_an_s3_server"):
+        assert f"test_suite.py::{name} starts " in out, (name, out)
+    assert "starts Ray (ray.init" in out and "starts an MLflow server (mlflow server)" in out
+    assert "starts moto's S3 server" in out
