@@ -5,7 +5,12 @@ The end-to-end path on a real autoscaling cluster is tests/test_autoscaling.py."
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import json
+import logging
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -112,7 +117,8 @@ def test_reachable_resources_bound_the_autoscaling_pools():
     unbounded = ClusterView(HEAD_ONLY, (NodeType("w", {"CPU": 4.0}, None),))  # GCS config: max_count -1
     assert cluster.reachable(unbounded, "CPU") == math.inf
     # what pools are planned on: the reachable amount, or (node types unknown) what is up now
-    assert cluster.most(view, "GPU") == 64 and cluster.most(ClusterView(HEAD_ONLY, None), "CPU") == 2
+    assert cluster.reachable_or_now(view, "GPU") == 64
+    assert cluster.reachable_or_now(ClusterView(HEAD_ONLY, None), "CPU") == 2
 
 
 def test_gcs_cluster_config_is_read():
@@ -153,3 +159,149 @@ def test_the_batch_actor_pool_grows_to_what_the_cluster_can_reach():
     assert _actor_pool(cpu_only, 3, None, 100) == (3, False)
     with pytest.raises(RuntimeError, match="no node can ever hold one inpainting actor of {CPU: 1, GPU: 1}"):
         _actor_pool(cpu_only, None, True, 100)
+
+
+# ---------------------------------------------------------------------------------------------- the autoscaler's
+# own rules (issue 25, items 7-10): Ray 2.60's ray/autoscaler/_private/resource_demand_scheduler.py and util.py
+HEAD = {"CPU": 2.0, cluster.HEAD_RESOURCE: 1.0}
+WORKER = {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_nodes_kept_up_by_min_workers_take_slots_under_the_global_cap():
+    """Cap 2, one CPU node up because its type has min_workers 1, 2 GPU workers asked for: only one slot is left
+    for a GPU node, so the job can never start (it used to say "waiting" forever)."""
+    cpu = NodeType("cpu", {"CPU": 8.0}, 2, min_workers=1)
+    gpu = NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 2)
+    view = ClusterView((HEAD, {"CPU": 8.0}), (cpu, gpu), 2)
+    assert cluster.worker_capacity(view, WORKER) == 1 and cluster.reachable(view, "GPU") == 1
+    assert cluster.reachable(view, "CPU") == 2 + 8 + 8  # the head, the CPU node kept up, one GPU node
+    with pytest.raises(Infeasible, match=r"2 worker\(s\) x {CPU: 1, GPU: 1}.* at most 1 fit") as err:
+        cluster.check_workers(view, 2, WORKER, 1.0)
+    assert "cpu {CPU: 8} x at most 2, 1 always up" in str(err.value)
+    assert cluster.check_workers(view, 1, WORKER, 1.0).startswith("waiting for nodes")
+    # the same type without min_workers: the CPU node idles out and frees its slot, so 2 GPU nodes can come
+    free = ClusterView(view.nodes, (NodeType("cpu", {"CPU": 8.0}, 2), gpu), 2)
+    assert cluster.check_workers(free, 2, WORKER, 1.0).startswith("waiting for nodes")
+    # read from a cluster config (min_workers) and from the GCS (min_count)
+    types, cap = cluster.node_types_from_config({"max_workers": 2, "head_node_type": "h", "available_node_types": {
+        "h": {"resources": {"CPU": 2}}, "cpu": {"resources": {"CPU": 8}, "min_workers": 1, "max_workers": 2}}})
+    assert types == (cpu,) and cap == 2
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="cpu", resources={"CPU": 8}, min_count=1, max_count=2)])
+    assert cluster.node_types_from_gcs(config) == (cpu,)
+
+
+def test_workers_and_the_data_pipeline_cpus_must_fit_one_mix_of_nodes():
+    """Cap 1: the one worker node is either the GPU node (holds the worker, no CPU left beside it) or the CPU node
+    (16 CPUs, no GPU). Each need alone fits some mix, both never do: the job would hang without decode tasks."""
+    view = ClusterView(({"CPU": 0.0, cluster.HEAD_RESOURCE: 1.0},),
+                       (NodeType("gpu", WORKER, 1), NodeType("cpu", {"CPU": 16.0}, 1)), 1)
+    assert cluster.worker_capacity(view, WORKER) == 1 and cluster.reachable(view, "CPU") == 16
+    with pytest.raises(Infeasible, match=r"not at once: .* hold 1 worker\(s\) have 1 CPU\(s\), 0 beside them"):
+        cluster.check_workers(view, 1, WORKER, 1.0)
+    assert cluster.check_workers(dataclasses.replace(view, max_workers=2), 1, WORKER, 1.0).startswith("waiting")
+    assert cluster.check_workers(view, 1, WORKER, 0.0).startswith("waiting")  # no data pipeline to feed
+
+
+def brute_force_most_cpus(view: ClusterView, workers: int, request: dict) -> float:
+    """Every mix of worker nodes under the caps, tried one by one: the most CPUs of a mix that holds the workers."""
+    head = [n for n in view.nodes if cluster.HEAD_RESOURCE in n]
+    types = view.launchable()
+    best = -math.inf
+    for counts in itertools.product(*(range(t.min_workers, t.max_workers + 1) for t in types)):
+        if sum(counts) > view.max_workers:
+            continue
+        nodes = head + [t.resources for t, k in zip(types, counts) for _ in range(k)]
+        if sum(cluster.fits(n, request) for n in nodes) >= workers:
+            best = max(best, sum(n.get("CPU", 0.0) for n in nodes))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_one_mix_check_agrees_with_trying_every_mix(seed):
+    rng = random.Random(seed)
+    types = tuple(NodeType(f"t{i}", {"CPU": float(rng.choice([1, 2, 4, 8, 16])),
+                                     **({"GPU": float(rng.choice([1, 2, 4]))} if rng.random() < 0.6 else {})},
+                           (top := rng.randint(0, 4)), min_workers=rng.randint(0, min(top, 1)))
+                  for i in range(rng.randint(1, 4)))
+    view = ClusterView(({"CPU": float(rng.choice([0, 2])), cluster.HEAD_RESOURCE: 1.0},), types,
+                       max(sum(t.min_workers for t in types), rng.randint(0, 6)))
+    request = {"CPU": rng.choice([0.5, 1.0, 2.0]), "GPU": 1.0}
+    workers = rng.randint(1, 6)
+    assert cluster.most_cpus_holding(view, workers, request) == brute_force_most_cpus(view, workers, request)
+
+
+def test_a_head_node_type_with_max_workers_launches_worker_nodes_of_its_type():
+    """Ray launches worker nodes of the head's type when that type says max_workers > 0 (its default is 0)."""
+    config = {"max_workers": 4, "head_node_type": "gpu", "available_node_types": {
+        "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 3}}}
+    types, cap = cluster.node_types_from_config(config)
+    assert types == (NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 3),) and cap == 4
+    view = ClusterView(({"CPU": 8.0, "GPU": 1.0, cluster.HEAD_RESOURCE: 1.0},), types, cap)
+    assert cluster.check_workers(view, 4, WORKER, 1.0).startswith("waiting for nodes")  # the head + 3 launched
+    with pytest.raises(Infeasible, match="at most 4 fit"):
+        cluster.check_workers(view, 5, WORKER, 1.0)
+    assert cluster.decide_gpu(None, ClusterView((HEAD,), types, cap))[0]  # a GPU type to launch
+    # without its own max_workers the head's type launches nothing: the nodes up now are all there is
+    del config["available_node_types"]["gpu"]["max_workers"]
+    assert cluster.node_types_from_config(config) == ((), 4)
+
+
+def test_a_config_without_a_global_max_workers_gets_its_providers_default():
+    """Ray merges the provider's defaults.yaml under the config (util.fillout_defaults): AWS's says max_workers: 2,
+    which then also becomes each worker type's default. Read as unbounded, 3 GPU workers would wait forever."""
+    config = {"provider": {"type": "aws", "region": "us-east-1"}, "head_node_type": "h", "available_node_types": {
+        "h": {"resources": {"CPU": 2}}, "gpu": {"resources": {"CPU": 8, "GPU": 1}}}}
+    types, cap = cluster.node_types_from_config(config)
+    assert cap == 2 and types == (NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 2),)
+    view = ClusterView((HEAD,), types, cap, "cluster.yaml")
+    with pytest.raises(Infeasible, match="at most 2 fit"):
+        cluster.check_workers(view, 3, WORKER, 1.0)
+    # an on-premise cluster (provider local): as many worker nodes as worker_ips (local/config.py)
+    local = {"provider": {"type": "local", "head_ip": "10.0.0.1", "worker_ips": ["10.0.0.2", "10.0.0.3"]},
+             "head_node_type": "h", "available_node_types": {"h": {"resources": {}}, "w": {"resources": {"CPU": 4}}}}
+    assert cluster.node_types_from_config(local)[1] == 2
+    # a provider whose default is not known here: the node types are taken as unknown (never fails, waits)
+    other = {**config, "provider": {"type": "external", "module": "my.Provider"}}
+    assert cluster.node_types_from_config(other) == (None, None)
+
+
+def test_the_provider_defaults_are_those_of_the_installed_ray():
+    from ray.autoscaler._private.providers import _DEFAULT_CONFIGS, _get_default_config
+
+    for provider, value in cluster.PROVIDER_DEFAULT_MAX_WORKERS.items():
+        assert _get_default_config({"type": provider}).get("max_workers") == value, provider
+    for provider in _DEFAULT_CONFIGS:  # every default file that sets one is in the table
+        try:
+            default = _get_default_config({"type": provider}).get("max_workers")
+        except (FileNotFoundError, ImportError):  # a provider whose files this wheel does not ship
+            continue
+        assert default is None or cluster.PROVIDER_DEFAULT_MAX_WORKERS.get(provider) == default, provider
+
+
+# ---------------------------------------------------------------------------------------------- connect
+def test_connect_options_start_join_and_forward_what_the_tasks_need():
+    assert cluster.init_options(environ={}) == {"address": None}  # RAY_ADDRESS, `ray start`'s cluster, or a new one
+    environ = {"AWS_ACCESS_KEY_ID": "key", "MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_REGION": ""}
+    assert cluster.init_options(("AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_URI", "AWS_REGION"), local_cpus=2, quiet=True,
+                                environ=environ) == {
+        "address": "local", "num_cpus": 2,  # the demo's own Ray, never someone else's cluster
+        "runtime_env": {"env_vars": {"AWS_ACCESS_KEY_ID": "key", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}},
+        "include_dashboard": False, "log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
+
+
+def test_connect_leaves_a_submitted_jobs_own_env_vars_to_the_job():
+    """Under `ray job submit --runtime-env-json '{"env_vars": {...}}'` the driver already has those variables, and Ray
+    refuses a ray.init runtime env that names one of them again (what batch inpainting used to pass)."""
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    job_env = {"env_vars": {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}}
+    environ = {**job_env["env_vars"], "AWS_REGION": "eu-west-1",
+               "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": job_env, "metadata": {}})}
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+    options = cluster.init_options(names, environ=environ)
+    assert options["runtime_env"] == {"env_vars": {"AWS_REGION": "eu-west-1"}}
+    assert _merge_runtime_env(job_env, options["runtime_env"]) is not None
+    assert _merge_runtime_env(job_env, {"env_vars": {k: environ[k] for k in names}}) is None  # refused by Ray

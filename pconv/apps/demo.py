@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from pconv import cluster
 from pconv.tracking import registry
 
 from pconv.storage import uris
@@ -290,12 +291,7 @@ def _train(cfg: TrainConfig, tracking_uri: str):
     import ray
 
     from pconv.train import driver
-    started = False
-    if not ray.is_initialized():
-        env = {k: os.environ[k] for k in (*uris.AWS_ENV_VARS, "MLFLOW_TRACKING_URI") if os.environ.get(k)}
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level=logging.WARNING, runtime_env={"env_vars": env})
-        started = True
+    started = cluster.connect(forward_env=(*uris.AWS_ENV_VARS, "MLFLOW_TRACKING_URI"), local_cpus=2, quiet=True)
     progress = TrainProgress(tracking_uri, cfg.experiment, cfg.run_name, cfg.total_steps)
     progress.start()
     ok = False

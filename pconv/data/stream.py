@@ -223,7 +223,7 @@ def default_concurrency(num_cpus: float, cpus: float | None = None) -> int:
     import ray
 
     if cpus is None and ray.is_initialized():
-        cpus = cluster.most(cluster.read_view(), "CPU")
+        cpus = cluster.reachable_or_now(cluster.read_view(), "CPU")
     cpus = max(1.0, min(float(cpus or 1.0), _MAX_INPUT_BLOCKS / 4))  # unbounded node types: the input-block limit
     return max(1, min(int(cpus * 0.75 / num_cpus), int(cpus)))
 
@@ -291,8 +291,7 @@ def build_train_dataset(images_uri: str, masks_uri: str, image_size: int, seed: 
 
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
-    if not ray.is_initialized():
-        ray.init()
+    cluster.connect()
     concurrency = concurrency or default_concurrency(num_cpus)
     base = derive_seed("train", seed, epoch)
     ds, n_blocks = _units_dataset(images_uri, "train", shuffle_seed=base % 2**31, concurrency=concurrency)
@@ -315,8 +314,7 @@ def build_val_dataset(images_uri: str, masks_uri: str, image_size: int, limit: i
     Row order is not guaranteed across runs; the pairs are (sort by ``index`` if order matters)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    cluster.connect()
     concurrency = concurrency or default_concurrency(num_cpus)
     manifest = _image_manifest(images_uri)
     keys = shards.read_table(shards.shard_uris(images_uri, manifest, "val"), ["key"]).column("key").to_pylist()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -75,16 +74,14 @@ def batch_inpaint(model_uri: str, images: str, masks: str, out: str, hole_color:
     grows, as nodes join, to ``num_actors`` (default: the GPUs the cluster can reach, or half its CPUs; never more
     than there are images). Returns ``{"total", "written", "skipped", "errors": [(image, reason), ...], "use_gpu",
     "num_actors" (the pool's maximum), "polarity_warning"}`` (None, or the warning text with the hole ratio).
-    Uses the running Ray cluster if there is one (``ray.init()`` otherwise, honouring ``RAY_ADDRESS``).
+    Uses the running Ray cluster if there is one (:func:`pconv.cluster.connect` otherwise, honouring ``RAY_ADDRESS``).
     """
     import ray
 
     jobs = pair_files(images, masks, out)
     model, info = load_model(model_uri, device="cpu", tracking_uri=tracking_uri)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if not ray.is_initialized():
-        env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
-        ray.init(runtime_env={"env_vars": env} if env else None)
+    cluster.connect(forward_env=_FORWARD_ENV)
     num_actors, use_gpu = _actor_pool(cluster.read_view(), num_actors, use_gpu, len(jobs))
     log.info("batch inpainting %d images with up to %d %s actor(s), model %s (layer_size %d)", len(jobs), num_actors,
              "GPU" if use_gpu else "CPU", model_uri, info["layer_size"])
@@ -128,7 +125,7 @@ def _actor_pool(view: cluster.ClusterView, num_actors: int | None, use_gpu: bool
         log.warning("%s", waiting)
     if num_actors is None:  # floats until clamped: unbounded node types reach math.inf
         key = "GPU" if use_gpu else "CPU"
-        most = cluster.most(view, key)
+        most = cluster.reachable_or_now(view, key)
         capacity = cluster.worker_capacity(view, request)
         num_actors = min(most if use_gpu else most // 2, math.inf if capacity is None else capacity, n_jobs)
     return int(max(1, min(num_actors, n_jobs))), use_gpu

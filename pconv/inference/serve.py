@@ -208,7 +208,7 @@ def cluster_gpus() -> float:
 
     if not ray.is_initialized():
         return 0.0
-    return float(cluster.most(cluster.read_view(), "GPU"))
+    return float(cluster.reachable_or_now(cluster.read_view(), "GPU"))
 
 
 def build_app(model_uri: str, tracking_uri: str | None = None, min_replicas: int = 1, max_replicas: int = 2,
@@ -246,10 +246,7 @@ def run(model_uri: str, host: str = "127.0.0.1", port: int = 8000, tracking_uri:
         blocking: bool = True, **kwargs: Any):
     """Start Serve (on the current Ray cluster, or a local one) with HTTP on ``host:port`` and deploy the app;
     returns the app handle when ``blocking`` is False."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+    cluster.connect()
     serve.start(http_options={"host": host, "port": port})
     handle = serve.run(build_app(model_uri, tracking_uri, **kwargs), name=APP_NAME, route_prefix="/")
     log.info("serving %s at http://%s:%d/ (POST /inpaint, GET /healthz)", model_uri, host, port)

@@ -21,8 +21,8 @@ same shard format and manifest, same skip reasons, same refusals. What differs i
    lost for good) never writes a manifest: the previous dataset stays as it was and the orphan shards of the dead
    run are removed by the next successful run. A task retried after a lost node rewrites the same shard name.
 
-Ray: the current cluster when this process is a Ray driver (``RAY_ADDRESS``, ``ray job submit``, or an already
-initialised Ray); otherwise ``ray.init()`` (an existing local cluster, or a new local Ray on this machine). Local
+Ray: joined by :func:`pconv.cluster.connect`: the current cluster when this process is a Ray driver (``RAY_ADDRESS``,
+``ray job submit``, or an already initialised Ray); otherwise an existing local cluster, or a new local Ray. Local
 paths (SRC or DST) must be visible at the same path on every node that runs tasks (one machine, or a shared
 mount); a node that does not see a local SRC fails the run with a message saying so, and shards a task wrote
 where the driver cannot see them fail it before the manifest is written. On a cluster of several machines, use
@@ -217,14 +217,6 @@ def _chunk_blocks(table: pa.Table, target_bytes: int, max_files: int, cpus: floa
                             "chunk": pa.array(np.full(b - a, chunk), pa.int64())})
 
 
-def _connect() -> Any:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
-    return ray
-
-
 def _run(*, kind: str, dst: str, entries: Iterable[tuple[str, int]], suffixes: tuple[str, ...] | None,
          plan: _Plan, shard_size_mb: float, max_files: int, progress: bool, remote: bool,
          **finish: Any) -> IngestSummary:
@@ -261,10 +253,12 @@ def _run(*, kind: str, dst: str, entries: Iterable[tuple[str, int]], suffixes: t
 def _execute(table: pa.Table, plan: _Plan, shard_size_mb: float, max_files: int, progress: bool,
              remote: bool) -> list[dict[str, Any]]:
     """Run the chunks as one Ray Data job; the tasks' metadata rows, parsed."""
-    ray = _connect()
+    import ray
+
+    cluster.connect()
     # the CPUs the cluster can reach (its autoscaler's node types at full scale), not the submit-time snapshot: on a
     # cluster that starts from zero workers the snapshot is the head's few CPUs, and far too few chunks would queue
-    cpus = cluster.most(cluster.read_view(), "CPU")
+    cpus = cluster.reachable_or_now(cluster.read_view(), "CPU")
     refs = [ray.put(block) for block in _chunk_blocks(table, int(shard_size_mb * 2**20), max_files, cpus)]
     total = table.num_rows
     del table  # the keys now live in the object store, one block per chunk

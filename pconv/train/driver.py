@@ -173,10 +173,7 @@ def plan_cluster(cfg: TrainConfig, local_mode: bool) -> ClusterPlan:
     """GPUs or not, CPUs per worker, and the CPUs Ray Data needs beside them, planned on the cluster as its
     autoscaler can make it (:mod:`pconv.cluster`), not on the nodes that happen to be up at submit time. Fails
     fast only when the cluster can never run the job; logs what it waits for while nodes launch."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    cluster.connect()
     view = cluster.read_view()
     use_gpu, why = cluster.decide_gpu(cfg.use_gpu, view)
     cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else 0.5)
@@ -189,13 +186,13 @@ def plan_cluster(cfg: TrainConfig, local_mode: bool) -> ClusterPlan:
     except cluster.Infeasible as exc:
         raise ConfigError(str(exc)) from None
     log.info("training on %s (%s): %d worker(s) x %s", "GPUs" if use_gpu else "CPUs", why, cfg.workers,
-             cluster.fmt(request))
+             cluster.format_resources(request))
     if waiting:
         log.warning("%s", waiting)
     if not local_mode and view.node_types != ():  # nodes come and go: keep Ray Data's detached actors off them
         cluster.host_data_singletons_here()
     return ClusterPlan(use_gpu, cpus_per_worker, _gpu_type(use_gpu, view),
-                       stream.default_concurrency(stream.DEFAULT_NUM_CPUS, cluster.most(view, "CPU")))
+                       stream.default_concurrency(stream.DEFAULT_NUM_CPUS, cluster.reachable_or_now(view, "CPU")))
 
 
 def run(cfg: TrainConfig, *, local_mode: bool = False, step_hook: StepHook | None = None) -> TrainSummary:
