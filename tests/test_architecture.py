@@ -1,187 +1,500 @@
-"""The module map of ../shared/ARCHITECTURE.md, checked on the source: who may import whom, no cycle, the core free
-of Ray and MLflow at import time, module sizes, and one definition per shared name or constant.
+"""The package map, checked on the source.
 
-Imports are read with ``ast`` (top-level AND function-level ``from pconv... import``), so a lazy import cannot hide
-a back-flow. Each failure names the module, the import and the rule.
+The map (the same in ``pconv/__init__.py``, each package's ``__init__`` docstring, README's Architecture section and
+``../shared/ARCHITECTURE.md``'s table; :func:`test_the_map_is_the_same_everywhere` keeps them equal): the packages
+under ``pconv/`` are the pipeline's stages, and imports flow one way, from a stage to the stages it builds on::
+
+    core        the paper (layers, U-Net, loss, masks, metrics, SR grid, image decode, config)  imports nothing
+    storage     URIs, atomic writes, file sets, the shard format                                   core
+    cluster.py  the cluster the autoscaler can make, the one way to join Ray                       nothing
+    ingest      sources -> shards                                                                  core storage cluster
+    data        training input                                                                     core storage cluster
+    tracking    MLflow runs, checkpoints, registry, model URI -> model                             core storage
+    train       driver, worker loop, train state                                                   + data tracking
+    inference   inpaint / super-resolve, batch, serve, the pyfunc model                            + tracking
+    evaluation  paper protocol, SR vs bicubic, promotion                                           + inference
+    apps        applications of the library (demo, local S3)                                       any library package
+    commands    one parser + main per `pconv` command                                              library + apps
+    pipelines/  shims for `ray job submit -- python pipelines/X.py`                                pconv.commands only
+
+Every rule says why it exists. Imports are read with ``ast`` at every depth (module level, inside functions, under
+``TYPE_CHECKING``, ``importlib.import_module("pconv...")``), so a lazy import cannot hide a back-flow; each failure
+names the file, the line and the rule.
 """
 
 from __future__ import annotations
 
 import ast
+import io
+import json
 import re
+import subprocess
+import sys
+import tokenize
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PCONV = REPO / "pconv"
+ARCHITECTURE_MD = REPO.parent / "shared" / "ARCHITECTURE.md"
 
-# ARCHITECTURE.md's table ("may import"), plus the extras agreed in the re-cut (issue 13), each with its reason:
-#  - images (decode, suffixes, the one centre crop) and storage (URIs, atomic writes) are leaf utilities any
-#    module may use;
-#  - sources (folder / zip / s3 prefix file sets) serves ingest, inference and evaluation;
-#  - metrics reads the paper's hole-ratio bins from masks; registry validates configs (config);
-#  - train's worker loop lives in train_loop (one concern: the loop you read in one screen), and both compute
-#    validation metrics (metrics); the driver checks the input manifests before the cluster is touched (shards);
-#  - allocator (glibc buffer reuse) and model_inputs (uint8 rows -> float model inputs) were split out of data;
-#  - mlflow_runs (tracking URI, client, retries, run lookup) was split out of tracking;
-#  - pyfunc_model is the MLflow pyfunc flavour's loader module (shipped inside the model with code_paths): the
-#    byte-level request contract shared by the pyfunc and the Serve app.
-UTILITIES = {"images", "storage"}
-ALLOWED: dict[str, set[str]] = {
-    "layers": set(),
-    "model": {"layers"},
-    "losses": set(),
-    "masks": set(),
-    "sr_grid": set(),  # issue 18: the paper's SR grid (Sec. 5); masks is at its size limit, and this is its own concern
-    "metrics": {"masks"},
-    "config": {"model", "sr_grid"},  # issue 18: `sr_scale` is validated by the grid's own check_scale
-    "images": set(),
-    "storage": set(),
-    "sources": set(),
-    "shards": {"masks"},
-    "ingest_rows": {"shards", "masks"},  # issue 17: one file -> one shard row, shared by both ingest engines
-    "ingest": {"shards", "masks", "sources", "ingest_rows"},
-    # issue 17: ingest as a Ray Data job across the cluster; reuses ingest's checks and run end, ingest_rows' rows
-    "ingest_job": {"ingest", "ingest_rows", "shards", "masks", "sources", "cluster"},  # cluster: chunks for reachable CPUs
-    "transforms": {"masks", "shards", "sr_grid"},  # issue 18: SR pairs (LR crop + grid) built on the fly
-    "allocator": set(),
-    "model_inputs": {"sr_grid"},  # issue 18: SR's net input is the LR canvas on the grid (place_on_grid)
-    # issue 14: the cluster as its autoscaler can make it (nodes now + launchable node types); resource planning
-    # (train's concern) lives there so that data (decode pool bound), batch (actor pool) and serve (GPU replicas)
-    # plan on the same view instead of each reading a submit-time ray.cluster_resources() snapshot
-    "cluster": set(),
-    "data": {"transforms", "shards", "masks", "allocator", "model_inputs", "cluster"},
-    "train_stream": {"data", "transforms"},  # issue 15: per-worker epoch plan + data position (exact resume)
-    "train_checkpoint": {"checkpoint", "train_stream"},  # issue 15: the data position a checkpoint records
-    "fault_hooks": set(),  # issue 15: test-only worker crash + sample-id trace (off unless PCONV_TEST_HOOKS)
-    "checkpoint": set(),
-    "mlflow_runs": set(),
-    "tracking": {"config", "mlflow_runs"},
-    "registry": {"checkpoint", "tracking", "model", "config"},
-    # issue 19: tracking (the store a models:/ URI used, redacted); issue 18: config, the `task` names' one owner
-    "loading": {"registry", "checkpoint", "model", "tracking", "config"},
-    "train_loop": {"model", "losses", "data", "checkpoint", "tracking", "registry", "loading", "config", "metrics",
-                   "allocator", "model_inputs", "train_stream",
-                   "train_checkpoint", "fault_hooks"},
-    "train": {"model", "losses", "data", "checkpoint", "tracking", "registry", "loading", "config", "metrics",
-              "train_loop", "shards", "cluster"},
-    "inference": {"loading", "model", "masks", "sources"},
-    "baseline": set(),
-    # issue 15: the evaluation's inputs (images streamed in batches, masks, fixed pairs) split out of evaluation,
-    # which was at its size limit; no model, no Ray, no MLflow
-    "eval_data": {"shards", "masks", "sources"},
-    "evaluation": {"inference", "baseline", "metrics", "shards", "registry", "tracking", "masks", "sources",
-                   "loading", "eval_data"},
-    "batch": {"inference", "loading", "masks", "cluster"},
-    "super_resolution": {"inference", "loading", "sr_grid"},  # issue 18: SR use (LR -> HR composite), any size
-    "sr_evaluation": {"super_resolution", "evaluation", "eval_data", "metrics", "loading", "tracking", "images"},  # issue 18
-    "pyfunc_model": {"inference", "loading", "masks", "super_resolution"},  # issue 18: SR models answer too
-    "serve": {"inference", "loading", "registry", "masks", "pyfunc_model", "super_resolution", "cluster"},
-    "cli": {"masks"},
+# ------------------------------------------------------------------------------------------------ the map
+# The library: every stage a training or serving run uses. Nothing in it imports commands/ or apps/.
+LIBRARY = ("core", "storage", "cluster", "ingest", "data", "tracking", "train", "inference", "evaluation")
+EDGES = ("apps", "commands")  # what is built on the library: applications, and the command line over everything
+
+# package -> the packages it may import (besides itself), and why
+MAY_IMPORT: dict[str, frozenset[str]] = {
+    # The paper must be readable, testable and importable anywhere (a notebook, a pyfunc model, a unit test)
+    # without a cluster or a tracking server: it depends on no other stage.
+    "core": frozenset(),
+    # Where bytes live: the shard format validates rows with the paper's mask rules.
+    "storage": frozenset({"core"}),
+    # The cluster view is pure planning over Ray's state: every stage that runs on Ray asks it, it asks no one.
+    "cluster": frozenset(),
+    # Sources become shards: decode (core), write (storage), size the Ray Data job for the cluster (cluster).
+    "ingest": frozenset({"core", "storage", "cluster"}),
+    # Training input reads shards (storage) and plans its pools on the cluster; it knows nothing of training runs.
+    "data": frozenset({"core", "storage", "cluster"}),
+    # Runs, checkpoints and models are about files and the paper's model; not about how they were trained or used.
+    "tracking": frozenset({"core", "storage"}),
+    # Training consumes data and records through tracking; it never reaches forward into use (inference,
+    # evaluation), so a training job cannot depend on the serving side.
+    "train": frozenset({"core", "storage", "cluster", "data", "tracking"}),
+    # Use of a trained model: loads it through tracking. The pyfunc model lives here (pconv/inference/pyfunc.py, a
+    # deliberate deviation from ARCHITECTURE.md, which lists it under tracking): it calls the inpainting and SR
+    # code, and tracking may not import inference.
+    "inference": frozenset({"core", "storage", "cluster", "tracking"}),
+    # The paper's evaluation scores what inference produces and promotes through the registry.
+    "evaluation": frozenset({"core", "storage", "tracking", "inference"}),
+    # Applications are compositions of library calls; they are not imported by the library, nor import commands.
+    "apps": frozenset(LIBRARY),
+    # A command parses arguments, makes one library call and maps errors to exit codes; `pconv demo` runs the demo
+    # application (a second deviation from ARCHITECTURE.md, whose table says "any library package").
+    "commands": frozenset(LIBRARY) | {"apps"},
 }
-CORE = ("layers", "model", "losses", "masks", "metrics", "config", "images", "sr_grid")
-NEVER_FROM_TRAIN = {"inference", "serve", "evaluation", "batch"}
-MAX_MODULE_LINES = 400
-MAX_PIPELINE_LINES = 100
+PACKAGES = LIBRARY + EDGES
+# pipelines/*.py stay importable by `ray job submit -- python pipelines/X.py`: a shim calls pconv.commands.X.main and
+# holds no logic of its own, so the script and the installed `pconv X` cannot drift apart.
+PIPELINES_MAY_IMPORT = "pconv.commands"
+RAY_AND_MLFLOW = ("ray", "mlflow")
 
 
+# ------------------------------------------------------------------------------------------------ reading the source
+@dataclass(frozen=True)
+class Import:
+    target: str      # the imported module, absolute (a pconv submodule when a `from` names one)
+    names: tuple[str, ...]  # the names taken from it (`from target import a, b`), or () for `import target`
+    line: int
+    top_level: bool  # executed when the module is imported (not inside a function)
+
+
+def _files() -> list[Path]:
+    return sorted(p for p in PCONV.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+@cache
 def _modules() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(PCONV.glob("*.py")) if p.stem != "__init__"}
+    return {_module_name(p): p for p in _files()}
 
 
-def _imports(path: Path) -> list[tuple[str, int, bool]]:
-    """(imported module, line, at module top level) for every import of a third-party or pconv module."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    top = set(map(id, tree.body))
-    found = []
-    for node in ast.walk(tree):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "pconv" else [])
-        for name in names:
-            found.append((name, node.lineno, id(node) in top))
-    return found
+def _package_of(module: str) -> str | None:
+    """The map's unit of a pconv module: 'core', 'cluster', ... (None for the top-level pconv package itself)."""
+    parts = module.split(".")
+    if parts[0] != "pconv" or len(parts) == 1:
+        return None
+    if parts[1] == "__main__":  # `python -m pconv` is the command line
+        return "commands"
+    return parts[1]
 
 
-def _pconv_deps(path: Path) -> dict[str, int]:
-    deps: dict[str, int] = {}
-    for name, line, _ in _imports(path):
-        parts = name.split(".")
-        if parts[0] == "pconv" and len(parts) > 1:
-            deps.setdefault(parts[1], line)
-    return deps
+def _rel(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
 
 
-def test_every_module_is_on_the_map():
-    missing = sorted(set(_modules()) - set(ALLOWED))
-    assert not missing, f"pconv modules not on the map (add them to ARCHITECTURE.md and ALLOWED): {missing}"
+@cache
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
 
 
-@pytest.mark.parametrize("module", sorted(ALLOWED))
-def test_imports_follow_the_map(module):
-    path = PCONV / f"{module}.py"
-    if not path.exists():
-        pytest.skip(f"pconv/{module}.py does not exist (yet)")
-    allowed = ALLOWED[module] | UTILITIES | {module}
-    wrong = {dep: line for dep, line in _pconv_deps(path).items() if dep not in allowed}
-    assert not wrong, (f"pconv/{module}.py imports {', '.join(f'{d} (line {n})' for d, n in sorted(wrong.items()))}"
-                       f"; the map allows {sorted(ALLOWED[module] | UTILITIES)}")
+def _resolve_relative(module: str, is_package: bool, level: int, name: str | None) -> str:
+    base = module.split(".")
+    if not is_package:
+        base = base[:-1]
+    base = base[:len(base) - (level - 1)] if level > 1 else base
+    return ".".join(base + ([name] if name else []))
 
 
-def test_no_import_cycle():
-    graph = {m: set(_pconv_deps(p)) - {m} for m, p in _modules().items()}
+@cache
+def _imports(path: Path) -> tuple[Import, ...]:
+    """Every import in ``path`` at any depth, with pconv targets resolved to the submodule they name."""
+    module = _module_name(path) if path.is_relative_to(PCONV) else path.stem
+    is_package = path.name == "__init__.py"
+    known = set(_modules())
+    found: list[Import] = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    found.append(Import(alias.name, (), child.lineno, top))
+            elif isinstance(child, ast.ImportFrom):
+                base = (_resolve_relative(module, is_package, child.level, child.module) if child.level
+                        else child.module or "")
+                for alias in child.names:
+                    sub = f"{base}.{alias.name}"
+                    if sub in known:  # `from pconv.data import stream`: the module pconv.data.stream
+                        found.append(Import(sub, (), child.lineno, top))
+                    else:
+                        found.append(Import(base, (alias.name,), child.lineno, top))
+            elif (isinstance(child, ast.Call) and _call_name(child.func) in ("importlib.import_module", "import_module",
+                                                                             "__import__") and child.args):
+                target = _literal_prefix(child.args[0])
+                if target:
+                    found.append(Import(target, (), child.lineno, top))
+            visit(child, inner)
+
+    visit(_tree(path), True)
+    return tuple(found)
+
+
+def _call_name(func: ast.AST) -> str:
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        return f"{_call_name(func.value)}.{func.attr}"
+    return ""
+
+
+def _literal_prefix(node: ast.AST) -> str | None:
+    """The constant module name of import_module("pconv.x") or f"pconv.commands.{name}" (its dotted prefix)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        return str(node.values[0].value).rstrip(".") or None
+    return None
+
+
+def _pconv_target(imp: Import) -> str | None:
+    """The pconv module an import reaches (``pconv.x.y``), or None for a third-party / stdlib import."""
+    return imp.target if imp.target == "pconv" or imp.target.startswith("pconv.") else None
+
+
+def _violations(rule, paths) -> list[str]:
+    return list(dict.fromkeys(f"{_rel(path)}:{imp.line}: {message}" for path in paths for imp in _imports(path)
+                              if (message := rule(path, imp))))
+
+
+# ------------------------------------------------------------------------------------------------ the layout
+def test_ls_pconv_shows_the_stages():
+    """A newcomer's `ls pconv/` is the pipeline: its folders are the map's packages, and nothing lies beside them
+    but the package's own entry points (a flat module would be a stage nobody placed)."""
+    entries = {p.name for p in PCONV.iterdir() if p.name != "__pycache__" and not p.name.startswith(".")}
+    expected = {f"{p}.py" if p == "cluster" else p for p in PACKAGES} | {"__init__.py", "__main__.py", "py.typed"}
+    assert entries == expected, (f"unexpected under pconv/: {sorted(entries - expected)}; "
+                                 f"missing: {sorted(expected - entries)}")
+    for package in PACKAGES:
+        if package != "cluster":
+            assert (PCONV / package / "__init__.py").is_file(), f"pconv/{package}/ has no __init__.py"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_follow_the_package_direction(package):
+    """Data flows one way and so do imports (see MAY_IMPORT for each package's reason); a back-flow is a cycle
+    waiting to happen and couples a stage to one that is built on it."""
+    allowed = MAY_IMPORT[package] | {package}
+
+    def rule(path: Path, imp: Import) -> str | None:
+        target = _pconv_target(imp)
+        if target is None:
+            return None
+        dep = _package_of(target)
+        if target == "pconv" and imp.names:  # `from pconv import x` that is no submodule: the top-level package
+            return None
+        if dep is not None and dep not in allowed:
+            return (f"{package} imports {target} ({dep}); {package} may import "
+                    f"{', '.join(sorted(MAY_IMPORT[package])) or 'nothing else of pconv'}")
+        return None
+
+    paths = [p for m, p in _modules().items() if _package_of(m) == package]
+    assert paths, f"no module of package {package}"
+    wrong = _violations(rule, paths)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_top_level_package_imports_nothing():
+    """`import pconv.core.layers` runs pconv/__init__.py first: if it imported anything, the core would drag it in."""
+    imports = _imports(PCONV / "__init__.py")
+    assert not imports, [f"pconv/__init__.py:{i.line}: imports {i.target}" for i in imports]
+
+
+def test_pipelines_are_shims_of_commands():
+    """pipelines/X.py exist for `ray job submit -- python pipelines/X.py`: each calls pconv.commands.X.main and
+    imports nothing else of pconv and nothing outside the standard library (no logic to drift from `pconv X`)."""
+    paths = sorted((REPO / "pipelines").glob("*.py"))
+    assert paths
+
+    def rule(path: Path, imp: Import) -> str | None:
+        target = imp.target
+        if target == PIPELINES_MAY_IMPORT or target.startswith(PIPELINES_MAY_IMPORT + "."):
+            return None
+        if target.split(".")[0] in sys.stdlib_module_names or target == "__future__":
+            return None
+        return f"imports {target}; a pipeline shim may import only {PIPELINES_MAY_IMPORT} (and the standard library)"
+
+    wrong = _violations(rule, paths)
+    assert not wrong, "\n".join(wrong)
+    for path in paths:
+        called = {_call_name(n.func) for n in ast.walk(_tree(path)) if isinstance(n, ast.Call)}
+        assert "main" in called, f"{_rel(path)} does not call a command's main()"
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}
 
-    def visit(node: str, trail: list[str]) -> None:
+    def visit(node: str, trail: list[str]) -> list[str] | None:
         state[node] = 1
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(dep):] + [dep]))
-            if dep in graph and state.get(dep) is None:
-                visit(dep, trail + [dep])
+                return trail[trail.index(dep):] + [dep]
+            if state.get(dep) is None and (found := visit(dep, trail + [dep])):
+                return found
         state[node] = 2
+        return None
 
-    for module in sorted(graph):
-        if state.get(module) is None:
-            visit(module, [module])
-
-
-def test_library_never_imports_apps_pipelines_or_tests():
-    for module, path in _modules().items():
-        for name, line, _ in _imports(path):
-            root = name.split(".")[:2]
-            assert root[0] not in ("pipelines", "tests", "conftest"), f"pconv/{module}.py:{line} imports {name}"
-            assert root != ["pconv", "apps"], f"pconv/{module}.py:{line} imports the apps package ({name})"
+    for node in sorted(graph):
+        if state.get(node) is None and (found := visit(node, [node])):
+            return found
+    return None
 
 
-@pytest.mark.parametrize("module", CORE)
-def test_core_never_imports_ray_or_mlflow_at_import_time(module):
-    top = [(n, line) for n, line, at_top in _imports(PCONV / f"{module}.py") if at_top]
-    bad = [(n, line) for n, line in top if n.split(".")[0] in ("ray", "mlflow")]
-    assert not bad, f"pconv/{module}.py imports {bad} at module level"
+def _module_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        deps = set()
+        for imp in _imports(path):
+            target = _pconv_target(imp)
+            while target and target not in modules:  # `from pconv.x.y import name`: the module pconv.x.y
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                deps.add(target)
+        graph[module] = deps
+    return graph
 
 
-def test_train_does_not_depend_on_the_serving_side():
-    for module in ("train", "train_loop"):
-        path = PCONV / f"{module}.py"
-        if path.exists():
-            bad = set(_pconv_deps(path)) & NEVER_FROM_TRAIN
-            assert not bad, f"pconv/{module}.py imports {sorted(bad)}"
+def test_no_cycle_between_modules():
+    """A cycle makes import order matter and the two modules one concern in two files: cut them differently."""
+    cycle = _cycle(_module_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_module_and_pipeline_sizes():
-    big = {p.relative_to(REPO).as_posix(): n for p in PCONV.rglob("*.py")
-           if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
-    assert not big, f"library modules over {MAX_MODULE_LINES} lines (split them by concern): {big}"
-    long = {p.name: n for p in (REPO / "pipelines").glob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_PIPELINE_LINES}
-    assert not long, f"pipelines over {MAX_PIPELINE_LINES} lines (move logic into the library): {long}"
+def test_no_cycle_between_packages():
+    """The stages are layered; two packages that import each other are one stage, or a concern in the wrong one."""
+    graph: dict[str, set[str]] = {}
+    for module, deps in _module_graph().items():
+        package = _package_of(module)
+        if package:
+            graph.setdefault(package, set()).update(
+                d for dep in deps if (d := _package_of(dep)) and d != package)
+    cycle = _cycle(graph)
+    assert cycle is None, "package cycle: " + " -> ".join(cycle)
 
 
-# name -> the one file allowed to define it (assignment or def at module level)
+def test_the_library_never_imports_commands_apps_pipelines_or_tests():
+    """The library is what a job runs on a cluster and what a registered model ships: it must work without the
+    command line, the demo, the scripts or the test suite (test-only code reaches it through documented hooks)."""
+    test_modules = {p.stem for p in (REPO / "tests").rglob("*.py")} | {"tests", "conftest"}
+    paths = [p for m, p in _modules().items() if _package_of(m) in LIBRARY]
+
+    def rule(path: Path, imp: Import) -> str | None:
+        root = imp.target.split(".")[0]
+        if root in ("pipelines", "benchmarks") or root in test_modules:
+            return f"the library imports {imp.target}"
+        package = _package_of(imp.target) if root == "pconv" else None
+        if package in EDGES:
+            return f"the library imports {imp.target} ({package} is built on the library, never under it)"
+        return None
+
+    wrong = _violations(rule, paths)
+    assert not wrong, "\n".join(wrong)
+
+
+# ------------------------------------------------------------------------------------------------ the core
+def test_the_core_imports_nothing_else_of_pconv():
+    """The paper in code stands alone (see MAY_IMPORT['core']); checked at every depth, lazy imports included."""
+    paths = [p for m, p in _modules().items() if _package_of(m) == "core"]
+
+    def rule(path: Path, imp: Import) -> str | None:
+        target = _pconv_target(imp)
+        if target and target != "pconv" and _package_of(target) != "core":
+            return f"the core imports {target}"
+        return None
+
+    wrong = _violations(rule, paths)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_core_imports_no_ray_mlflow_or_other_pconv_at_import_time():
+    """Importing every core module in a fresh interpreter loads neither Ray nor MLflow (seconds of start-up and a
+    heavy dependency for a reader of the paper's code) nor any pconv package outside the core."""
+    core = sorted(m for m in _modules() if _package_of(m) == "core")
+    code = ("import json, sys\n" + "".join(f"import {m}\n" for m in core)
+            + "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow') "
+              "or (m.startswith('pconv.') and not m.startswith('pconv.core')))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not loaded, f"importing {core} loads {loaded}"
+
+
+# ------------------------------------------------------------------------------------------------ how modules meet
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _module_aliases(path: Path) -> dict[str, str]:
+    """Local name -> the pconv module it is bound to: `import pconv.data.stream as s`, `from pconv.data import
+    stream`, `from . import stream`, and `import pconv.core.masks` (which binds `pconv`)."""
+    module = _module_name(path) if path.is_relative_to(PCONV) else path.stem
+    modules = set(_modules())
+    aliases: dict[str, str] = {}
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in modules:
+                    aliases[a.asname or "pconv"] = a.name if a.asname else "pconv"
+        elif isinstance(node, ast.ImportFrom):
+            base = (_resolve_relative(module, path.name == "__init__.py", node.level, node.module) if node.level
+                    else node.module or "")
+            for a in node.names:
+                if f"{base}.{a.name}" in modules:
+                    aliases[a.asname or a.name] = f"{base}.{a.name}"
+    return aliases
+
+
+def _dotted(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute) and (base := _dotted(node.value)):
+        return f"{base}.{node.attr}"
+    return None
+
+
+def _private_uses(path: Path) -> list[str]:
+    here = _module_name(path) if path.is_relative_to(PCONV) else None
+    modules = set(_modules())
+    out = []
+    for imp in _imports(path):
+        target = _pconv_target(imp)
+        for name in imp.names:
+            if target and target != here and _is_private(name):
+                out.append(f"{_rel(path)}:{imp.line}: from {target} import {name}")
+        if target in modules and target != here and _is_private(target.rpartition(".")[2]):
+            out.append(f"{_rel(path)}:{imp.line}: imports the private module {target}")
+    aliases = _module_aliases(path)
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr) and (base := _dotted(node.value)):
+            head, _, rest = base.partition(".")
+            if head not in aliases:
+                continue
+            module = f"{aliases[head]}.{rest}" if rest else aliases[head]
+            if module in modules and module != here:
+                out.append(f"{_rel(path)}:{node.lineno}: {base}.{node.attr} ({module}'s private name)")
+    return out
+
+
+def test_no_private_name_is_used_across_modules():
+    """A module's `_private` names are free to change without notice; a neighbour that calls one is coupled to its
+    insides, and the call says the cut between the two is wrong (make the name public, or move the code)."""
+    paths = _files() + sorted((REPO / "pipelines").glob("*.py")) + sorted((REPO / "benchmarks").glob("*.py"))
+    wrong = [v for path in paths for v in _private_uses(path)]
+    assert not wrong, "\n".join(wrong)
+
+
+# ------------------------------------------------------------------------------------------------ what the library holds
+TEST_ENV_WORDS = {"TEST", "TESTS", "TESTING", "FAULT", "FAULTS", "CRASH", "TRACE", "TRACING", "INJECT", "HOOK",
+                  "HOOKS"}  # words of an environment variable that switches test code on (PCONV_TEST_HOOKS)
+TEST_WORDS = re.compile(r"\bfor (?:fast |the |unit )?tests\b|\btest[- ]only\b|\bonly (?:for|in) tests\b", re.I)
+ENV_READS = ("os.environ.get", "os.getenv", "environ.get", "getenv", "os.environ.setdefault", "os.environ.pop")
+
+
+def _env_names(path: Path) -> list[tuple[int, str]]:
+    """Environment variables a module reads: os.environ.get/getenv/[...]/`in os.environ` with a literal name."""
+    found = []
+    for node in ast.walk(_tree(path)):
+        name = None
+        if isinstance(node, ast.Call) and _call_name(node.func) in ENV_READS and node.args:
+            name = node.args[0]
+        elif isinstance(node, ast.Subscript) and _dotted(node.value) in ("os.environ", "environ"):
+            name = node.slice
+        elif isinstance(node, ast.Compare) and any(_dotted(c) in ("os.environ", "environ") for c in node.comparators):
+            name = node.left
+        if isinstance(name, ast.Constant) and isinstance(name.value, str):
+            found.append((node.lineno, name.value))
+    return found
+
+
+def _comments_and_strings(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+        if tok.type in (tokenize.COMMENT, tokenize.STRING):
+            out.append((tok.start[0], tok.string))
+    return out
+
+
+def test_no_test_hook_in_the_library():
+    """Production workers must not run code that exists for tests: no environment switch that turns on crash
+    injection or tracing (PCONV_TEST_*), no test-only module or mode. Tests reach the library through documented
+    hooks (e.g. the worker loop's step hook) or fixtures, and that code lives in tests/."""
+    wrong = []
+    for path in _files():
+        module = _module_name(path)
+        if re.search(r"(^|_)(test|tests|testing|fault|faults|mock|fake|stub)(_|$)", module.rpartition(".")[2]):
+            wrong.append(f"{_rel(path)}: a test-only module in the library")
+        wrong += [f"{_rel(path)}:{line}: reads the environment variable {name} (a test switch)"
+                  for line, name in _env_names(path) if TEST_ENV_WORDS & set(name.upper().split("_"))]
+        for line, text in _comments_and_strings(path):
+            if "PCONV_TEST" in text:
+                wrong.append(f"{_rel(path)}:{line}: names PCONV_TEST")
+            if m := TEST_WORDS.search(text):
+                wrong.append(f"{_rel(path)}:{line}: code that says it exists '{m.group(0)}'")
+    assert not wrong, "\n".join(wrong)
+
+
+PAIR_SOURCE = re.compile(r"pair|bank", re.I)
+
+
+def test_no_isinstance_on_the_pair_source():
+    """Inpainting and super-resolution pair each crop with its holes through ONE pair-source interface (a mask bank
+    or the SR grid); a branch on the source's class (`isinstance(bank, SRPairs)`) is a special case that every new
+    consumer must repeat and every new task must find."""
+    wrong = []
+    for path in _files():
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Call) and _call_name(node.func) in ("isinstance", "issubclass") and len(
+                    node.args) == 2:
+                classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+                for cls in classes:
+                    name = (_dotted(cls) or "").rpartition(".")[2]
+                    if PAIR_SOURCE.search(name):
+                        wrong.append(f"{_rel(path)}:{node.lineno}: {ast.unparse(node)}")
+    assert not wrong, "\n".join(wrong)
+
+
+# ------------------------------------------------------------------------------------------------ one owner per name
+# name -> the one file that defines it (at module level): a second definition drifts from the first.
 ONE_DEFINITION = {
     "default_layer_size": "pconv/core/unet.py",
     "PAPER_IMAGE_SIZE": "pconv/core/unet.py",
@@ -206,28 +519,28 @@ ONE_DEFINITION = {
 
 def _definitions(name: str) -> list[str]:
     out = []
-    for path in list(PCONV.rglob("*.py")) + list((REPO / "pipelines").glob("*.py")) + list(
-            (REPO / "benchmarks").glob("*.py")):
-        tree = ast.parse(path.read_text())
-        for node in tree.body:
+    for path in _files() + sorted((REPO / "pipelines").glob("*.py")) + sorted((REPO / "benchmarks").glob("*.py")):
+        for node in _tree(path).body:
             targets: list[str] = []
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 targets = [node.name]
             elif isinstance(node, ast.Assign):
                 targets = [t.id for t in node.targets if isinstance(t, ast.Name)]
             elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 targets = [node.target.id]
             if name in targets:
-                out.append(path.relative_to(REPO).as_posix())
+                out.append(_rel(path))
     return out
 
 
 @pytest.mark.parametrize("name", sorted(ONE_DEFINITION))
 def test_each_shared_name_has_one_owner(name):
+    """Each shared name or constant has one definition, so a change is made once (paper constants cite their
+    source there)."""
     assert _definitions(name) == [ONE_DEFINITION[name]]
 
 
-# literal -> the one library file where it may appear as a string (pipelines and tests use the constants too)
+# literal -> the one library file where it may appear as a string (everyone else uses the constant)
 ONE_LITERAL = {
     "pconv-unet": "pconv/tracking/registry.py",
     "pconv-sr": "pconv/tracking/registry.py",
@@ -241,20 +554,115 @@ ONE_LITERAL = {
 
 @pytest.mark.parametrize("literal", sorted(ONE_LITERAL))
 def test_names_are_string_literals_in_one_place_only(literal):
+    """A registered-model name, alias or file name spelled as a string in two places is two names that happen to
+    agree today; the other modules use the owner's constant."""
     holders = []
-    for path in list(PCONV.rglob("*.py")) + list((REPO / "pipelines").glob("*.py")):
-        tree = ast.parse(path.read_text())
+    for path in _files() + sorted((REPO / "pipelines").glob("*.py")):
+        tree = _tree(path)
         docstrings = {id(n.body[0].value) for n in ast.walk(tree)
                       if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
                       and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Constant) and node.value == literal and id(node) not in docstrings):
-                holders.append(f"{path.relative_to(REPO).as_posix()}:{node.lineno}")
+            if isinstance(node, ast.Constant) and node.value == literal and id(node) not in docstrings:
+                holders.append(f"{_rel(path)}:{node.lineno}")
     assert {h.split(":")[0] for h in holders} <= {ONE_LITERAL[literal]}, holders
 
 
-def test_pipelines_share_one_error_exit():
-    """No pipeline hand-writes the try/except/print/`return 2` block: pconv.commands.common.run owns it."""
-    for path in (REPO / "pipelines").glob("*.py"):
-        text = path.read_text()
-        assert not re.search(r"return 2\b", text), f"{path.name} returns 2 itself; use pconv.commands.common.run"
+def test_commands_share_one_error_exit():
+    """No command hand-writes the try/except/print/`return 2` block: pconv.commands.common owns the one error exit,
+    so every command reports a refusal the same way (README: Bad input)."""
+    for path in sorted((PCONV / "commands").glob("*.py")) + sorted((REPO / "pipelines").glob("*.py")):
+        if path.name != "common.py":
+            assert not re.search(r"return 2\b", path.read_text()), (
+                f"{_rel(path)} returns 2 itself; use pconv.commands.common")
+
+
+# ------------------------------------------------------------------------------------------------ one map
+def _names(text: str) -> frozenset[str]:
+    """The packages a map entry names: '``core``, ``storage``', 'core, storage', '—' / 'nothing ...' (none),
+    'any library package [and ``apps``]' (the library [+ apps])."""
+    text = " ".join(text.split())
+    if text in ("", "—", "-") or text.startswith(("nothing", "(nothing")):
+        return frozenset()
+    base = frozenset(LIBRARY) if "any library package" in text else frozenset()
+    words = re.findall(r"[A-Za-z_]\w*", text.replace("any library package", ""))
+    return base | frozenset(w for w in words if w in PACKAGES)
+
+
+def _docstring(path: Path) -> str:
+    return ast.get_docstring(_tree(path)) or ""
+
+
+def _readme_architecture() -> str:
+    text = (REPO / "README.md").read_text()
+    assert "\n## Architecture" in text, "README has no '## Architecture' section"
+    return text.split("\n## Architecture", 1)[1].split("\n## ", 1)[0]
+
+
+def _table(text: str) -> dict[str, str]:
+    """A markdown table's rows keyed by the package in the first cell (`core/`, `cluster.py`, `pipelines/*.py`)
+    -> the last cell (what it may import)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and (m := re.fullmatch(r"`(?:pconv/)?(\w+)(?:/|\.py|/\*\.py)?`", cells[0])):
+            rows[m.group(1)] = cells[-1]
+    return rows
+
+
+PIPELINES_ROW = frozenset({"commands"})  # pipelines/*.py import only pconv.commands
+
+
+def test_the_map_is_the_same_everywhere():
+    """One map, said the same way wherever a reader meets it: each package's docstring ("May import: ..."),
+    pconv/__init__.py's list of stages ("<- ..."), README's Architecture table, and MAY_IMPORT here; README points
+    to ARCHITECTURE.md's table."""
+    wrong = []
+    for package in PACKAGES:
+        if package in ("cluster", "commands"):  # cluster.py is a module; commands' docstring is `pconv --help`'s
+            continue                              # description. pconv/__init__.py's list names both.
+        path = PCONV / package / "__init__.py"
+        m = re.search(r"May import:(.+?)(?:\n\n|\Z)", _docstring(path), re.S)
+        if not m:
+            wrong.append(f"{_rel(path)}: the docstring has no 'May import:' line")
+        elif (said := _names(m.group(1))) != MAY_IMPORT[package]:
+            wrong.append(f"{_rel(path)}: 'May import: {' '.join(m.group(1).split())}' is {sorted(said)}, the map "
+                         f"says {sorted(MAY_IMPORT[package])}")
+    listed = dict(re.findall(r"^\s+(\w+)(?:/|\.py)\s.*<-(.*)$", _docstring(PCONV / "__init__.py"), re.M))
+    if set(listed) != set(PACKAGES):
+        wrong.append(f"pconv/__init__.py lists the stages {sorted(listed)}, the map has {sorted(PACKAGES)}")
+    wrong += [f"pconv/__init__.py: {p} <- {sorted(_names(t))}, the map says {sorted(MAY_IMPORT[p])}"
+              for p, t in listed.items() if p in MAY_IMPORT and _names(t) != MAY_IMPORT[p]]
+    section = _readme_architecture()
+    readme = _table(section)
+    if set(readme) != set(PACKAGES) | {"pipelines"}:
+        wrong.append(f"README's Architecture table lists {sorted(readme)}, the map has "
+                     f"{sorted(set(PACKAGES) | {'pipelines'})}")
+    for package, cell in readme.items():
+        expected = MAY_IMPORT.get(package, PIPELINES_ROW)
+        if _names(cell) != expected:
+            wrong.append(f"README's Architecture table: {package} may import {cell!r}, the map says "
+                         f"{sorted(expected)}")
+    if "ARCHITECTURE.md" not in section:
+        wrong.append("README's Architecture section does not point to ARCHITECTURE.md")
+    assert not wrong, "\n".join(wrong)
+
+
+# the deliberate differences from ../shared/ARCHITECTURE.md's table (their reasons: MAY_IMPORT's comments)
+ARCHITECTURE_DEVIATIONS = {"commands": frozenset({"apps"})}
+
+
+def test_architecture_md_says_the_same():
+    """../shared/ARCHITECTURE.md (the agreed shape, beside the repository) and this map differ only where MAY_IMPORT
+    says why."""
+    if not ARCHITECTURE_MD.is_file():
+        pytest.skip(f"{ARCHITECTURE_MD} is not beside the repository")
+    table = _table(ARCHITECTURE_MD.read_text())
+    wrong = [f"ARCHITECTURE.md: {package} may import {table.get(package)!r}, the map says "
+             f"{sorted(MAY_IMPORT[package] - ARCHITECTURE_DEVIATIONS.get(package, frozenset()))}"
+             for package in PACKAGES
+             if _names(table.get(package, "?")) != MAY_IMPORT[package] - ARCHITECTURE_DEVIATIONS.get(package,
+                                                                                                     frozenset())]
+    if _names(table.get("pipelines", "")) != PIPELINES_ROW:
+        wrong.append(f"ARCHITECTURE.md: pipelines may import {table.get('pipelines')!r}")
+    assert not wrong, "\n".join(wrong)
