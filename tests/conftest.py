@@ -7,6 +7,8 @@ test-fast`` (``-m "not server"``) runs only those, and runs each with the guard 
 fast-tier test that starts Ray (``ray.init``, ``ray start``), ``mlflow server`` or moto's S3 server anyway, in this
 process or in a child process, fails with an error naming it. ``make test`` runs both tiers.
 
+A fixture requested at run time (``request.getfixturevalue``) counts when a parameter of the test names it.
+
 Order: the tests that use no Ray run first, then those on the session's local Ray (``ray_local``), then those that
 start their own cluster (``own_ray_cluster``), which stops the session Ray first: one Ray cluster at a time.
 
@@ -124,11 +126,11 @@ def mask_zip(datasets_dir, tmp_path_factory) -> Path:
 def prepared_shards(photo_dir, mask_zip, tmp_path_factory) -> dict[str, str]:
     """Local shard roots {"images": ..., "masks": ...} built with pconv.ingest.local from photo_dir / mask_zip
     (val fraction 0.25 for images so both splits exist; small shards so there are several)."""
-    from pconv.ingest import local
+    from pconv import ingest
     root = tmp_path_factory.mktemp("shards")
     images, masks = str(root / "images"), str(root / "masks")
-    local.ingest_images(str(photo_dir), images, val_fraction=0.25, shard_size_mb=1.0, progress=False)
-    local.ingest_masks(str(mask_zip), masks, hole_color="white", progress=False)
+    ingest.ingest_images(str(photo_dir), images, val_fraction=0.25, shard_size_mb=1.0, engine="threads", progress=False)
+    ingest.ingest_masks(str(mask_zip), masks, hole_color="white", engine="threads", progress=False)
     return {"images": images, "masks": masks}
 
 
@@ -226,7 +228,12 @@ _guard.install(lambda: _guard_on)
 
 
 def server_tier(item) -> bool:
-    return bool(SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+    """The test's fixtures (their closure) include a server fixture, or a parameter names one: a fixture that takes
+    ``request.getfixturevalue(request.param)`` with ``params=["tmp_path", "s3_bucket"]`` is seen through its
+    parameter (pytest cannot see a fixture requested at run time)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    named = {v for v in params.values() if isinstance(v, str)}
+    return bool(SERVER_FIXTURES & (set(getattr(item, "fixturenames", ())) | named))
 
 
 def _ray_order(item) -> int:

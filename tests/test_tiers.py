@@ -16,6 +16,8 @@ SUITE = '''
 import subprocess
 import sys
 
+import pytest
+
 
 def test_plain():
     pass
@@ -34,6 +36,15 @@ def test_on_s3(s3_bucket):
 
 
 def test_after_them():
+    pass
+
+
+@pytest.fixture(params=["tmp_path", "s3_bucket"])
+def root(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_on_a_root_named_by_its_parameter(root):
     pass
 
 
@@ -81,7 +92,8 @@ def test_tiers_come_from_fixtures_and_own_clusters_run_last(tmp_path):
     assert names[0] == "test_plain" and "test_after_them" in names[:-2]
     server = _pytest(root, "--collect-only", "-q", "-m", "server")
     assert sorted(line.split("::")[1] for line in server.stdout.splitlines() if "::" in line) == [
-        "test_on_its_own_cluster", "test_on_s3", "test_on_the_session_ray"], server.stdout
+        "test_on_a_root_named_by_its_parameter[s3_bucket]", "test_on_its_own_cluster", "test_on_s3",
+        "test_on_the_session_ray"], server.stdout
 
 
 def test_a_test_marked_server_by_hand_is_refused(tmp_path):
@@ -101,7 +113,7 @@ def test_a_fast_tier_test_that_starts_a_server_fails_naming_itself(tmp_path):
     root = _suite(tmp_path)
     proc = _pytest(root, "-m", "not server", "-q", "-rf", "-W", "ignore")
     out = proc.stdout + proc.stderr
-    assert "4 failed, 2 passed" in out, out
+    assert "4 failed, 3 passed" in out, out
     for name in ("test_starts_ray_in_process", "test_starts_ray_in_a_child", "test_spawns_an_mlflow_server",
                  "test_a_shell_child_that_is_an_s3_server"):
         assert f"test_suite.py::{name} starts " in out, (name, out)
