@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 # fit; `make lock UPGRADE=--upgrade` moves everything to the newest that fits).
 lock:
 	$(PY) -m pip install --quiet uv
-	$(PY) -m uv pip compile pyproject.toml --extra test --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	$(PY) -m uv pip compile pyproject.toml --extra test --extra export --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
 		--annotation-style line $(UPGRADE) -o requirements.lock
 
 test: setup
