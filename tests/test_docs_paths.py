@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "infra").rglob("*.md")])
 PREFIXES = ("pconv", "pipelines", "benchmarks", "docs", "configs", "infra", "tests")
-PATH = re.compile(r"(?<![\w./~:-])((?:%s)/[\w./*<>-]*)" % "|".join(PREFIXES))
+PATH = re.compile(r"(?<![\w./~:-])((?:{})/[\w./*<>-]*)".format("|".join(PREFIXES)))
 DOTTED = re.compile(r"(?<![\w./-])pconv(?:\.[A-Za-z_]\w*)+")
 PLACEHOLDER = re.compile(r"^(?:<[^>]*>|[A-Z])(\.\w+)?$")  # <command>.py, X.py, X
 

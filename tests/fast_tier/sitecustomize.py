@@ -26,7 +26,7 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 FIXTURES = "ray_local, own_ray_cluster, s3_server, s3_bucket, mlflow_server or own_servers"
 EXIT_STATUS = 97  # a guarded child that is itself a server exits with this
@@ -36,7 +36,7 @@ class FastTierViolation(RuntimeError):
     """A fast-tier test started (or tried to start) Ray, an MLflow server or an S3 server."""
 
 
-_active: Callable[[], bool] = lambda: True  # noqa: E731 - replaced by install()
+_active: Callable[[], bool] = lambda: True
 _installed = False
 
 
@@ -47,7 +47,7 @@ def message(what: str) -> str:
             "which puts it in the server tier (make test).")
 
 
-def server_command(argv: "list[str] | tuple[str, ...] | str | bytes") -> str | None:
+def server_command(argv: list[str] | tuple[str, ...] | str | bytes) -> str | None:
     """What server ``argv`` starts ('ray start', 'mlflow server', "moto's S3 server"), or None."""
     if isinstance(argv, (str, bytes)):
         argv = shlex.split(os.fsdecode(argv))
@@ -68,7 +68,7 @@ def server_command(argv: "list[str] | tuple[str, ...] | str | bytes") -> str | N
 def _guard_popen() -> None:
     original = subprocess.Popen.__init__
 
-    def __init__(self, args, *a, **kw):  # noqa: N807 - replaces Popen.__init__
+    def __init__(self, args, *a, **kw):
         what = server_command(args) if _active() else None
         if what:
             raise FastTierViolation(message(what))
@@ -80,7 +80,7 @@ def _guard_popen() -> None:
 def _patch_node(module) -> None:
     original = module.Node.__init__
 
-    def __init__(self, *a, **kw):  # noqa: N807 - replaces Node.__init__
+    def __init__(self, *a, **kw):
         if _active():
             raise FastTierViolation(message("Ray (ray.init / ray start: a Ray node)"))
         original(self, *a, **kw)
