@@ -19,3 +19,20 @@ The packages are the pipeline's stages, and imports flow one way: each may impor
 The library (core ... evaluation) never imports ``apps`` or ``commands``; ``pipelines/*.py`` are shims that call
 ``pconv.commands``.
 """
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pconv.inference.api import Inpainter, SuperResolver
+
+__all__ = ["Inpainter", "SuperResolver"]
+
+
+def __getattr__(name: str):
+    """``from pconv import Inpainter`` (the Python API, :mod:`pconv.inference.api`), imported on first use so that
+    ``import pconv.core`` stays free of everything else (PEP 562)."""
+    if name in __all__:
+        from pconv.inference import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'pconv' has no attribute {name!r}")
