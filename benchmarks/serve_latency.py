@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = args.model or random_checkpoint(Path(tmp), args.size)
         model, info = load_model(uri, device="cuda" if args.device == "auto" and torch.cuda.is_available()
                                  else ("cpu" if args.device == "auto" else args.device))
-        print(f"model {uri} (layer_size {info['layer_size']}) on {next(model.parameters()).device}, "
+        print(f"model {uri} (layer_size {info.layer_size}) on {next(model.parameters()).device}, "
               f"{args.size}x{args.size}, {args.requests} requests per row, torch threads {torch.get_num_threads()}")
 
         def in_process() -> bool:

@@ -108,7 +108,8 @@ def test_register_checkpoint_sets_candidate_and_loads_identically(registered, ml
     assert mv.tags["pconv.serialization"] == "pt2"
 
     model, info = load_model("models:/pconv-unet@candidate")
-    assert info["kind"] == "registry" and info["version"] == "1" and info["image_size"] == IMAGE_SIZE
+    assert info.kind == "registry" and info.version == info.label == "1" and info.image_size == IMAGE_SIZE
+    assert info.name == "pconv-unet" and info.model_id and info.model_id.startswith("m-")
     assert torch.equal(outputs(model), outputs(registered["model"]))
     assert torch.equal(outputs(load_model("models:/pconv-unet/1")[0]), outputs(registered["model"]))
 

@@ -54,20 +54,22 @@ def test_load_model_from_checkpoints(tmp_path, s3_bucket):
     save_checkpoint(tmp_path / "run" / "checkpoint_000001", old, step=10)
     save_checkpoint(tmp_path / "run" / "checkpoint_000002", new, step=20)
     model, info = load_model(str(tmp_path / "run" / "checkpoint_000001"))
-    assert info["kind"] == "checkpoint" and info["layer_size"] == LAYER_SIZE and info["image_size"] == IMAGE_SIZE
-    assert info["step"] == 10 and not model.training
+    assert info.kind == "checkpoint" and info.layer_size == LAYER_SIZE and info.image_size == IMAGE_SIZE
+    assert (info.task, info.sr_scale, info.conv) == ("inpainting", None, "partial")
+    assert info.step == 10 and info.label == "step-10" and info.version is None and not model.training
     assert torch.equal(outputs(model), outputs(old))
     latest, info = load_model(str(tmp_path / "run"))  # a folder of checkpoints -> the highest step
-    assert info["step"] == 20 and torch.equal(outputs(latest), outputs(new))
+    assert info.step == 20 and torch.equal(outputs(latest), outputs(new))
+    assert info.uri == str(tmp_path / "run") and info.source == str(tmp_path / "run" / "checkpoint_000002")
 
     uris.upload_dir(str(tmp_path / "run"), f"{s3_bucket}/runs/tiny")
     remote, info = load_model(f"{s3_bucket}/runs/tiny/checkpoint_000001")
-    assert info["source"] == f"{s3_bucket}/runs/tiny/checkpoint_000001"
+    assert info.source == f"{s3_bucket}/runs/tiny/checkpoint_000001"
     assert torch.equal(outputs(remote), outputs(old))
-    assert load_model(f"{s3_bucket}/runs/tiny")[1]["step"] == 20
+    assert load_model(f"{s3_bucket}/runs/tiny")[1].step == 20
 
     (tmp_path / "run" / "checkpoint_000002" / "meta.json").unlink()  # incomplete: ignored
-    assert load_model(str(tmp_path / "run"))[1]["step"] == 10
+    assert load_model(str(tmp_path / "run"))[1].step == 10
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
@@ -83,7 +85,7 @@ def test_load_model_from_a_logged_model_folder(tmp_path):
     torch.save(model.state_dict(), extra / registry.STATE_DICT_FILE)
     (extra / ckpt.CONFIG_FILE).write_text(f"image_size: {IMAGE_SIZE}\n")  # layer_size from the one rule
     loaded, info = load_model(str(tmp_path / "model"))
-    assert info["kind"] == "mlflow-model" and info["layer_size"] == LAYER_SIZE
+    assert info.kind == "mlflow-model" and info.layer_size == LAYER_SIZE and info.label == "local"
     assert torch.equal(outputs(loaded), outputs(model))
     (extra / registry.STATE_DICT_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="log_and_register_model"):

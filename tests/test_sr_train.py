@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from pconv.core import images
-from pconv.data import transforms
 from pconv.core.config import ConfigError, TrainConfig
-from pconv.data.inputs import to_float_batch
 from pconv.core.sr_grid import take_from_grid
+from pconv.data import transforms
+from pconv.data.inputs import to_float_batch
 
 SIZE = 32
 
@@ -43,7 +43,7 @@ def hwc(chw: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("scale", [2, 4])
 def test_sr_training_rows_truth_grid_and_lr(scale):
     rows = photo_rows()
-    out = transforms.train_transform(rows, image_size=SIZE, base_seed=7, bank=transforms.SRPairs(scale))
+    out = transforms.train_transform(rows, image_size=SIZE, base_seed=7, pairs=transforms.SRPairs(scale))
     n, lr_side = 3, SIZE // scale
     assert out["image"].shape == (n, 3, SIZE, SIZE) and out["image"].dtype == np.uint8
     assert out["mask"].shape == (n, 1, SIZE, SIZE) and out["mask"].dtype == np.uint8
@@ -67,8 +67,9 @@ def test_sr_training_rows_truth_grid_and_lr(scale):
 def test_sr_rows_do_not_depend_on_batching_so_resume_is_exact():
     rows = photo_rows(4, seed=3)
     rows["pos"] = np.arange(10, 14)
-    whole = transforms.train_transform(rows, image_size=SIZE, base_seed=1, bank=transforms.SRPairs(4))
-    halves = [transforms.train_transform({k: v[s] for k, v in rows.items()}, image_size=SIZE, base_seed=1, bank=transforms.SRPairs(4))
+    whole = transforms.train_transform(rows, image_size=SIZE, base_seed=1, pairs=transforms.SRPairs(4))
+    halves = [transforms.train_transform({k: v[s] for k, v in rows.items()}, image_size=SIZE, base_seed=1,
+                                         pairs=transforms.SRPairs(4))
               for s in (slice(0, 1), slice(1, 4))]
     for key in ("image", "mask", "lr", "id", "pos"):
         np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
@@ -77,18 +78,40 @@ def test_sr_rows_do_not_depend_on_batching_so_resume_is_exact():
 def test_sr_validation_rows_are_the_centre_crop_on_the_grid():
     rows = photo_rows(2)
     pairs = transforms.SRPairs(2)
-    out = transforms.val_transform({"key": rows["key"], "image": rows["image"]}, image_size=SIZE, bank=pairs,
-                          pairing=transforms.val_pairing(list(rows["key"]), len(pairs)))
+    out = transforms.val_transform({"key": rows["key"], "image": rows["image"]}, image_size=SIZE, pairs=pairs,
+                                   pairing=transforms.val_pairing(list(rows["key"]), pairs.n_val_masks))
     for i in range(2):
         crop = images.center_crop(images.open_image(rows["image"][i], draft_size=SIZE), SIZE)
         np.testing.assert_array_equal(hwc(out["image"][i]), crop)
         np.testing.assert_array_equal(hwc(out["lr"][i]), images.downsample(crop, 2))
         assert int(out["mask"][i].sum()) == (SIZE // 2) ** 2
-    assert pairs.keys == ["sr-grid-x2"] and list(pairs.bins) == [-1] and transforms.load_mask_bank(pairs) is pairs
+    assert pairs.n_val_masks == 1 and pairs.describe(0) == "sr-grid-x2" and not pairs.mask_varies
+
+
+def test_validation_pairs_of_both_tasks_come_through_one_interface(prepared_shards):
+    """load_val_pairs with either pair source (no isinstance anywhere): SR pairs carry ``lr`` and say their mask
+    is the same grid for every pair; inpainting pairs carry no extra column and each has a mask of the bank."""
+    from pconv.data import stream
+
+    sr = stream.load_val_pairs(prepared_shards["images"], transforms.SRPairs(4), SIZE, limit=3)
+    bank = transforms.load_mask_bank(prepared_shards["masks"], "val")
+    holes = stream.load_val_pairs(prepared_shards["images"], bank, SIZE, limit=3)
+    assert sr.keys == holes.keys and len(sr) == 3
+    assert set(sr.rows) == {"image", "mask", "lr"} and set(holes.rows) == {"image", "mask"}
+    assert sr.rows["lr"].shape == (3, 3, SIZE // 4, SIZE // 4) and sr.rows["lr"].dtype == np.uint8
+    np.testing.assert_array_equal(sr.rows["image"], holes.rows["image"])  # the same centre crops
+    assert not sr.mask_varies and sr.paired_with == ["sr-grid-x4"] * 3
+    assert holes.mask_varies and holes.paired_with == [bank.keys[int(j)] for j in holes.mask_index]
+    grid = transforms.SRPairs(4).grid(SIZE)
+    assert all(np.array_equal(m[0], grid) for m in sr.rows["mask"])
+    batch = sr.batch()  # the model inputs: the LR canvas, as in training
+    torch.testing.assert_close(take_from_grid(batch["input"], 4), torch.from_numpy(sr.rows["lr"]).float() / 255)
+    inputs = holes.batch()
+    assert inputs["input"] is inputs["image"]  # inpainting: the net takes the image (it masks it itself)
 
 
 def test_the_net_input_is_the_lr_canvas_not_the_masked_image():
-    out = transforms.train_transform(photo_rows(2), image_size=SIZE, base_seed=0, bank=transforms.SRPairs(4))
+    out = transforms.train_transform(photo_rows(2), image_size=SIZE, base_seed=0, pairs=transforms.SRPairs(4))
     batch = to_float_batch({k: torch.from_numpy(v) for k, v in out.items()})
     x, mask, image = batch["input"], batch["mask"], batch["image"]
     lr = torch.from_numpy(out["lr"]).float() / 255.0
@@ -126,10 +149,12 @@ def test_train_cli_has_the_sr_flags_and_rejects_scale_3(capsys):
     from pconv.commands import train as cli
 
     text = " ".join(cli.build_parser().format_help().split())
-    assert "--task TASK inpainting (holes from the mask shards) or sr" in text
-    assert "--sr-scale SR_SCALE upscaling factor K of task: sr, one of 2, 4" in text
-    assert cli.main(["--images", "i", "--task", "sr", "--sr-scale", "3", "--image-size", "32"]) != 0
-    assert "sr_scale: super-resolution scale 3 is not supported" in capsys.readouterr().err
+    assert "--task {inpainting,sr} inpainting (holes from the mask shards) or sr" in text
+    assert "--sr-scale {2,4} upscaling factor K of task: sr, one of 2, 4" in text
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it before any config is built
+        cli.main(["--images", "i", "--task", "sr", "--sr-scale", "3", "--image-size", "32"])
+    assert exit_info.value.code == 2
+    assert "argument --sr-scale: invalid choice: 3 (choose from 2, 4)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

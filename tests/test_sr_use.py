@@ -6,6 +6,7 @@ SSIM on Y and RGB against bicubic upsampling, on real photos).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pconv.tracking import checkpoints
 from pconv.core import images
 from pconv.evaluation import sr as sr_evaluation
 from pconv.core.config import TrainConfig
-from pconv.tracking.loading import load_model
+from pconv.tracking.loading import ModelInfo, load_model
 from pconv.core.unet import build_model
 from pconv.inference.pyfunc import BadInput, PConvPyfunc
 from pconv.core.sr_grid import take_from_grid
@@ -81,12 +82,17 @@ def test_tiled_output_keeps_the_grid_and_matches_untiled_away_from_seams():
 
 
 def test_scale_and_size_checks_name_what_is_wrong():
-    info = {"uri": "runs/sr4", "sr_scale": 4}
+    info = ModelInfo(image_size=64, layer_size=4, conv="partial", task="sr", sr_scale=4, kind="checkpoint",
+                     uri="runs/sr4", source="runs/sr4/checkpoint_000001")
     assert resolve_scale(info, None) == 4 and resolve_scale(info, 4) == 4
     with pytest.raises(ValueError, match="--scale 2 disagrees with the model runs/sr4, which was trained for scale 4"):
         resolve_scale(info, 2)
     with pytest.raises(ValueError, match=r"scale 3 is not supported: use one of \[2, 4\]"):
         resolve_scale(info, 3)
+    unscaled = dataclasses.replace(info, sr_scale=None)  # an SR config without sr_scale: the caller must say
+    assert resolve_scale(unscaled, 2) == 2
+    with pytest.raises(ValueError, match="runs/sr4: its config has no sr_scale; pass --scale"):
+        resolve_scale(unscaled, None)
     with pytest.raises(ValueError, match=r"big.png: 100x100 at scale 4 gives a 400x400 output = 160,000 pixels, "
                                          r"above the limit of 100,000"):
         check_size(100, 100, 4, "big.png", limit=100_000)
@@ -126,7 +132,7 @@ def test_an_sr_model_is_refused_by_inpainting_with_a_pointer_to_super_resolve(tm
 
     model_dir = save_checkpoint(tmp_path / "sr" / "checkpoint_000001", scale=2)
     model, info = load_model(str(model_dir))
-    assert (info["task"], info["sr_scale"]) == ("sr", 2)
+    assert (info.task, info.sr_scale) == ("sr", 2)
     (tmp_path / "a.png").write_bytes(png(lr_image(32, 32)))
     (tmp_path / "m.png").write_bytes(png(np.full((32, 32, 3), 255, np.uint8)))
     with pytest.raises(ValueError, match="is a super-resolution model .* use it with pipelines/super_resolve.py"):

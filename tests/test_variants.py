@@ -120,7 +120,7 @@ def test_loading_rebuilds_the_variant_from_the_config_and_refuses_a_mismatch(tmp
     gated = build_model(LAYER_SIZE, conv="gated").eval()
     save_checkpoint(tmp_path / "g", gated, "gated")
     model, info = load_model(str(tmp_path / "g"))
-    assert info["conv"] == "gated" and model.conv_type == "gated"
+    assert info.conv == "gated" and model.conv_type == "gated"
     image, mask = pair(seed=4)
     with torch.no_grad():
         assert torch.equal(model(image, mask)[0], gated(image, mask)[0])
@@ -134,7 +134,7 @@ def test_loading_rebuilds_the_variant_from_the_config_and_refuses_a_mismatch(tmp
     directory = save_checkpoint(tmp_path / "old", partial, "partial")
     text = (directory / checkpoints.CONFIG_FILE).read_text()
     (directory / checkpoints.CONFIG_FILE).write_text("\n".join(l for l in text.splitlines() if not l.startswith("conv:")))
-    assert load_model(str(directory))[1]["conv"] == "partial"
+    assert load_model(str(directory))[1].conv == "partial"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_gated_variant_trains_registers_and_serves_inpaint_and_evaluation(prepar
     assert TrainConfig.from_dict(checkpoints.load_config_dict(directory)).conv == "gated"  # config.yaml records it
 
     model, info = load_model("models:/pconv-gated@candidate")
-    assert info["conv"] == "gated" and model.conv_type == "gated"
+    assert info.conv == "gated" and model.conv_type == "gated"
 
     # inpaint.py on the registered gated model: any size, valid pixels unchanged
     rng = np.random.default_rng(0)

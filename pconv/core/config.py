@@ -43,9 +43,11 @@ class ConfigError(ValueError):
     """A configuration that cannot run: raised before any cluster resources are taken."""
 
 
-def _key(default: Any, help: str, shown: str | None = None) -> Any:
-    """A config field: its default, its one description, and (for ``None`` defaults) what the default means."""
-    return field(default=default, metadata={"help": help, **({"shown": shown} if shown else {})})
+def _key(default: Any, help: str, shown: str | None = None, choices: tuple | None = None) -> Any:
+    """A config field: its default, its one description, (for ``None`` defaults) what the default means, and the
+    values it may take when they are a fixed set (the CLI offers them as ``choices``)."""
+    return field(default=default, metadata={"help": help, **({"shown": shown} if shown else {}),
+                                            **({"choices": choices} if choices else {})})
 
 
 @dataclass
@@ -59,9 +61,9 @@ class TrainConfig:
                           "not given for `sr`")
     task: str = _key(INPAINTING_TASK, "`inpainting` (holes from the mask shards) or `sr`: super-resolution as "
                                       "inpainting (paper Sec. 5): the crop downsampled by `sr_scale` (Pillow "
-                                      "bicubic), its pixels on the HR grid, the rest holes; no mask shards")
+                                      "bicubic), its pixels on the HR grid, the rest holes; no mask shards", choices=TASKS)
     sr_scale: int = _key(4, f"upscaling factor K of `task: sr`, one of {', '.join(map(str, SR_SCALES))} "
-                            "(`image_size` must be a multiple of it); ignored for inpainting")
+                            "(`image_size` must be a multiple of it); ignored for inpainting", choices=SR_SCALES)
     image_size: int = _key(PAPER_IMAGE_SIZE, "training crop size in pixels (the paper's, Sec. 4.1)")
     val_size: int = _key(8, "number of fixed validation (image, mask) pairs for val metrics and sample grids")
     # --- run identity and outputs ------------------------------------------------------------
@@ -83,7 +85,7 @@ class TrainConfig:
                                         "(`pconv.core.unet.default_layer_size`: 8 at 512, 7 at 256 and 384, 6 at 128)", shown="from `image_size`")
     conv: str = _key("partial", "the U-Net's convolution: `partial` (the paper, eq. 1–2) or `gated` (gated convolution "
                                 "of Yu et al. 2019 in the same U-Net and losses; not the full DeepFill v2, see "
-                                "docs/variants.md)")
+                                "docs/variants.md)", choices=CONV_TYPES)
     init_from: str | None = _key(None, "start from these weights: checkpoint URI, local path or `models:/NAME@ALIAS`",
                                  shown="—")
     # --- optimisation (two phases) -----------------------------------------------------------
@@ -97,14 +99,14 @@ class TrainConfig:
                                         "demo only), or a path / URI of a torchvision VGG16 state dict")
     amp: str = _key("auto", "mixed precision: `auto` (bf16 on compute capability 8.0+ such as A100/H100, fp16 + "
                             "GradScaler below it: V100, T4; off on CPU), "
-                            "`fp16`, `bf16` or `off`")
+                            "`fp16`, `bf16` or `off`", choices=AMP_CHOICES)
     lr_scaling: str = _key("none", "scale `lr` and `finetune_lr` with the global batch relative to the paper's 6: "
                                    "`none` (the paper's values as given), `linear` (× batch/6) or `sqrt` "
-                                   "(× √(batch/6)); see docs/scaling.md")
+                                   "(× √(batch/6)); see docs/scaling.md", choices=LR_SCALING_CHOICES)
     compile: bool = _key(False, "`torch.compile` the model and the loss (first steps are slower while it compiles); "
                                 "eager by default")
     grad_compression: str = _key("none", "DDP gradient all-reduce: `none` (fp32) or `fp16` (DDP's "
-                                         "`fp16_compress_hook`, half the bytes on the network); see docs/scaling.md")
+                                         "`fp16_compress_hook`, half the bytes on the network); see docs/scaling.md", choices=GRAD_COMPRESSION_CHOICES)
     ddp_bucket_mb: float | None = _key(None, "DDP gradient bucket size in MB (larger: fewer, bigger all-reduces)",
                                        shown="25 (DDP's)")
     max_nan_steps: int = _key(10, "consecutive non-finite losses tolerated (steps skipped) before the run stops")

@@ -38,6 +38,7 @@ import torch
 from pconv.core import metrics
 from pconv.inference.baseline import baseline_inpaint, baseline_name
 from pconv.evaluation.inputs import EvalSet, MaskRecord, build_eval_set, load_images, load_masks
+from pconv.tracking.loading import ModelInfo
 from pconv.tracking.registry import CHAMPION
 
 log = logging.getLogger(__name__)
@@ -65,22 +66,23 @@ def baseline_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
-def evaluate_fills(es: EvalSet, fills: dict[str, Fill], batch_size: int = 4) -> dict[str, metrics.BinnedMetrics]:
+def evaluate_fills(eval_set: EvalSet, fills: dict[str, Fill], batch_size: int = 4) -> dict[str, metrics.BinnedMetrics]:
     """Per-(bin, border) metrics of each fill's composites on the fixed pairs, in ONE streamed pass over the images:
     each batch of decoded images is paired with every group and dropped once its pairs are scored. The numbers do
     not depend on the order or batching in which the images arrive: every fill call gets ``batch_size`` pairs (the
     last chunk is padded with a repeated pair; a net's float result can depend on the batch size), and the per-pair
     values (3 floats per pair and fill) are added to the tables in the fixed pair order at the end. Pairs of
-    unreadable images are left out (``es.skipped`` says which)."""
-    values = {name: np.full((len(es.pairs), len(metrics.METRIC_NAMES)), np.nan) for name in fills}
-    done = np.zeros(len(es.pairs), dtype=bool)
+    unreadable images are left out (``eval_set.skipped`` says which)."""
+    values = {name: np.full((len(eval_set.pairs), len(metrics.METRIC_NAMES)), np.nan) for name in fills}
+    done = np.zeros(len(eval_set.pairs), dtype=bool)
     pixels: dict[int, np.ndarray] = {}
 
     def score(chunk: list[int]) -> None:
         padded = chunk + chunk[:1] * (batch_size - len(chunk))
-        imgs = np.stack([pixels[es.pairs[p][0]] for p in padded]).astype(np.float32) / 255.0
+        imgs = np.stack([pixels[eval_set.pairs[p][0]] for p in padded]).astype(np.float32) / 255.0
         image = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
-        mask = torch.from_numpy(np.stack([es.mask(es.pairs[p][1]) for p in padded]).astype(np.float32))[:, None]
+        masks = np.stack([eval_set.mask(eval_set.pairs[p][1]) for p in padded])
+        mask = torch.from_numpy(masks.astype(np.float32))[:, None]
         gt = image.double()
         for name, fill in fills.items():
             pred = fill(image, mask).double()
@@ -89,42 +91,44 @@ def evaluate_fills(es: EvalSet, fills: dict[str, Fill], batch_size: int = 4) -> 
         done[chunk] = True
 
     todo: list[int] = []
-    for batch in es.image_batches():
+    for batch in eval_set.image_batches():
         pixels.update(batch)
-        todo += es.pair_indices([j for j, _ in batch])
+        todo += eval_set.pair_indices([j for j, _ in batch])
         while len(todo) >= batch_size:
             score(todo[:batch_size])
             todo = todo[batch_size:]
-        pixels = {es.pairs[p][0]: pixels[es.pairs[p][0]] for p in todo}  # only images with pairs still to score
+        kept = {eval_set.pairs[p][0] for p in todo}  # only images with pairs still to score
+        pixels = {j: pixels[j] for j in kept}
     if todo:
         score(todo)
     if not done.any():
-        raise ValueError(f"none of the {len(es.image_keys)} evaluation images could be decoded: {es.skipped[:3]}")
+        raise ValueError(f"none of the {len(eval_set.image_keys)} evaluation images could be decoded: "
+                         f"{eval_set.skipped[:3]}")
     keep = np.flatnonzero(done)
     tables = {}
     for name in fills:
         tables[name] = table = metrics.BinnedMetrics()
-        table.add_batch([es.pairs[p][1].bin for p in keep], [es.pairs[p][1].border for p in keep],
+        table.add_batch([eval_set.pairs[p][1].bin for p in keep], [eval_set.pairs[p][1].border for p in keep],
                         *values[name][keep].T)
     return tables
 
 
-def evaluate_model(model: torch.nn.Module, es: EvalSet, batch_size: int = 4,
+def evaluate_model(model: torch.nn.Module, eval_set: EvalSet, batch_size: int = 4,
                    device: str | torch.device | None = None) -> metrics.BinnedMetrics:
     """Per-(bin, border) metrics of the model's composites on the eval set's fixed pairs."""
-    return evaluate_fills(es, {"model": model_fill(model, batch_size, device)}, batch_size)["model"]
+    return evaluate_fills(eval_set, {"model": model_fill(model, batch_size, device)}, batch_size)["model"]
 
 
-def evaluate_baseline(es: EvalSet, batch_size: int = 8) -> metrics.BinnedMetrics:
-    return evaluate_fills(es, {"baseline": baseline_fill}, batch_size)["baseline"]
+def evaluate_baseline(eval_set: EvalSet, batch_size: int = 8) -> metrics.BinnedMetrics:
+    return evaluate_fills(eval_set, {"baseline": baseline_fill}, batch_size)["baseline"]
 
 
 def result_markdown(model_label: str, model_table: metrics.BinnedMetrics,
-                    baseline_table: metrics.BinnedMetrics | None, es: EvalSet) -> str:
-    images = len(es.image_keys) - es.failed_images
-    parts = [f"Evaluation at {es.image_size}x{es.image_size}: {images} images x "
-             f"{len(es.groups)} (hole-ratio bin, border) groups = {model_table.count} fixed pairs; metrics on the "
-             "composite.", "", f"### Model: {model_label}", "", model_table.to_markdown()]
+                    baseline_table: metrics.BinnedMetrics | None, eval_set: EvalSet) -> str:
+    images = len(eval_set.image_keys) - eval_set.failed_images
+    parts = [f"Evaluation at {eval_set.image_size}x{eval_set.image_size}: {images} images x "
+             f"{len(eval_set.groups)} (hole-ratio bin, border) groups = {model_table.count} fixed pairs; metrics on "
+             "the composite.", "", f"### Model: {model_label}", "", model_table.to_markdown()]
     if baseline_table is not None:
         parts += ["", f"### Baseline: {baseline_name()} (no learning)", "", baseline_table.to_markdown()]
     return "\n".join(parts) + "\n"
@@ -236,37 +240,38 @@ def run_evaluation(model_uri: str, images: str, masks: str, image_size: int = DE
         parse_registry_uri(model_uri)
     dev = resolve_device(device)
     model, info = load_model(model_uri, device=dev, tracking_uri=tracking_uri, task=INPAINTING_TASK)
-    es = build_eval_set(images, masks, image_size, limit, hole_color, threshold)
+    eval_set = build_eval_set(images, masks, image_size, limit, hole_color, threshold)
     t0 = time.perf_counter()
     fills = {"model": model_fill(model, batch_size, dev), **({"baseline": baseline_fill} if baseline else {})}
-    tables = evaluate_fills(es, fills, batch_size)  # one pass: each image is read and decoded once for both
+    tables = evaluate_fills(eval_set, fills, batch_size)  # one pass: each image is read and decoded once for both
     table, base = tables["model"], tables.get("baseline")
     log.info("evaluated on %d pairs in %.1fs", table.count, time.perf_counter() - t0)
-    result: dict[str, Any] = {"model_uri": model_uri, "model_info": {k: v for k, v in info.items()},
+    result: dict[str, Any] = {"model_uri": model_uri, "model_info": info.as_dict(),
                               "image_size": image_size, "pairs": table.count,
-                              "images": len(es.image_keys) - es.failed_images,
+                              "images": len(eval_set.image_keys) - eval_set.failed_images,
                               "model": table.as_dict(), "baseline": base.as_dict() if base else None,
                               "baseline_name": baseline_name() if base else None, "promotion": None,
-                              "skipped": es.skipped}
-    result["markdown"] = result_markdown(model_uri, table, base, es)
+                              "skipped": eval_set.skipped}
+    result["markdown"] = result_markdown(model_uri, table, base, eval_set)
     if promote_alias:
         name, version = resolve_version(model_uri, tracking_uri)
 
         def evaluate_version(v: str) -> metrics.BinnedMetrics:
             other, _ = load_model(f"models:/{name}/{v}", device=dev, tracking_uri=tracking_uri)
-            return evaluate_model(other, es, batch_size, dev)
+            return evaluate_model(other, eval_set, batch_size, dev)
 
         decision = promote(name, version, table, evaluate_version, promote_alias, tracking_uri, min_delta_db)
         result["promotion"] = vars(decision)
         result["markdown"] += f"\nPromotion to {promote_alias!r}: {'MOVED' if decision.promoted else 'not moved'} - " \
                               f"{decision.reason}\n"
-    es.close()  # (on an error, the stream's finalizer closes it when collected)
-    result["mlflow_run_id"] = _log_result(result, table, base, experiment, tracking_uri) if experiment else None
+    eval_set.close()  # (on an error, the stream's finalizer closes it when collected)
+    result["mlflow_run_id"] = (_log_result(result, info, table, base, experiment, tracking_uri) if experiment
+                               else None)
     return result
 
 
-def _log_result(result: dict[str, Any], table: metrics.BinnedMetrics, base: metrics.BinnedMetrics | None,
-                experiment: str, tracking_uri: str | None) -> str | None:
+def _log_result(result: dict[str, Any], info: ModelInfo, table: metrics.BinnedMetrics,
+                base: metrics.BinnedMetrics | None, experiment: str, tracking_uri: str | None) -> str | None:
     """One MLflow run per evaluation: per-cell metrics, the markdown table, results JSON and a bar chart."""
     from pconv.tracking.runs import Tracker
     from pconv.tracking.store import start_or_resume_run
@@ -277,10 +282,9 @@ def _log_result(result: dict[str, Any], table: metrics.BinnedMetrics, base: metr
     tracker = Tracker(run_id, tracking_uri)
     if not tracker:
         return None
-    info = result["model_info"]
     tracker.log_params({"model_uri": result["model_uri"], "image_size": result["image_size"],
                         "pairs": result["pairs"], "images": result["images"], "baseline": result["baseline_name"],
-                        "model_version": info.get("version"), "model_layer_size": info.get("layer_size")})
+                        "model_version": info.version, "model_layer_size": info.layer_size})
     values: dict[str, float] = {}
     for prefix, tab in (("eval", table), ("baseline", base)):
         if tab is None:
@@ -291,7 +295,7 @@ def _log_result(result: dict[str, Any], table: metrics.BinnedMetrics, base: metr
         values.update({f"{prefix}/{k}": tab.overall()[k] for k in metrics.METRIC_NAMES})
     # On a registered version, the metrics are also logged against its LoggedModel (MLflow 3 ``model_id``), so the
     # registry shows how each version scored before an alias moves.
-    tracker.log_metrics(values, step=0, model_id=info.get("model_id"))
+    tracker.log_metrics(values, step=0, model_id=info.model_id)
     tracker.log_text(result["markdown"], "evaluation/table.md")
     tracker.log_dict({k: v for k, v in result.items() if k != "markdown"}, "evaluation/results.json")
     try:

@@ -40,7 +40,7 @@ from pconv.core import images
 
 from pconv.core import metrics
 from pconv.core.config import SR_TASK
-from pconv.tracking.loading import parse_registry_uri, resolve_device, resolve_version
+from pconv.tracking.loading import ModelInfo, parse_registry_uri, resolve_device, resolve_version
 from pconv.inference.super_resolve import load_sr_model, super_resolve
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def run_sr_evaluation(model_uri: str, images: str, scale: int | None = None,
     t0 = time.perf_counter()
     table, base, keys = evaluate_stream(images, image_size, limit, k, model, baseline, batch_size, dev, skipped)
     log.info("SR model evaluated on %d images in %.1fs", len(keys), time.perf_counter() - t0)
-    result: dict[str, Any] = {"model_uri": model_uri, "model_info": dict(info), "task": SR_TASK, "scale": k,
+    result: dict[str, Any] = {"model_uri": model_uri, "model_info": info.as_dict(), "task": SR_TASK, "scale": k,
                               "image_size": image_size, "images": len(keys), "image_keys": keys,
                               "headline": HEADLINE, "model": table.as_dict(),
                               "baseline": base.as_dict() if base else None,
@@ -186,12 +186,13 @@ def run_sr_evaluation(model_uri: str, images: str, scale: int | None = None,
         result["promotion"] = vars(decision)
         result["markdown"] += (f"\nPromotion to {promote_alias!r}: {'MOVED' if decision.promoted else 'not moved'}"
                                f" - {decision.reason}\n")
-    result["mlflow_run_id"] = _log_result(result, table, base, experiment, tracking_uri) if experiment else None
+    result["mlflow_run_id"] = (_log_result(result, info, table, base, experiment, tracking_uri) if experiment
+                               else None)
     return result
 
 
-def _log_result(result: dict[str, Any], table: SRMetrics, base: SRMetrics | None, experiment: str,
-                tracking_uri: str | None) -> str | None:
+def _log_result(result: dict[str, Any], info: ModelInfo, table: SRMetrics, base: SRMetrics | None,
+                experiment: str, tracking_uri: str | None) -> str | None:
     """One MLflow run: ``eval/<metric>`` and ``baseline/<metric>`` (:data:`SR_METRICS`), table and JSON."""
     from pconv.tracking.runs import Tracker
     from pconv.tracking.store import start_or_resume_run
@@ -203,16 +204,15 @@ def _log_result(result: dict[str, Any], table: SRMetrics, base: SRMetrics | None
     tracker = Tracker(run_id, tracking_uri)
     if not tracker:
         return None
-    info = result["model_info"]
     tracker.log_params({"model_uri": result["model_uri"], "task": SR_TASK, "scale": result["scale"],
                         "image_size": result["image_size"], "images": result["images"],
                         "baseline": result["baseline_name"], "headline": HEADLINE, "shave_px": result["scale"],
-                        "downsampling": "Pillow BICUBIC (antialiased)", "model_version": info.get("version"),
-                        "model_layer_size": info.get("layer_size")})
+                        "downsampling": "Pillow BICUBIC (antialiased)", "model_version": info.version,
+                        "model_layer_size": info.layer_size})
     values = {f"eval/{k}": table.overall()[k] for k in SR_METRICS}
     if base is not None:
         values.update({f"baseline/{k}": base.overall()[k] for k in SR_METRICS})
-    tracker.log_metrics(values, step=0, model_id=info.get("model_id"))
+    tracker.log_metrics(values, step=0, model_id=info.model_id)
     tracker.log_text(result["markdown"], "evaluation/table.md")
     tracker.log_dict({k: v for k, v in result.items() if k != "markdown"}, "evaluation/results.json")
     tracker.set_terminated("FINISHED")

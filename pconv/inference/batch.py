@@ -84,12 +84,12 @@ def batch_inpaint(model_uri: str, images: str, masks: str, out: str, hole_color:
     cluster.connect(forward_env=_FORWARD_ENV)
     num_actors, use_gpu = _actor_pool(cluster.read_view(), num_actors, use_gpu, len(jobs))
     log.info("batch inpainting %d images with up to %d %s actor(s), model %s (layer_size %d)", len(jobs), num_actors,
-             "GPU" if use_gpu else "CPU", model_uri, info["layer_size"])
+             "GPU" if use_gpu else "CPU", model_uri, info.layer_size)
 
     ds = ray.data.from_items([{"image": j.image, "mask": j.mask, "out": j.out} for j in jobs])
     results = ds.map_batches(
         InpaintActor,
-        fn_constructor_kwargs={"state": ray.put(state), "layer_size": info["layer_size"], "hole_color": hole_color,
+        fn_constructor_kwargs={"state": ray.put(state), "layer_size": info.layer_size, "hole_color": hole_color,
                                "threshold": threshold, "use_gpu": use_gpu, "max_side": max_side},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),

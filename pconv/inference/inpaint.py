@@ -302,8 +302,8 @@ def inpaint_files(model_uri: str, image: str, mask: str, out: str, hole_color: s
         output_suffix(job.out, allow_lossy)
     model, info = load_model(model_uri, device=resolve_device(device), tracking_uri=tracking_uri,
                              task=INPAINTING_TASK)  # an SR model here is refused with a clear message
-    log.info("loaded %s (%s, layer_size %d, trained at %d px)", model_uri, info["kind"], info["layer_size"],
-             info["image_size"])
+    log.info("loaded %s (%s, layer_size %d, trained at %d px)", model_uri, info.kind, info.layer_size,
+             info.image_size)
     if len(jobs) == 1 and not _is_dir(image):
         return [inpaint_job(model, jobs[0], hole_color, threshold, max_side=max_side)]
     rows = []

@@ -34,10 +34,10 @@ from pconv.inference.inpaint import encode_image, inpaint
 from pconv.core.config import SR_TASK
 from pconv.core.masks import HOLE_COLORS, decode_mask, polarity_warning
 from pconv.inference.super_resolve import check_size, resolve_scale, super_resolve
+from pconv.tracking.loading import ModelInfo, load_model
 
 log = logging.getLogger(__name__)
 
-LOADER_MODULE = __name__  # what the registry writes as the pyfunc flavour's loader_module
 DEFAULT_HOLE_COLOR = "white"  # NVIDIA's test masks: white = hole
 DEFAULT_MAX_PIXELS = 16_000_000  # larger images are refused (413), not tiled for minutes
 GREY_BAND = (0.1, 0.9)  # a mask pixel whose grey level (of the max) lies strictly inside this band is "grey"
@@ -168,14 +168,14 @@ def inpaint_decoded(model: torch.nn.Module, items: list[Decoded]) -> list[torch.
 class PConvPyfunc:
     """What ``mlflow.pyfunc.load_model(...)`` wraps: ``predict(DataFrame) -> DataFrame`` (see the module doc)."""
 
-    def __init__(self, model: torch.nn.Module, info: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, model: torch.nn.Module, info: ModelInfo, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.model, self.info, self.max_pixels = model, info, max_pixels
 
     def predict(self, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if self.info.get("task") == SR_TASK:
+        if self.info.task == SR_TASK:
             return pd.DataFrame({"image": self._super_resolve(df)})
         missing = [c for c in ("image", "mask") if c not in df.columns]
         if missing:
@@ -195,14 +195,13 @@ class PConvPyfunc:
 
 
 def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> PConvPyfunc:
-    """MLflow's entry point: ``data_path`` is the logged model's ``extra_files/`` folder."""
-    from pconv.tracking.loading import load_model
-
+    """MLflow's entry point (the name MLflow calls on a loader module): ``data_path`` is the logged model's
+    ``extra_files/`` folder; ``model_config`` may set ``device`` (default ``auto``)."""
     device = (model_config or {}).get("device") or "auto"
     model, info = load_model(data_path, device=device)
     log.info("pyfunc: loaded %s on %s", data_path, next(model.parameters()).device)
     return PConvPyfunc(model, info)
 
 
-__all__ = ["BadInput", "DEFAULT_HOLE_COLOR", "DEFAULT_MAX_PIXELS", "Decoded", "LOADER_MODULE", "PConvPyfunc",
+__all__ = ["BadInput", "DEFAULT_HOLE_COLOR", "DEFAULT_MAX_PIXELS", "Decoded", "PConvPyfunc",
            "decode_lr_request", "decode_request", "inpaint_decoded"]

@@ -56,14 +56,6 @@ DEFAULTS: dict[str, Any] = {
 app = FastAPI(title="PConv inpainting", docs_url=None, redoc_url=None)
 
 
-def _version_label(info: dict[str, Any]) -> str:
-    if info.get("version") is not None:
-        return str(info["version"])
-    if info.get("step") is not None:
-        return f"step-{info['step']}"
-    return "local"
-
-
 async def _read_form(request: Request, files: tuple[str, ...] = ("image", "mask")) -> dict[str, Any]:
     """The multipart form's ``files`` (bytes) and ``hole_color`` (text); BadInput when absent."""
     kind = request.headers.get("content-type", "")
@@ -117,9 +109,9 @@ class InpaintServer:
 
     def _load(self, uri: str) -> tuple[Any, str]:
         model, info = load_model(uri, device=self.opts["device"], tracking_uri=self.tracking_uri)
-        self.task = info.get("task")  # inpainting or sr: which POST route answers
+        self.task = info.task  # inpainting or sr: which POST route answers
         self.scale = resolve_scale(info, None) if self.task == SR_TASK else None
-        version = _version_label(info)
+        version = info.label
         log.info("serving %s (version %s) on %s", self.model_uri, version, next(model.parameters()).device)
         return model, version
 

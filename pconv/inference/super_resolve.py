@@ -24,7 +24,7 @@ import torch
 from pconv.storage import uris
 from pconv.inference.inpaint import DEFAULT_MAX_SIDE, encode_image, inpaint, output_suffix, read_image
 from pconv.core.config import SR_TASK
-from pconv.tracking.loading import load_model, resolve_device
+from pconv.tracking.loading import ModelInfo, load_model, resolve_device
 from pconv.core.sr_grid import check_scale, place_on_grid
 
 log = logging.getLogger(__name__)
@@ -47,25 +47,24 @@ def check_size(width: int, height: int, scale: int, name: str = "image", limit: 
                          f"= {out:,} pixels, above the limit of {limit:,}; crop the LR image into parts first")
 
 
-def resolve_scale(info: dict[str, Any], scale: int | None) -> int:
+def resolve_scale(info: ModelInfo, scale: int | None) -> int:
     """The scale to run an SR model at: the model's ``sr_scale`` when ``scale`` is None; ValueError when a given
     ``scale`` is unsupported or disagrees with the model (its grid spacing is fixed by training)."""
     if scale is not None:
         scale = check_scale(scale)
-    have = info.get("sr_scale")
-    if have is None:
+    if info.sr_scale is None:
         if scale is None:
-            raise ValueError(f"{info.get('uri')}: its config has no sr_scale; pass --scale")
+            raise ValueError(f"{info.uri}: its config has no sr_scale; pass --scale")
         return scale
-    have = check_scale(have)
+    have = check_scale(info.sr_scale)
     if scale is not None and scale != have:
-        raise ValueError(f"--scale {scale} disagrees with the model {info.get('uri')}, which was trained for "
+        raise ValueError(f"--scale {scale} disagrees with the model {info.uri}, which was trained for "
                          f"scale {have} (sr_scale: {have}); drop --scale or use a x{scale} model")
     return have
 
 
 def load_sr_model(uri: str, scale: int | None = None, device: str | torch.device = "cpu",
-                  tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict[str, Any], int]:
+                  tracking_uri: str | None = None) -> tuple[torch.nn.Module, ModelInfo, int]:
     """``(model, info, scale)`` of an SR model; an inpainting model or a disagreeing ``scale`` is a ValueError."""
     if scale is not None:
         check_scale(scale)  # before the (slow) load
@@ -129,7 +128,7 @@ def super_resolve_file(model_uri: str, image: str, out: str, scale: int | None =
         check_size(w, h, scale, image)
     model, info, k = load_sr_model(model_uri, scale, device=resolve_device(device), tracking_uri=tracking_uri)
     check_size(w, h, k, image)
-    log.info("loaded %s (%s, x%d, layer_size %d)", model_uri, info["kind"], k, info["layer_size"])
+    log.info("loaded %s (%s, x%d, layer_size %d)", model_uri, info.kind, k, info.layer_size)
     hr = super_resolve(model, lr, k, max_side=max_side)
     if not uris.is_remote(out):
         Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)

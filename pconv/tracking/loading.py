@@ -1,12 +1,13 @@
-"""Model loading: any model URI -> ``(model, info)``, a PConv U-Net in eval mode on the requested device.
+"""Model loading: any model URI -> ``(model, info)``: a PConv U-Net in eval mode on the requested device, and a
+:class:`ModelInfo` saying what was loaded (size, depth, convolution, task, where it came from).
 
 Model URIs (:func:`load_model`):
 
 - ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a registered model. Only the plain state dict and config of
   the logged model (see :mod:`pconv.tracking.registry`) are downloaded; the net is rebuilt with ``build_model`` and the
   weights load with ``torch.load(weights_only=True)``: no pickle is executed.
-- a checkpoint (see :mod:`pconv.tracking.checkpoints`): a local folder or ``s3://`` prefix; a folder of several checkpoints
-  (e.g. a run's storage folder) resolves to its latest complete one (highest step).
+- a checkpoint (see :mod:`pconv.tracking.checkpoints`): a local folder or ``s3://`` prefix; a folder of several
+  checkpoints (e.g. a run's storage folder) resolves to its latest complete one (highest step).
 - a local MLflow model folder (``MLmodel`` + ``extra_files/``) written by :mod:`pconv.tracking.registry`.
 
 Training (``init_from``), evaluation, batch inference, serving and the CLIs all load through here.
@@ -18,8 +19,9 @@ import logging
 import os
 import pickle
 import tempfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -97,30 +99,74 @@ def from_state_dict(state_dict: dict[str, torch.Tensor], layer_size: int, source
     return model.eval()
 
 
-def _build(state_dict: dict[str, torch.Tensor], cfg: dict[str, Any], source: str) -> tuple[torch.nn.Module, dict]:
+ModelKind = Literal["checkpoint", "mlflow-model", "registry"]
+CHECKPOINT_KIND: ModelKind = "checkpoint"      # a checkpoint folder / s3:// prefix (pconv.tracking.checkpoints)
+MODEL_DIR_KIND: ModelKind = "mlflow-model"     # a local MLflow model folder written by pconv.tracking.registry
+REGISTRY_KIND: ModelKind = "registry"          # a models:/NAME@ALIAS or models:/NAME/VERSION URI
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What :func:`load_model` knows about the model it returns.
+
+    The first group is the model itself (from its ``config.yaml``); the second says where it came from. Fields that
+    a kind of source does not have are None (a checkpoint has no registry version, a registered version no step).
+    """
+
+    image_size: int            # the training crop size (px); the net runs on any size
+    layer_size: int            # the U-Net's depth (pconv.core.unet.build_model)
+    conv: str                  # the convolution variant: partial (the paper's) or gated
+    task: str                  # INPAINTING_TASK or SR_TASK
+    sr_scale: int | None       # K of a super-resolution model; None for inpainting (and an SR config without one)
+    kind: ModelKind            # which kind of URI it was loaded from
+    uri: str                   # the URI the caller asked for
+    source: str                # where the weights were read: the checkpoint, the model folder or the registry URI
+    step: int | None = None            # checkpoints: the training step
+    mlflow_run_id: str | None = None   # checkpoints: the training run recorded in meta.json
+    name: str | None = None            # registry: the registered model's name
+    version: str | None = None         # registry: the version number (an alias resolved)
+    model_id: str | None = None        # registry: the MLflow 3 LoggedModel behind the version (None if it has none)
+    tracking_uri: str | None = None    # registry: the MLflow store, credentials redacted
+
+    @property
+    def label(self) -> str:
+        """A short name of what is loaded: the registry version, else ``step-N`` of a checkpoint, else ``local``."""
+        if self.version is not None:
+            return str(self.version)
+        if self.step is not None:
+            return f"step-{self.step}"
+        return "local"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain mapping (JSON-ready: evaluation results, MLflow params)."""
+        return asdict(self)
+
+
+def _build(state_dict: dict[str, torch.Tensor], cfg: dict[str, Any], source: str,
+           kind: ModelKind) -> tuple[torch.nn.Module, ModelInfo]:
     image_size, layer_size = _layer_size(cfg, source)
     conv = str(cfg.get("conv") or "partial")  # configs from before the variant existed are the paper's net
     model = from_state_dict(state_dict, layer_size, source, conv=conv)
-    return model, {"image_size": image_size, "layer_size": layer_size, "conv": conv, "source": source,
-                   **task_of_config(cfg)}
+    task, sr_scale = task_of_config(cfg)
+    return model, ModelInfo(image_size=image_size, layer_size=layer_size, conv=conv, task=task, sr_scale=sr_scale,
+                            kind=kind, uri=source, source=source)
 
 
-def task_of_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``{"task", "sr_scale"}`` of a config mapping (no ``task`` key: inpainting; ``sr_scale`` only for SR)."""
+def task_of_config(cfg: dict[str, Any]) -> tuple[str, int | None]:
+    """``(task, sr_scale)`` of a config mapping (no ``task`` key: inpainting; ``sr_scale`` only for SR)."""
     task = str(cfg.get("task") or INPAINTING_TASK)
-    return {"task": task, "sr_scale": int(cfg.get("sr_scale") or 0) or None if task == SR_TASK else None}
+    return task, (int(cfg.get("sr_scale") or 0) or None if task == SR_TASK else None)
 
 
-def check_task(info: dict[str, Any], task: str) -> None:
+def check_task(info: ModelInfo, task: str) -> None:
     """ValueError naming the model when it was trained for another task than ``task`` (inpainting / sr)."""
-    have, uri = info.get("task") or INPAINTING_TASK, info.get("uri") or info.get("source")
-    if have == task:
+    if info.task == task:
         return
-    if have == SR_TASK:
-        raise ValueError(f"{uri} is a super-resolution model (task: sr, scale {info.get('sr_scale')}), not an "
+    if info.task == SR_TASK:
+        raise ValueError(f"{info.uri} is a super-resolution model (task: sr, scale {info.sr_scale}), not an "
                          "inpainting model; use it with pipelines/super_resolve.py (HTTP: POST /super-resolve)")
-    raise ValueError(f"{uri} is a {have} model, not a super-resolution model; super-resolution needs a model "
-                     f"trained with task: sr (pipelines/train.py --task sr), e.g. "
+    raise ValueError(f"{info.uri} is a {info.task} model, not a super-resolution model; super-resolution needs a "
+                     f"model trained with task: sr (pipelines/train.py --task sr), e.g. "
                      f"{REGISTRY_SCHEME}{registry.SR_MODEL}@{registry.CHAMPION}")
 
 
@@ -170,25 +216,24 @@ def _read_torch(load: Callable[[], Any], what: str) -> dict[str, Any]:
     return state
 
 
-def _load_checkpoint_dir(directory: Path, source: str) -> tuple[torch.nn.Module, dict]:
+def _load_checkpoint_dir(directory: Path, source: str) -> tuple[torch.nn.Module, ModelInfo]:
     state = _read_torch(lambda: ckpt.load_state(directory), f"{source}/{ckpt.STATE_FILE}")
-    model, info = _build(ckpt.model_state(state, source), ckpt.load_config_dict(directory), source)
+    model, info = _build(ckpt.model_state(state, source), ckpt.load_config_dict(directory), source, CHECKPOINT_KIND)
     meta = ckpt.load_meta(directory)
-    info.update(kind="checkpoint", step=state.get("step", meta.get("step")), mlflow_run_id=meta.get("mlflow_run_id"))
-    return model, info
+    step = state.get("step", meta.get("step"))
+    return model, replace(info, step=None if step is None else int(step), mlflow_run_id=meta.get("mlflow_run_id"))
 
 
-def _load_model_dir(directory: Path, source: str) -> tuple[torch.nn.Module, dict]:
+def _load_model_dir(directory: Path, source: str,
+                    kind: ModelKind = MODEL_DIR_KIND) -> tuple[torch.nn.Module, ModelInfo]:
     """An MLflow model folder (or its extra_files/ subfolder) written by :mod:`pconv.tracking.registry`."""
     files = registry.model_files_dir(directory)
     state = _read_torch(lambda: torch.load(files / registry.STATE_DICT_FILE, map_location="cpu", weights_only=True),
                         f"{source}: {registry.STATE_DICT_FILE}")
-    model, info = _build(state, ckpt.load_config_dict(files), source)
-    info["kind"] = "mlflow-model"
-    return model, info
+    return _build(state, ckpt.load_config_dict(files), source, kind)
 
 
-def _load_checkpoint(uri: str, missing: str) -> tuple[torch.nn.Module, dict]:
+def _load_checkpoint(uri: str, missing: str) -> tuple[torch.nn.Module, ModelInfo]:
     """A checkpoint folder / s3:// prefix, or the latest complete checkpoint under it."""
     base = ckpt.resolve(uri)
     if base is None:
@@ -210,7 +255,7 @@ def registry_store(model_uri: str, tracking_uri: str | None = None) -> str:
     return store
 
 
-def _from_registry(uri: str, tracking_uri: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _from_registry(uri: str, tracking_uri: str | None) -> tuple[torch.nn.Module, ModelInfo]:
     from mlflow.exceptions import MlflowException
 
     store = registry_store(uri, tracking_uri)
@@ -219,27 +264,24 @@ def _from_registry(uri: str, tracking_uri: str | None) -> tuple[torch.nn.Module,
         name, version = resolve_version(uri, store)
         with tempfile.TemporaryDirectory(prefix="pconv-model-") as tmp:
             local = registry.download_model_files(name, version, tmp, store)
-            model, info = _load_model_dir(local, uri)
-        info.update(kind="registry", name=name, version=version, tracking_uri=where,
-                    model_id=registry.logged_model_id(name, version, store))
+            model, info = _load_model_dir(local, uri, REGISTRY_KIND)
+        info = replace(info, name=name, version=version, tracking_uri=where,
+                       model_id=registry.logged_model_id(name, version, store))
     except MlflowException as exc:
         missing = getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
         reason = "no such registered model, alias or version" if missing else "the registry lookup failed"
         detail = redact_uri(str(exc.message if hasattr(exc, "message") else exc)).splitlines()[0][:300]
         raise ValueError(f"{uri}: {reason} in the MLflow store {where} ({detail})") from None
-    log.info("model %s is version %s of %r in the MLflow store %s", uri, info["version"], info["name"], where)
+    log.info("model %s is version %s of %r in the MLflow store %s", uri, info.version, info.name, where)
     return model, info
 
 
 def load_model(uri: str, device: str | torch.device = "cpu", tracking_uri: str | None = None,
-               task: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+               task: str | None = None) -> tuple[torch.nn.Module, ModelInfo]:
     """Load a PConv U-Net (eval mode) from a registry URI, a checkpoint URI or a local path; with ``task``
     (inpainting / sr), a model trained for the other task is refused (:func:`check_task`).
 
-    Returns ``(model, info)``; ``info`` has ``image_size``, ``layer_size``, ``conv``, ``task``, ``sr_scale``,
-    ``source``, ``kind``, ``uri``
-    (plus ``name``/``version``/``model_id`` (the LoggedModel) for registry URIs, ``step``/``mlflow_run_id`` for
-    checkpoints).
+    Returns ``(model, info)``, ``info`` a :class:`ModelInfo` (``uri`` is ``uri`` as given).
     """
     uri = str(uri)
     if uri.startswith(REGISTRY_SCHEME):
@@ -258,11 +300,12 @@ def load_model(uri: str, device: str | torch.device = "cpu", tracking_uri: str |
         else:
             model, info = _load_checkpoint(str(path), f"neither a checkpoint ({' + '.join(ckpt.CHECKPOINT_FILES)}), "
                                                       "an MLflow model folder, nor a folder holding checkpoints")
-    info["uri"] = uri
+    info = replace(info, uri=uri)
     if task is not None:
         check_task(info, task)
     return model.to(resolve_device(device)).eval(), info
 
 
-__all__ = ["INPAINTING_TASK", "SR_TASK", "check_task", "from_state_dict", "load_model", "model_config",
-           "parse_registry_uri", "registry_store", "resolve_device", "resolve_version", "task_of_config"]
+__all__ = ["CHECKPOINT_KIND", "MODEL_DIR_KIND", "ModelInfo", "ModelKind", "REGISTRY_KIND", "check_task",
+           "from_state_dict", "load_model", "model_config", "parse_registry_uri", "registry_store", "resolve_device",
+           "resolve_version", "task_of_config"]
