@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture (the last test only)
-from pconv.tracking import runs as tracking
+from pconv.tracking import runs, store
 from pconv.core.config import ConfigError, TrainConfig
 from test_loading import save_checkpoint, tiny_model
 
@@ -211,16 +211,16 @@ def test_registry_uri_without_a_store_creates_no_db(tmp_path, capsys, monkeypatc
 # 12: credentials in a tracking URI never reach a log line
 # ---------------------------------------------------------------------------------------------
 def test_tracking_uri_credentials_are_redacted(caplog, monkeypatch):
-    assert tracking.redact_uri("http://user:s3cret@host:5000/x") == "http://user:***@host:5000/x"
-    assert tracking.redact_uri("see https://tok3n@host/api and s3://b/k") == "see https://***@host/api and s3://b/k"
-    assert tracking.redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    assert store.redact_uri("http://user:s3cret@host:5000/x") == "http://user:***@host:5000/x"
+    assert store.redact_uri("see https://tok3n@host/api and s3://b/k") == "see https://***@host/api and s3://b/k"
+    assert store.redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
     dead = f"http://alice:s3cret@127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     caplog.set_level(logging.INFO)
-    policy = tracking.RetryPolicy(attempts=1, initial_s=0.01, max_total_s=1, cooldown_s=0)
-    assert tracking.start_or_resume_run("exp", "run", tracking_uri=dead, policy=policy) is None
+    policy = store.RetryPolicy(attempts=1, initial_s=0.01, max_total_s=1, cooldown_s=0)
+    assert store.start_or_resume_run("exp", "run", tracking_uri=dead, policy=policy) is None
     assert "WITHOUT tracking" in caplog.text and "alice:***@127.0.0.1" in caplog.text
-    assert "s3cret" not in caplog.text and "s3cret" not in repr(tracking.Tracker("r", dead))
+    assert "s3cret" not in caplog.text and "s3cret" not in repr(runs.Tracker("r", dead))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,12 +117,12 @@ def constant_fill_model(value: float, seed: int = 0) -> torch.nn.Module:
 
 
 def register(model: torch.nn.Module, run_name: str) -> str:
-    from pconv.tracking import runs
+    from pconv.tracking import store
     from pconv.tracking.registry import log_and_register_model
 
     cfg = TrainConfig(images="x", masks="y", image_size=IMAGE_SIZE, layer_size=LAYER_SIZE, run_name=run_name,
                       experiment="eval-exp", phase1_steps=1, phase2_steps=0)
-    run_id = runs.start_or_resume_run("eval-exp", run_name)
+    run_id = store.start_or_resume_run("eval-exp", run_name)
     return log_and_register_model(model, cfg, run_id, name=INPAINTING_MODEL, alias=CANDIDATE)
 
 

@@ -83,8 +83,9 @@ def test_net_multiple_looks_through_wrappers():
 @pytest.fixture(scope="module")
 def registered(mlflow_server, tmp_path_factory):
     """A checkpoint logged into its training run and registered as pconv-unet (alias candidate)."""
-    from pconv.tracking import runs
-    run_id = runs.start_or_resume_run("infer-exp", "tiny")
+    from pconv.tracking import runs, store
+
+    run_id = store.start_or_resume_run("infer-exp", "tiny")
     runs.Tracker(run_id).set_terminated("FINISHED")
     model = tiny_model(5)
     directory = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000003", model, step=3,

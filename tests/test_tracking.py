@@ -14,11 +14,12 @@ from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
 from pconv.tracking import checkpoints
 from pconv.tracking import runs as tracking
+from pconv.tracking import store
 from pconv.core.config import TrainConfig
 
 pytestmark = pytest.mark.integration
 
-FAST = tracking.RetryPolicy(attempts=3, initial_s=0.05, max_s=0.1, max_total_s=2.0, cooldown_s=30.0)
+FAST = store.RetryPolicy(attempts=3, initial_s=0.05, max_s=0.1, max_total_s=2.0, cooldown_s=30.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,14 +28,14 @@ FAST = tracking.RetryPolicy(attempts=3, initial_s=0.05, max_s=0.1, max_total_s=2
 def test_resolve_tracking_uri_defaults_to_absolute_sqlite(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    uri = tracking.resolve_tracking_uri()
+    uri = store.resolve_tracking_uri()
     assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert tracking.default_artifact_location(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert store.default_artifact_location(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///sub/x.db")
-    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'sub' / 'x.db'}"
+    assert store.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'sub' / 'x.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.resolve_tracking_uri() == "http://127.0.0.1:5000"
-    assert tracking.default_artifact_location("http://127.0.0.1:5000") is None
+    assert store.resolve_tracking_uri() == "http://127.0.0.1:5000"
+    assert store.default_artifact_location("http://127.0.0.1:5000") is None
 
 
 def test_sample_grid_layout():
@@ -84,11 +85,11 @@ def test_embedded_sqlite_puts_artifacts_next_to_the_db(monkeypatch, tmp_path):
     """The Ray trap: with sqlite, artifacts must not land relative to the (temporary) working dir."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    uri = tracking.resolve_tracking_uri()
+    uri = store.resolve_tracking_uri()
     elsewhere = tmp_path / "ray-session-copy"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # a worker in another working dir, given the driver's resolved URI
-    run_id = tracking.start_or_resume_run("exp", "local-run", tracking_uri=uri, policy=FAST)
+    run_id = store.start_or_resume_run("exp", "local-run", tracking_uri=uri, policy=FAST)
     assert run_id
     tracking.Tracker(run_id, uri, FAST).log_text("hello", "notes/hello.txt")
     hits = list((tmp_path / "mlartifacts").rglob("hello.txt"))
@@ -102,13 +103,13 @@ def test_embedded_sqlite_puts_artifacts_next_to_the_db(monkeypatch, tmp_path):
 def test_start_or_resume_run_never_creates_a_second_run(mlflow_server):
     from mlflow import MlflowClient
 
-    first = tracking.start_or_resume_run("resume-exp", "run-a", tags={"purpose": "test"}, policy=FAST)
+    first = store.start_or_resume_run("resume-exp", "run-a", tags={"purpose": "test"}, policy=FAST)
     assert first
-    assert tracking.start_or_resume_run("resume-exp", "run-a", policy=FAST) == first
-    assert tracking.start_or_resume_run("resume-exp", "run-a", run_id=first, policy=FAST) == first
+    assert store.start_or_resume_run("resume-exp", "run-a", policy=FAST) == first
+    assert store.start_or_resume_run("resume-exp", "run-a", run_id=first, policy=FAST) == first
     # a stale run id (e.g. a checkpoint from another server) falls back to the name, not to a new run
-    assert tracking.start_or_resume_run("resume-exp", "run-a", run_id="0" * 32, policy=FAST) == first
-    other = tracking.start_or_resume_run("resume-exp", "run-b", policy=FAST)
+    assert store.start_or_resume_run("resume-exp", "run-a", run_id="0" * 32, policy=FAST) == first
+    other = store.start_or_resume_run("resume-exp", "run-b", policy=FAST)
     assert other and other != first
 
     client = MlflowClient(mlflow_server.url)
@@ -120,14 +121,14 @@ def test_start_or_resume_run_never_creates_a_second_run(mlflow_server):
     # a finished run that is resumed (worker restart / re-run) is RUNNING again
     tracking.Tracker(first, policy=FAST).set_terminated("FINISHED")
     assert client.get_run(first).info.status == "FINISHED"
-    assert tracking.start_or_resume_run("resume-exp", "run-a", run_id=first, policy=FAST) == first
+    assert store.start_or_resume_run("resume-exp", "run-a", run_id=first, policy=FAST) == first
     assert client.get_run(first).info.status == "RUNNING"
 
 
 def test_tracker_logs_params_metrics_and_sample_grids(mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    run_id = tracking.start_or_resume_run("track-exp", "short-run", policy=FAST)
+    run_id = store.start_or_resume_run("track-exp", "short-run", policy=FAST)
     tracker = tracking.Tracker(run_id, policy=FAST)
     cfg = TrainConfig(images="s3://b/img", masks="s3://b/masks", image_size=64, phase1_steps=3, phase2_steps=1)
     tracker.log_params(tracking.run_params(cfg, {"cluster": {"workers": 2, "gpu": "none"}},
@@ -171,7 +172,7 @@ def test_unreachable_server_never_raises(caplog, monkeypatch):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     caplog.set_level(logging.WARNING, logger="pconv.tracking.runs")
-    assert tracking.start_or_resume_run("exp", "run", tracking_uri=dead, policy=FAST) is None
+    assert store.start_or_resume_run("exp", "run", tracking_uri=dead, policy=FAST) is None
     assert "WITHOUT tracking" in caplog.text
 
     tracker = tracking.Tracker("0" * 32, dead, FAST)

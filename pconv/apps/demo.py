@@ -38,6 +38,7 @@ from pconv.tracking import registry
 from pconv.storage import uris
 
 from pconv.tracking import runs as tracking
+from pconv.tracking.store import resolve_tracking_uri
 from pconv.apps.demo_inputs import (DEFAULT_DATASETS, MASK_ZIP, DemoError, check_datasets, fingerprint,
                                     ingest_once, reusable, stage_images, stage_test_masks)
 from pconv.apps.demo_progress import TrainProgress
@@ -195,7 +196,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         # The embedded store lives with the demo's outputs (and so does its artifact folder).
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"
-    tracking_uri = tracking.resolve_tracking_uri()
+    tracking_uri = resolve_tracking_uri()
     random_vgg = cfg.vgg_weights == "random"
     if random_vgg:
         log.warning("*" * 100)

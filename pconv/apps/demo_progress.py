@@ -7,6 +7,7 @@ import logging
 import threading
 
 from pconv.tracking import runs as tracking
+from pconv.tracking.store import client_for
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +27,7 @@ class TrainProgress(threading.Thread):
         bar = tqdm(total=self.total, desc="train (both phases)", unit="step", dynamic_ncols=True)
         run_id = None
         try:
-            client = tracking.client_for(self.tracking_uri)
+            client = client_for(self.tracking_uri)
             while not self._halt.wait(self.interval):
                 try:
                     if run_id is None:

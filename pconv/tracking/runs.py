@@ -8,9 +8,9 @@
   themselves are :data:`pconv.core.losses.LOSS_TERMS`). Sample grids are drawn by :func:`grid_image`
   (``torchvision.utils.make_grid``) and logged with a key and a step, so MLflow's image slider shows the fills
   improving over training.
-- Where MLflow lives, the retry policy and the one run per training run are :mod:`pconv.tracking.store`; the names
-  callers use (:func:`resolve_tracking_uri`, :func:`client_for`, :func:`start_or_resume_run`, ...) are
-  re-exported here, so this module is the one to import.
+- Where MLflow lives, the retry policy and the one run per training run are :mod:`pconv.tracking.store`
+  (:func:`~pconv.tracking.store.resolve_tracking_uri`, :func:`~pconv.tracking.store.client_for`,
+  :func:`~pconv.tracking.store.start_or_resume_run`, ...): import them from there.
 
 Model logging and the registry live in :mod:`pconv.tracking.registry`.
 """
@@ -27,9 +27,8 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from pconv.tracking.store import (RUN_NAME_TAG, RetryPolicy, call_with_retry, client_for, default_artifact_location,
-                               get_or_create_experiment, is_permanent, redact_uri, resolve_tracking_uri,
-                               short_error, start_or_resume_run)
+from pconv.tracking.store import (RetryPolicy, call_with_retry, client_for, is_permanent, redact_uri,
+                                  resolve_tracking_uri, short_error)
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +290,5 @@ class Tracker:
             self._call("set_terminated", lambda: self.client.set_terminated(self.run_id, status=status))
 
 
-__all__ = ["DATA_SKIPPED", "DATA_WAIT", "EPOCH", "LR", "NAN_STEPS", "PHASE", "RUN_NAME_TAG", "SAMPLES_KEY",
-           "THROUGHPUT", "VAL_PSNR", "VAL_SSIM", "RetryPolicy", "Tracker", "call_with_retry", "client_for",
-           "default_artifact_location", "flatten", "get_or_create_experiment", "git_commit", "grid_image",
-           "loss_metric", "redact_uri", "resolve_tracking_uri", "run_params", "start_or_resume_run", "val_metric"]
+__all__ = ["DATA_SKIPPED", "DATA_WAIT", "EPOCH", "LR", "NAN_STEPS", "PHASE", "SAMPLES_KEY", "THROUGHPUT", "VAL_PSNR",
+           "VAL_SSIM", "Tracker", "flatten", "git_commit", "grid_image", "loss_metric", "run_params", "val_metric"]

@@ -9,7 +9,8 @@
 - :func:`call_with_retry` is the bounded exponential backoff every MLflow call of :mod:`pconv.tracking.runs` goes
   through. No global active-run state: every call uses an ``MlflowClient`` with an explicit run id.
 
-:mod:`pconv.tracking.runs` is the public face (it re-exports what callers use); this module is its connection half.
+Callers import these names from here; :mod:`pconv.tracking.runs` (metric names, params, the :class:`Tracker`) builds on
+them.
 """
 
 from __future__ import annotations

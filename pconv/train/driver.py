@@ -21,7 +21,7 @@ from pconv.data import stream
 from pconv.tracking import registry
 from pconv.storage import shards
 from pconv.storage import uris
-from pconv.tracking import runs
+from pconv.tracking import runs, store
 from pconv.core.config import REGISTER_AUTO, SR_TASK, ConfigError, TrainConfig
 from pconv.train.loop import StepHook, train_loop_per_worker
 
@@ -93,7 +93,7 @@ def check_vgg_weights(weights: str) -> None:
         try:
             found = uris.exists(weights)
         except Exception as exc:  # noqa: BLE001 - credentials, network: the workers would fail the same way
-            raise ConfigError(f"--vgg-weights {weights}: cannot be checked ({runs.short_error(exc)})") from None
+            raise ConfigError(f"--vgg-weights {weights}: cannot be checked ({store.short_error(exc)})") from None
         if not found:
             raise ConfigError(f"--vgg-weights {weights}: no such file; pass imagenet, random, or the path / s3:// "
                               "URI of a torchvision VGG16 state dict")
@@ -107,7 +107,7 @@ def check_vgg_weights(weights: str) -> None:
         opener.open(urllib.request.Request(IMAGENET_VGG16_URL, method="HEAD"), timeout=20).close()
     except Exception as exc:  # noqa: BLE001 - URLError, proxy and TLS errors alike: the download would fail
         raise ConfigError(f"--vgg-weights imagenet: not in the torch hub cache ({cache}) and {IMAGENET_VGG16_URL} "
-                          f"cannot be reached from here ({runs.short_error(exc)}); copy the file there (or set "
+                          f"cannot be reached from here ({store.short_error(exc)}); copy the file there (or set "
                           "TORCH_HOME to a populated cache), or pass --vgg-weights PATH_OR_S3_URI") from None
 
 
@@ -217,9 +217,9 @@ def run(cfg: TrainConfig, *, local_mode: bool = False, step_hook: StepHook | Non
         log.info("run %r resumes from %s (step %d)", cfg.run_name, latest[0], latest[1]["step"])
     plan = plan_cluster(cfg, local_mode)
 
-    tracking_uri = runs.resolve_tracking_uri()
-    run_id = runs.start_or_resume_run(cfg.experiment, cfg.run_name,
-                                          run_id=latest[1].get("mlflow_run_id") if latest else None)
+    tracking_uri = store.resolve_tracking_uri()
+    run_id = store.start_or_resume_run(cfg.experiment, cfg.run_name,
+                                       run_id==latest[1].get("mlflow_run_id") if latest else None)
     tracker = runs.Tracker(run_id, tracking_uri)
     tracker.log_params(runs.run_params(cfg, plan.params(cfg.workers), versions=checkpoints.versions()))
 
