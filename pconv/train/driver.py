@@ -219,7 +219,7 @@ def run(cfg: TrainConfig, *, local_mode: bool = False, step_hook: StepHook | Non
 
     tracking_uri = store.resolve_tracking_uri()
     run_id = store.start_or_resume_run(cfg.experiment, cfg.run_name,
-                                       run_id==latest[1].get("mlflow_run_id") if latest else None)
+                                       run_id=latest[1].get("mlflow_run_id") if latest else None)
     tracker = runs.Tracker(run_id, tracking_uri)
     tracker.log_params(runs.run_params(cfg, plan.params(cfg.workers), versions=checkpoints.versions()))
 
