@@ -16,7 +16,7 @@ import torch
 
 from mlflow_server import mlflow_server  # noqa: F401 - module-scoped fixture
 from pconv.evaluation import inpainting
-from pconv.core import masks as M
+from pconv.core.masks import HOLE_RATIO_BINS
 from pconv.core.config import TrainConfig
 from pconv.core.unet import build_model
 from pconv.tracking.registry import CANDIDATE, CHAMPION, INPAINTING_MODEL
@@ -157,7 +157,7 @@ def test_evaluate_cli_prints_per_bin_tables_and_logs_to_mlflow(mlflow_server, ve
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert f"### Model: models:/{INPAINTING_MODEL}/" in out and "### Baseline: push-pull diffusion fill" in out
-    for lo, hi in M.HOLE_RATIO_BINS:
+    for lo, hi in HOLE_RATIO_BINS:
         label = f"| ({lo:g}, {hi:g}] |"
         assert out.count(f"{label} no | {N_IMAGES} |") == 2 and out.count(f"{label} yes | {N_IMAGES} |") == 2
     result = json.loads((tmp_path / "r.json").read_text())

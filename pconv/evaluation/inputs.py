@@ -1,5 +1,5 @@
-"""The inputs of the evaluation protocol (:mod:`pconv.evaluation.inpainting`): the images, STREAMED in batches; the test masks
-with their (hole-ratio bin, border) labels; and the fixed pairing of the two.
+"""The inputs of the evaluation protocol (:mod:`pconv.evaluation.inpainting`): the images, STREAMED in batches; the
+test masks with their (hole-ratio bin, border) labels; and the fixed pairing of the two.
 
 Images (:class:`ImageStream`). The keys are listed first and nothing else: a shard root's ``key`` column (its ``val``
 split when it has one, else every split), or the file names of a folder / zip / ``s3://`` prefix; sorted, the
@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from pconv.core import images as I
-from pconv.core import masks as M
-from pconv.storage import shards
-from pconv.storage import uris as storage
+from pconv.core.images import IMAGE_SUFFIXES, center_crop, open_image
+from pconv.core.masks import (HOLE_COLORS, HOLE_RATIO_BINS, MASK_SUFFIXES, decode_mask, decode_stored_mask, hole_ratio,
+                              ratio_bin, resize_nearest, touches_border)
+from pconv.storage import shards, uris
 from pconv.storage.sources import Source
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ DEFAULT_BATCH_IMAGES = 32   # decoded images per batch of the stream: 32 x 512 x
 def _shard_rows(root: str, columns: list[str]) -> list[dict[str, Any]]:
     """Rows of every split of a (mask) shard root."""
     manifest = shards.read_manifest(root)
-    uris = [u for split in shards.SPLITS for u in shards.shard_uris(root, manifest, split)]
-    return shards.read_table(uris, columns).to_pylist()
+    paths = [u for split in shards.SPLITS for u in shards.shard_uris(root, manifest, split)]
+    return shards.read_table(paths, columns).to_pylist()
 
 
 @dataclass
@@ -65,22 +65,22 @@ def load_masks(uri: str, hole_color: str | None = None, threshold: float = 0.5,
     if shards.is_dataset_root(uri):
         rows = _shard_rows(uri, ["key", "mask", "bin", "border"])
         return [MaskRecord(r["key"], int(r["bin"]), bool(r["border"]), r["mask"], True) for r in rows]
-    if hole_color not in M.HOLE_COLORS:
+    if hole_color not in HOLE_COLORS:
         raise ValueError(f"{uri} holds raw mask files: say their polarity with --hole-color white|black "
                          "(NVIDIA's test masks: white = hole), or ingest them first with pipelines/prepare_data.py")
     out = []
     with Source(uri) as src:
         for item in src.items():
-            if not item.key.lower().endswith(M.MASK_SUFFIXES):
+            if not item.key.lower().endswith(MASK_SUFFIXES):
                 continue
             try:
-                m = M.decode_mask(data := item.read(), hole_color, threshold, name=f"{uri}:{item.key}")
+                m = decode_mask(data := item.read(), hole_color, threshold, name=f"{uri}:{item.key}")
             except (ValueError, OSError, Image.DecompressionBombError) as exc:
                 log.warning("skipped mask %s: %s", item.key, exc)
                 (skipped if skipped is not None else []).append(f"{uri}:{item.key}: {exc}")
                 continue
-            out.append(MaskRecord(item.key, M.ratio_bin(M.hole_ratio(m)),
-                                  M.touches_border(m, shards.border_band(*m.shape)), data, False))
+            out.append(MaskRecord(item.key, ratio_bin(hole_ratio(m)),
+                                  touches_border(m, shards.border_band(*m.shape)), data, False))
     return out
 
 
@@ -104,7 +104,7 @@ class ImageStream:
         else:
             self._source = Source(uri)  # kept open: a zip is read member by member while streaming
             self._close = weakref.finalize(self, self._source.close)  # closes once: here, or when collected
-            items = sorted((it for it in self._source.items() if it.key.lower().endswith(I.IMAGE_SUFFIXES)),
+            items = sorted((it for it in self._source.items() if it.key.lower().endswith(IMAGE_SUFFIXES)),
                            key=lambda it: it.key)
             self._items = items[:limit] if limit else items
             self.keys = [it.key for it in self._items]
@@ -139,7 +139,7 @@ class ImageStream:
         for j, key, read in self._encoded():
             name = f"{self.uri}:{key}"
             try:
-                batch.append((j, I.center_crop(I.open_image(read(), draft_size=self.image_size, name=name),
+                batch.append((j, center_crop(open_image(read(), draft_size=self.image_size, name=name),
                                                self.image_size)))
             except (ValueError, OSError) as exc:
                 self._fail(key, str(exc) if name in str(exc) else f"{name}: {exc}")
@@ -176,7 +176,7 @@ def _list_shard_rows(root: str) -> list[tuple[str, str, int, int]]:
         log.info("%s: evaluating on its 'val' split", root)
     out = []
     for entry in (s for s in manifest["shards"] if split is None or s["split"] == split):
-        uri = storage.join(root, entry["path"])
+        uri = uris.join(root, entry["path"])
         keys = shards.read_table([uri], ["key"]).column("key").to_pylist()
         sizes = shards.row_groups(uri, entry)
         if sum(sizes) != len(keys):
@@ -218,10 +218,10 @@ class EvalSet:
     def mask(self, rec: MaskRecord) -> np.ndarray:
         """uint8 S×S mask (1 = valid), nearest-resized."""
         if rec.stored:
-            m = M.decode_stored_mask(rec.data, name=rec.key)
+            m = decode_stored_mask(rec.data, name=rec.key)
         else:
-            m = M.decode_mask(rec.data, self.hole_color, self.threshold, name=rec.key)
-        return m if m.shape == (self.image_size,) * 2 else M.resize_nearest(m, self.image_size)
+            m = decode_mask(rec.data, self.hole_color, self.threshold, name=rec.key)
+        return m if m.shape == (self.image_size,) * 2 else resize_nearest(m, self.image_size)
 
     def image_batches(self) -> Iterator[list[tuple[int, np.ndarray]]]:
         """``(image position, uint8 S x S x 3)`` lists, streamed (in any order) when :attr:`images` is a stream."""
@@ -262,7 +262,7 @@ def build_eval_set(images_uri: str, masks_uri: str, image_size: int, limit: int 
     for gkey in sorted(groups):
         group = sorted(groups[gkey], key=lambda r: r.key)
         pairs.extend((j, group[j % len(group)]) for j in range(len(stream)))
-    missing = [(b, f) for b in range(len(M.HOLE_RATIO_BINS)) for f in (False, True) if (b, f) not in groups]
+    missing = [(b, f) for b in range(len(HOLE_RATIO_BINS)) for f in (False, True) if (b, f) not in groups]
     if missing:
         log.warning("no masks for %d (bin, border) cell(s): %s", len(missing), missing)
     return EvalSet(image_size, list(stream.keys), stream, pairs, hole_color or "white", threshold,

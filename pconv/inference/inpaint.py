@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pconv.storage import uris
 from pconv.core.images import IMAGE_SUFFIXES, open_image
@@ -64,7 +63,7 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tupl
     if not any(pad):
         return x, pad
     mode = "reflect" if max(pad[0], pad[1]) < w and max(pad[2], pad[3]) < h else "replicate"
-    return F.pad(x, pad, mode=mode), pad
+    return torch.nn.functional.pad(x, pad, mode=mode), pad
 
 
 @torch.no_grad()
