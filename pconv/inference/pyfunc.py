@@ -3,17 +3,30 @@ model that every registered version carries.
 
 Contract (../shared/ARCHITECTURE.md, "Contracts"): a DataFrame with columns ``image`` and ``mask`` (the bytes of
 encoded image files of any size; base64 strings when they arrive as JSON) and an optional ``hole_color``
-(``white``, the default, or ``black``) -> a DataFrame with column ``image``: PNG bytes of the composite at the input's
-size, valid pixels unchanged. A super-resolution model (``task: sr``) takes only column ``image`` (the LR file) and
-returns column ``image``: PNG bytes of the K-times larger composite (:func:`decode_lr_request`,
-:func:`pconv.inference.super_resolve.super_resolve`). The Ray Serve app (:mod:`pconv.inference.serve`) uses the same decoding and checks
-(:func:`decode_request`), so both front doors refuse the same bad inputs with the same messages.
+(``white``, the default, or ``black``) -> a DataFrame with column ``image``: PNG bytes of the composite at the
+input's size, valid pixels unchanged. A super-resolution model (``task: sr``) takes only column ``image`` (the LR
+file) and returns column ``image``: PNG bytes of the K-times larger composite (:func:`decode_lr_request`,
+:func:`pconv.inference.super_resolve.super_resolve`). The Ray Serve app (:mod:`pconv.inference.serve`) uses the same
+decoding and checks (:func:`decode_request`), so both front doors refuse the same bad inputs with the same messages.
 
-How MLflow finds it: :mod:`pconv.tracking.registry` adds a ``python_function`` flavour with ``loader_module`` =
-``pconv.inference.pyfunc`` and ``data`` = ``extra_files`` to each logged model, and ships the ``pconv`` package in the
-model's ``code/`` folder. MLflow puts ``code/`` on ``sys.path`` and calls :func:`_load_pyfunc` with the path of
-``extra_files/`` (state dict + config): the net is rebuilt by :func:`pconv.tracking.loading.load_model`, no pickle is run,
-and a consumer needs neither this repository nor ``pip install`` of it. Runs on the GPU when one is present.
+Why it lives in ``inference/`` and not ``tracking/``: answering a request calls the inpainting and super-resolution
+code (:mod:`pconv.inference.inpaint`, :mod:`pconv.inference.super_resolve`), and ``tracking`` may not import
+``inference`` (../shared/ARCHITECTURE.md). So :mod:`pconv.tracking.registry` only NAMES this module
+(``registry.PYFUNC_LOADER``, the one place the string is written) and never imports it.
+
+How MLflow finds it: the registry adds a ``python_function`` flavour with ``loader_module`` =
+``pconv.inference.pyfunc`` and ``data`` = ``extra_files`` to each logged model, and ships the ``pconv`` package in
+the model's ``code/`` folder. ``mlflow.pyfunc.load_model`` (MLflow 3.17) prepends ``code/`` to ``sys.path``, imports
+the loader module and calls its ``_load_pyfunc`` (MLflow's fixed entry-point name) with the path of
+``extra_files/`` (state dict + config): the net is rebuilt by :func:`pconv.tracking.loading.load_model`, no pickle
+is run, and a consumer needs neither this repository nor ``pip install`` of it. Runs on the GPU when one is present.
+
+Versions registered before the package layout name the old loader module ``pconv.pyfunc_model`` and ship the old
+flat ``pconv`` package in their own ``code/``; in a fresh interpreter MLflow imports that code and they answer as
+they did (tests/test_legacy_model.py). MLflow does not evict modules that are already imported, so in a process that
+has imported this ``pconv`` the old loader module is not found (``ModuleNotFoundError: pconv.pyfunc_model``), and a
+process that loaded an old version keeps the old ``pconv`` for good. Inside a pconv process, load any version, old or
+new, with :func:`pconv.tracking.loading.load_model` (state dict + config only) and wrap it in :class:`PConvPyfunc`.
 """
 
 from __future__ import annotations

@@ -11,8 +11,11 @@ What gets logged, under the run's LoggedModel ``model`` (MLflow 3: ``name=`` rep
   ``extra_files/config.yaml`` (the resolved TrainConfig), so :func:`pconv.tracking.loading.load_model` rebuilds the net
   with ``build_model`` at ANY image size without executing pickles; ``extra_files/model_card.md``.
 - model metadata: image size, layer size, mask polarity, training steps, paper citation.
-- a pickle-free ``python_function`` flavour: loader module :mod:`pconv.inference.pyfunc` on ``extra_files/``, the
-  ``pconv`` package in ``code/``; DataFrame of encoded image / mask files -> PNG composites (docs/serving.md).
+- a pickle-free ``python_function`` flavour: loader module :data:`PYFUNC_LOADER` (``pconv.inference.pyfunc``) on
+  ``extra_files/``, the ``pconv`` package in ``code/``; DataFrame of encoded image / mask files -> PNG composites
+  (docs/serving.md). The loader lives in ``inference/`` because it runs the inpainting / SR code, which ``tracking``
+  may not import: this module only writes its name. Versions logged before the package layout name
+  ``pconv.pyfunc_model`` and carry that code in their own ``code/`` (see :mod:`pconv.inference.pyfunc`).
 
 The version gets the alias ``candidate``; ``champion`` only moves through evaluation
 (:func:`pconv.evaluation.inpainting.promote`). :func:`register_checkpoint` rebuilds the net from a checkpoint directory
@@ -189,7 +192,9 @@ def _new_logged_model(client, run_id: str, cfg: TrainConfig) -> str:
                                       params=params, model_type=MODEL_TYPE).model_id
 
 
-PYFUNC_LOADER = "pconv.inference.pyfunc"  # the pyfunc flavour's loader module (shipped in the model's code/ folder)
+# The pyfunc flavour's loader module, by name only (tracking may not import inference); shipped in the model's code/.
+# Versions logged before the package layout (pconv 0.1.0) name "pconv.pyfunc_model", inside their own code/.
+PYFUNC_LOADER = "pconv.inference.pyfunc"
 CODE_DIR = "code"                  # where mlflow puts `code_paths` (the pconv package)
 
 
@@ -211,8 +216,8 @@ def _pyfunc_example(size: int = 32):
 
 
 def _add_pyfunc_flavour(client, model_id: str, tracking_uri: str) -> None:
-    """Give the logged model ``model_id`` a pickle-free ``python_function`` flavour (see :mod:`pconv.inference.pyfunc`):
-    loader module ``pconv.inference.pyfunc`` on ``extra_files/``, with the code in ``code/``; the model's signature
+    """Give the logged model ``model_id`` a pickle-free ``python_function`` flavour (:mod:`pconv.inference.pyfunc`):
+    loader module :data:`PYFUNC_LOADER` on ``extra_files/``, with the code in ``code/``; the model's signature
     and input example become the DataFrame contract (image, mask, optional hole_color -> image PNG bytes). The
     PyTorch flavour (pt2 + state dict) stays as it is; only MLmodel and the example files are rewritten."""
     import mlflow
