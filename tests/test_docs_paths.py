@@ -117,25 +117,39 @@ def _readme_section(title: str) -> str:
     return text.split(f"\n{title}\n", 1)[1].split("\n## ", 1)[0]
 
 
-def test_the_readme_layout_names_real_files():
-    """The repository layout is a tree in a code block: each entry, joined to the folders above it, exists."""
+def _layout() -> tuple[list[str], int]:
+    """README's repository layout (a tree in a code block) as repository paths, and how many entries it read."""
     block = _readme_section("## Repository layout").split("```", 2)[1]
     stack: list[tuple[int, str]] = []
-    missing, seen = [], 0
+    paths: list[str] = []
     for line in block.splitlines()[1:]:
         m = re.match(r"^( *)(\S+)(?:\s{2,}|$)", line)
         if not m or not re.search(r"(/|\.\w+)$", m.group(2)) or len(m.group(1)) > 2 * (len(stack) + 1):
             continue  # a continuation line of the description
         indent, name = len(m.group(1)), m.group(2)
         stack = [(i, n) for i, n in stack if i < indent]
-        path = "".join(n for _, n in stack) + name
-        seen += 1
-        if not _exists(path):
-            missing.append(path)
+        paths.append("".join(n for _, n in stack) + name)
         if name.endswith("/"):
             stack.append((indent, name))
+    return paths, len(paths)
+
+
+def test_the_readme_layout_names_real_files():
+    """Each entry of the layout tree, joined to the folders above it, exists."""
+    paths, seen = _layout()
     assert seen > 20, f"could not read README's layout block ({seen} entries)"
+    missing = [p for p in paths if not _exists(p)]
     assert not missing, f"README's repository layout names what does not exist: {missing}"
+
+
+def test_the_readme_layout_lists_every_library_module():
+    """A newcomer reads the layout to find a concern: every module of the stages is on it (the commands/ and the
+    apps' helper modules are summarised on their package's line)."""
+    listed = set(_layout()[0])
+    summarised = ("pconv/commands/", "pconv/apps/")
+    absent = sorted(p for p in (str(m.relative_to(REPO)) for m in (REPO / "pconv").rglob("*.py"))
+                    if not p.endswith("__init__.py") and p not in listed and not p.startswith(summarised))
+    assert not absent, f"modules missing from README's repository layout: {absent}"
 
 
 def test_the_paper_in_the_code_table_names_real_definitions():
