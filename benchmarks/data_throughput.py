@@ -270,7 +270,7 @@ def make_dataloader(folder: str, masks: str, args):
 def main() -> int:
     args = _args()
     sys.path.insert(0, str(REPO))
-    from pconv.ingest import local as ingest
+    from pconv import ingest
     from pconv.storage import shards
     from pconv.apps.local_s3 import LocalS3
     from pconv.core.masks import NVIDIA_HOLE_COLOR
@@ -288,8 +288,9 @@ def main() -> int:
             s3.create_bucket("bench")
             folder, mask_zip = _default_sources(tmp, args.repeat, args.n_masks)
             images, masks = "s3://bench/images", "s3://bench/masks"
-            ingest.ingest_images(str(folder), images, val_fraction=0.0, shard_size_mb=32, progress=False)
-            ingest.ingest_masks(str(mask_zip), masks, hole_color=NVIDIA_HOLE_COLOR, progress=False)
+            ingest.ingest_images(str(folder), images, val_fraction=0.0, shard_size_mb=32, engine="threads",
+                                 progress=False)
+            ingest.ingest_masks(str(mask_zip), masks, hole_color=NVIDIA_HOLE_COLOR, engine="threads", progress=False)
             print(f"moto S3 server {s3.endpoint}; images {shards.read_manifest(images)['counts']}, masks "
                   f"{shards.read_manifest(masks)['counts']}")
         n_files = sum(1 for _ in Path(folder).rglob("*.*"))

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""Ingest throughput: the Ray Data job (pconv.ingest.job) vs today's single-process ingest vs the decode floor.
+"""Ingest throughput: the Ray engine (pconv.ingest, engine="ray") vs the thread engine vs the decode floor.
 
 Measured on the SAME files (CBSD68 + the CelebA-HQ sample from ../shared/datasets, copied --copies times under
 distinct folders, i.e. 124 x copies real photos) into a local folder, with the same CPUs:
 
-  ray       pconv.ingest.job.ingest_images on a local Ray started with --cpus CPUs (one task of 1 CPU per
+  ray       pconv.ingest.ingest_images(engine="ray") on a local Ray started with --cpus CPUs (one task of 1 CPU per
             chunk); timed on a warm Ray (worker processes started by a first, untimed run, whose time is
-            printed as "cold"). Ray's start-up (ray.init) is printed apart: it is paid once per job, not per image.
-  threads   pconv.ingest.local.ingest_images (--engine threads): one process, a thread pool, no Ray; pinned to --cpus
+            printed as "cold"). Ray's start-up is printed apart: it is paid once per job, not per image.
+  threads   pconv.ingest.ingest_images(engine="threads"): one process, a thread pool, no Ray; pinned to --cpus
             cores (sched_setaffinity) when --cpus is below the machine's core count.
   floor     a plain loop over the same encoded bytes in memory doing the per-file work of both engines
             (pconv.ingest.rows.process_image: full decode + validation, and the --max-side re-encode if given),
@@ -130,22 +130,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import ray
 
-    from pconv.ingest import local
+    from pconv import cluster, ingest
 
-    from pconv.ingest import job as ingest_job
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="pconv-ingest-bench-") as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "out"
         n = stage_photos(src, args.copies)
-        opts = {"val_fraction": 0.01, "shard_size_mb": args.shard_size_mb, "max_side": args.max_side,
-                "progress": False}
+        options = {"val_fraction": 0.01, "shard_size_mb": args.shard_size_mb, "max_side": args.max_side,
+                   "progress": False}
         print(f"{n} photos ({sum(p.stat().st_size for p in src.rglob('*') if p.is_file()) / 2**20:.0f} MB) in "
               f"{args.copies} copies of CBSD68 + CelebA-HQ sample; cpus {args.cpus} of {cores} cores", flush=True)
 
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        print(f"ray.init: {time.perf_counter() - t0:.1f} s (once per job)", flush=True)
-        cold, _ = timed(lambda d: ingest_job.ingest_images(str(src), str(d), **opts), out)
+        cluster.connect(local_cpus=args.cpus, quiet=True)
+        print(f"Ray start-up: {time.perf_counter() - t0:.1f} s (once per job)", flush=True)
+        cold, _ = timed(lambda d: ingest.ingest_images(str(src), str(d), engine="ray", **options), out)
         print(f"ray cold run (starts the worker processes): {n / cold:.1f} images/s", flush=True)
 
         def threads(d: Path):
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if mask is not None and args.cpus < len(mask):
                 os.sched_setaffinity(0, sorted(mask)[:args.cpus])
             try:
-                return local.ingest_images(str(src), str(d), **opts)
+                return ingest.ingest_images(str(src), str(d), engine="threads", **options)
             finally:
                 if mask is not None:
                     os.sched_setaffinity(0, mask)
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         floors = []
         for r in range(args.rounds):
             before = account.snapshot()
-            seconds, ingested = timed(lambda d: ingest_job.ingest_images(str(src), str(d), **opts), out)
+            seconds, ingested = timed(lambda d: ingest.ingest_images(str(src), str(d), engine="ray", **options), out)
             for k, v in CpuAccount.delta(before, account.snapshot()).items():
                 cpu[k] = cpu.get(k, 0.0) + v
             assert ingested == n, (ingested, n)

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _make_dataset(tmp: Path, repeat: int) -> tuple[str, str]:
     import zipfile
 
-    from pconv.ingest import local
+    from pconv import ingest
     shared = REPO.parent / "shared" / "datasets"
     photos = tmp / "photos"
     sources = sorted((shared / "cbsd68").glob("*.png")) + sorted((shared / "celeba_hq_sample").glob("*.jpg"))
@@ -38,8 +38,8 @@ def _make_dataset(tmp: Path, repeat: int) -> tuple[str, str]:
         for name in sorted(n for n in src.namelist() if n.endswith(".png"))[::100]:
             dst.writestr(name, src.read(name))
     images_uri, masks_uri = str(tmp / "shards" / "images"), str(tmp / "shards" / "masks")
-    local.ingest_images(str(photos), images_uri, val_fraction=0.0, shard_size_mb=2.0, progress=False)
-    local.ingest_masks(str(masks), masks_uri, hole_color="white", progress=False)
+    ingest.ingest_images(str(photos), images_uri, val_fraction=0.0, shard_size_mb=2.0, engine="threads", progress=False)
+    ingest.ingest_masks(str(masks), masks_uri, hole_color="white", engine="threads", progress=False)
     return images_uri, masks_uri
 
 

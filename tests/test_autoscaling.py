@@ -58,7 +58,7 @@ def autoscaling_config(gcs_address: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def autoscaling_cluster(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
+def autoscaling_cluster(own_ray_cluster, s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
     """The fake autoscaling cluster (`ray start --head --block` in its own process group); stopped by killing
     that group and then every process that names this cluster's GCS address or temp dir (the fake nodes)."""
     tmp = tmp_path_factory.mktemp("autoscaling")

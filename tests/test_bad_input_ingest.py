@@ -1,7 +1,8 @@
 """Issue 19, ingest side: bad input never loses a dataset and never gives a silently wrong one.
 
 Each test names the issue item it covers; each fails on the code before the fix. The CLI cases run
-``pipelines/prepare_data.py`` as a user does (a subprocess), the rest call :mod:`pconv.ingest.local` directly.
+``pipelines/prepare_data.py`` as a user does (a subprocess), the rest call :mod:`pconv.ingest` directly (the thread
+engine: these are about what any run guarantees, Ray-free; tests/test_ingest_ray.py runs the Ray engine).
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pconv.ingest import local
+from pconv import ingest
+from pconv.core import masks
+from pconv.ingest import local, rows
+from pconv.storage import shards, sources, uris
 
-from pconv.storage import shards
-
-from pconv.storage import sources
-
-from pconv.storage import uris
-from pconv.core import masks as M
 SCRIPT = "pipelines/prepare_data.py"
 
 
@@ -55,7 +53,8 @@ def mask_png(hole_ratio: float, size: int = 64) -> bytes:
 @pytest.fixture
 def image_dataset(photo_dir, tmp_path) -> Path:
     dst = tmp_path / "images"
-    local.ingest_images(str(photo_dir), str(dst), val_fraction=0.25, shard_size_mb=1.0, progress=False)
+    ingest.ingest_images(str(photo_dir), str(dst), val_fraction=0.25, shard_size_mb=1.0, engine="threads",
+                         progress=False)
     return dst
 
 
@@ -91,7 +90,7 @@ def test_ingest_over_a_dataset_of_the_other_kind_is_refused(repo_root, image_dat
     assert res.returncode == 0, res.stderr
     assert shards.read_manifest(str(image_dataset))["kind"] == "masks"
     with pytest.raises(local.IngestError, match="kind 'masks'"):
-        local.ingest_images(str(tmp_path), str(image_dataset), progress=False)
+        ingest.ingest_images(str(tmp_path), str(image_dataset), engine="threads", progress=False)
 
 
 # ------------------------------------------------------------------ 2. readers keep their shards one re-ingest
@@ -100,14 +99,15 @@ def test_ingest_over_a_dataset_of_the_other_kind_is_refused(repo_root, image_dat
 def test_a_reader_of_the_replaced_manifest_can_still_read_all_its_shards(photo_dir, image_dataset):
     manifest_a = shards.read_manifest(str(image_dataset))  # a training run read manifest A ...
     uris_a = [uris.join(str(image_dataset), s["path"]) for s in manifest_a["shards"]]
-    summary = local.ingest_images(str(photo_dir), str(image_dataset), val_fraction=0.25, shard_size_mb=2.0,
-                                   progress=False)  # ... and a re-ingest finishes meanwhile
+    summary = ingest.ingest_images(str(photo_dir), str(image_dataset), val_fraction=0.25, shard_size_mb=2.0,
+                                   engine="threads", progress=False)  # ... and a re-ingest finishes meanwhile
     for uri, entry in zip(uris_a, manifest_a["shards"]):
         for group in range(len(entry["row_groups"])):
             assert shards.read_row_group(uri, group, ["key"]).num_rows == entry["row_groups"][group]
     assert summary.kept_previous == len(uris_a) and not summary.removed_stale
     # the run after that removes A's shards (they belong to neither of the last two manifests)
-    local.ingest_images(str(photo_dir), str(image_dataset), val_fraction=0.25, shard_size_mb=2.0, progress=False)
+    ingest.ingest_images(str(photo_dir), str(image_dataset), val_fraction=0.25, shard_size_mb=2.0, engine="threads",
+                         progress=False)
     assert not any(uris.exists(u) for u in uris_a)
 
 
@@ -137,7 +137,7 @@ def test_masks_marked_only_by_transparency_are_read_from_alpha(tmp_path):
         rgba = np.dstack([np.full((64, 64), colour, np.uint8)] * 3 + [alpha])
         (src / f"c{colour}.png").write_bytes(png(rgba, "RGBA"))
     dst = tmp_path / "dst"
-    local.ingest_masks(str(src), str(dst), hole_color="white", progress=False)
+    ingest.ingest_masks(str(src), str(dst), hole_color="white", engine="threads", progress=False)
     table = shards.read_table(shards.shard_uris(str(dst)), ["key", "hole_ratio", "bin"])
     assert table.column("hole_ratio").to_pylist() == [0.25, 0.25]  # was 0 (alpha ignored): no holes at all
     assert table.column("bin").to_pylist() == [2, 2]
@@ -156,9 +156,9 @@ def test_mask_exif_orientation_is_applied_at_ingest(tmp_path):
     src.mkdir()
     img.save(src / "rotated.png", exif=exif)
     dst = tmp_path / "dst"
-    local.ingest_masks(str(src), str(dst), hole_color="white", progress=False)
+    ingest.ingest_masks(str(src), str(dst), hole_color="white", engine="threads", progress=False)
     row = shards.read_table(shards.shard_uris(str(dst)), ["mask", "height", "width"]).to_pylist()[0]
-    mask = M.decode_stored_mask(row["mask"])
+    mask = masks.decode_stored_mask(row["mask"])
     assert (row["width"], row["height"]) == (40, 80) and mask.shape == (80, 40)
     assert (mask[:8] == 0).all() and (mask[8:] == 1).all()
 
@@ -182,8 +182,8 @@ def test_tiny_masks_are_skipped_and_masks_in_no_bin_are_counted(repo_root, tmp_p
     assert manifest["counts"]["train"] == 8 and manifest["out_of_bins"] == 2
     assert manifest["bins"]["-1"] == {"border": 1, "no_border": 1}
     reasons = {s["key"]: s["reason"] for s in manifest["skipped"]}
-    assert reasons == {"tiny.png": f"mask is 1x1 px, below the minimum of {local.MIN_SIDE} px on the short side",
-                       "thin.png": f"mask is 500x31 px, below the minimum of {local.MIN_SIDE} px on the short side"}
+    assert reasons == {"tiny.png": f"mask is 1x1 px, below the minimum of {rows.MIN_SIDE} px on the short side",
+                       "thin.png": f"mask is 500x31 px, below the minimum of {rows.MIN_SIDE} px on the short side"}
     assert "2 mask(s) in no paper bin" in res.stdout and "skipped 2" in res.stdout
 
 
@@ -193,7 +193,7 @@ def test_tiny_masks_are_skipped_and_masks_in_no_bin_are_counted(repo_root, tmp_p
 def test_shards_and_manifest_follow_the_umask(photo_dir, tmp_path):
     old = os.umask(0o022)
     try:
-        local.ingest_images(str(photo_dir), str(tmp_path / "dst"), shard_size_mb=1.0, progress=False)
+        ingest.ingest_images(str(photo_dir), str(tmp_path / "dst"), shard_size_mb=1.0, engine="threads", progress=False)
     finally:
         os.umask(old)
     files = [p for p in (tmp_path / "dst").rglob("*") if p.is_file()]
@@ -218,7 +218,7 @@ def test_oversized_zip_member_is_refused_before_it_is_read(photo_dir, tmp_path, 
     monkeypatch.setattr(zipfile.ZipFile, "open",
                         lambda self, name, *a, **k: opened.append(getattr(name, "filename", name))
                         or real_open(self, name, *a, **k))
-    summary = local.ingest_images(str(src), str(tmp_path / "dst"), progress=False)
+    summary = ingest.ingest_images(str(src), str(tmp_path / "dst"), engine="threads", progress=False)
     assert summary.ingested == 2
     assert summary.skipped == [{"key": "zeros.png", "reason": f"file too large: {4 * 2**20:,} bytes uncompressed, "
                                 f"above the limit of {limit:,} bytes (refused unread)"}]
@@ -237,10 +237,10 @@ def test_oversized_local_file_is_refused(tmp_path, monkeypatch):
 
 BOMB_CHILD = """
 import resource, sys, zipfile
-from pconv.ingest import local
+from pconv import ingest
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
-    print(local.ingest_masks(sys.argv[1], sys.argv[2], hole_color="white", progress=False).skipped)
+    print(ingest.ingest_masks(sys.argv[1], sys.argv[2], hole_color="white", engine="threads", progress=False).skipped)
 except Exception as exc:  # the only member is skipped: nothing usable
     print(type(exc).__name__, exc)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)

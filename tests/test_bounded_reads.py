@@ -52,7 +52,7 @@ def _blob(key: str) -> bytes:
 def _image_root(root: Path, split: str, monkeypatch) -> str:
     """An image shard root whose one shard has row groups of 2 rows in WRITE_ORDER: the 3 good rows sit in row
     groups 0, 1 and 3; row group 2 holds only corrupt rows."""
-    monkeypatch.setattr(shards, "_ROW_GROUP_MAX_ROWS", 2)
+    monkeypatch.setattr(shards, "ROW_GROUP_MAX_ROWS", 2)
     writer = shards.ShardWriter(str(root), split, shards.IMAGE_SCHEMA, 2**40, "test", "image")
     for key in WRITE_ORDER:
         writer.add({"key": key, "image": _blob(key), "height": 40, "width": 48, "format": "png", "split": split})
@@ -95,7 +95,7 @@ class Spy:
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mask_root(tmp_path_factory) -> str:
-    from pconv.ingest.local import ingest_masks
+    from pconv.ingest import ingest_masks
 
     raw = tmp_path_factory.mktemp("rawmasks")
     for i in range(6):
@@ -103,7 +103,7 @@ def mask_root(tmp_path_factory) -> str:
         m[8 + 4 * i:30 + 4 * i, 10:20 + 5 * i] = 255  # white = hole
         Image.fromarray(m).save(raw / f"m{i}.png")
     root = str(tmp_path_factory.mktemp("maskshards") / "masks")
-    ingest_masks(str(raw), root, hole_color="white", progress=False)
+    ingest_masks(str(raw), root, hole_color="white", engine="threads", progress=False)
     return root
 
 
@@ -230,14 +230,15 @@ def _reference_tables(keys: list[str], decoded: list[np.ndarray], es: inputs.Eva
 
 
 def test_streamed_numbers_equal_the_decode_everything_first_numbers(tmp_path, datasets_dir):
-    from pconv.ingest.local import ingest_images
+    from pconv.ingest import ingest_images
 
     folder = tmp_path / "imgs"
     folder.mkdir()
     for p in sorted((datasets_dir / "cbsd68").glob("*.png"))[:4]:
         (folder / p.name).write_bytes(p.read_bytes())
     shard_root = str(tmp_path / "shards")
-    ingest_images(str(folder), shard_root, val_fraction=0.0, shard_size_mb=0.02, max_side=96, progress=False)
+    ingest_images(str(folder), shard_root, val_fraction=0.0, shard_size_mb=0.02, max_side=96, engine="threads",
+                  progress=False)
     masks = _masks_folder(tmp_path)
     torch.manual_seed(0)
     model = build_model(4).eval()

@@ -50,14 +50,14 @@ def test_stage_test_masks_takes_every_nth_sorted_member(tmp_path):
 
 
 def test_ingestion_is_reused_only_for_the_same_inputs(tmp_path):
-    from pconv.ingest.local import generate_masks
+    from pconv.ingest import generate_masks
 
     dst, state = str(tmp_path / "shards"), tmp_path / "state"
     calls = []
 
     def ingest(n):
         calls.append(n)
-        return generate_masks(n, dst, size=64, progress=False)
+        return generate_masks(n, dst, size=64, engine="threads", progress=False)
 
     assert demo_inputs.ingest_once("m", dst, state, {"n": 6}, lambda: ingest(6)) is False
     assert demo_inputs.ingest_once("m", dst, state, {"n": 6}, lambda: ingest(6)) is True     # same inputs: reused

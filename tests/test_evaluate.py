@@ -29,7 +29,7 @@ MASK_ZIP_DIR = "mask/testing_mask_dataset"
 @pytest.fixture(scope="module")
 def eval_data(datasets_dir, tmp_path_factory):
     """Two NVIDIA test masks per (bin, border) block as raw PNGs and as mask shards; the CBSD68 folder."""
-    from pconv.ingest.local import ingest_masks
+    from pconv.ingest import ingest_masks
 
     root = tmp_path_factory.mktemp("evaldata")
     raw = root / "raw_masks"
@@ -39,7 +39,7 @@ def eval_data(datasets_dir, tmp_path_factory):
             for i in range(2):
                 name = f"{block * 1000 + i:05d}.png"
                 (raw / name).write_bytes(zf.read(f"{MASK_ZIP_DIR}/{name}"))
-    ingest_masks(str(raw), str(root / "mask_shards"), hole_color="white", progress=False)
+    ingest_masks(str(raw), str(root / "mask_shards"), hole_color="white", engine="threads", progress=False)
     return {"images": str(datasets_dir / "cbsd68"), "raw": str(raw), "shards": str(root / "mask_shards")}
 
 
@@ -84,7 +84,7 @@ def test_shard_roots_are_told_apart_from_file_sets(eval_data, datasets_dir):
 def test_image_shards_are_evaluated_on_their_val_split(eval_data, tmp_path, s3_bucket):
     import shutil
 
-    from pconv.ingest.local import ingest_images
+    from pconv.ingest import ingest_images
     from pconv.storage.shards import key_hash01
 
     src = tmp_path / "photos"
@@ -92,7 +92,7 @@ def test_image_shards_are_evaluated_on_their_val_split(eval_data, tmp_path, s3_b
     names = sorted(os.listdir(eval_data["images"]))[:8]
     for name in names:
         shutil.copy(Path(eval_data["images"]) / name, src / name)
-    ingest_images(str(src), f"{s3_bucket}/img", val_fraction=0.5, max_side=96, progress=False)
+    ingest_images(str(src), f"{s3_bucket}/img", val_fraction=0.5, max_side=96, engine="threads", progress=False)
     keys, images = inpainting.load_images(f"{s3_bucket}/img", IMAGE_SIZE)
     expected = sorted(n for n in names if key_hash01(n) < 0.5)
     assert 0 < len(expected) < len(names) and keys == expected

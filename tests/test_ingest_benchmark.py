@@ -32,7 +32,7 @@ def test_model_is_bound_by_cpus_or_by_the_nic_and_bills_launch_work_and_idle():
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_benchmark_prints_the_ratios_and_the_model(datasets_dir):
+def test_benchmark_prints_the_ratios_and_the_model(datasets_dir, own_ray_cluster):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "benchmarks/ingest_throughput.py", "--copies", "1", "--rounds", "1",
                            "--floor-images", "20", "--shard-size-mb", "8"],

@@ -1,4 +1,4 @@
-"""Issue 17: ingestion as a Ray Data job (:mod:`pconv.ingest.job`) on a local cluster of two nodes.
+"""Issue 17: ingestion as a Ray Data job (``engine="ray"``, :mod:`pconv.ingest.job`) on a local cluster of two nodes.
 
 Real photos (../shared/datasets) plus broken files, to a local folder and to the local S3 server; the NVIDIA test
 masks compared with the single-process engine; the CLI killed half-way (SIGKILL) and re-run. Starts Ray: run under
@@ -20,17 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pconv.data import stream as data
-
-from pconv.ingest import local
-
-from pconv.ingest import job
-
-from pconv.data import inputs
-
-from pconv.storage import shards
-
-from pconv.storage import uris as storage
+from pconv import ingest
+from pconv.data import stream, transforms
+from pconv.ingest import job, local
+from pconv.storage import shards, uris
 from pconv.storage.shards import key_hash01
 
 SCRIPT = "pipelines/prepare_data.py"
@@ -38,7 +31,7 @@ SCRIPT = "pipelines/prepare_data.py"
 
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def cluster(s3_server):
+def cluster(own_ray_cluster, s3_server):
     """Two Ray nodes of 1 CPU each on this machine (ray.cluster_utils.Cluster); this process is its driver."""
     import ray
     from ray.cluster_utils import Cluster
@@ -96,8 +89,8 @@ def skipped_keys(manifest: dict) -> dict[str, str]:
 
 def rows_by_key(root: str, columns: list[str]) -> dict[str, dict]:
     manifest = shards.read_manifest(root)
-    uris = [u for split in shards.SPLITS for u in shards.shard_uris(root, manifest, split)]
-    return {r["key"]: r for r in shards.read_table(uris, ["key", *columns]).to_pylist()}
+    shard_uris = [u for split in shards.SPLITS for u in shards.shard_uris(root, manifest, split)]
+    return {r["key"]: r for r in shards.read_table(shard_uris, ["key", *columns]).to_pylist()}
 
 
 def assert_same_dataset(ray_root: str, threads_root: str, payload: str, columns: list[str]) -> None:
@@ -115,7 +108,7 @@ def assert_shards_consistent(root: str) -> None:
     for split in shards.SPLITS:
         previous_max = -1.0
         for entry in (s for s in manifest["shards"] if s["split"] == split):
-            uri = storage.join(root, entry["path"])
+            uri = uris.join(root, entry["path"])
             assert entry["row_groups"] == shards.row_groups(uri) and sum(entry["row_groups"]) == entry["rows"]
             keys = shards.read_table([uri], ["key", "split"]).to_pydict()
             assert set(keys["split"]) == {split}
@@ -127,12 +120,12 @@ def assert_shards_consistent(root: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- local
 @pytest.mark.integration
-def test_images_and_masks_to_a_local_folder_on_two_nodes_and_pconv_data_streams_them(cluster, photos, masks300,
+def test_images_and_masks_to_a_local_folder_on_two_nodes_and_training_reads_them(cluster, photos, masks300,
                                                                                      tmp_path):
     src, expected = photos
     out = tmp_path / "ray"
-    summary = job.ingest_images(str(src), str(out / "images"), val_fraction=0.25, shard_size_mb=0.5,
-                                       progress=False)
+    summary = ingest.ingest_images(str(src), str(out / "images"), val_fraction=0.25, shard_size_mb=0.5,
+                                   engine="ray", progress=False)
     assert summary.nodes == 2, "both nodes' CPUs decoded and wrote shards"
     assert summary.ingested == 16 and len(summary.skipped) == len(expected)
     assert summary.shards >= 4 and "files/s on 2 node(s)" in summary.line()
@@ -141,26 +134,30 @@ def test_images_and_masks_to_a_local_folder_on_two_nodes_and_pconv_data_streams_
         assert word in skipped_keys(manifest)[key].lower(), (key, skipped_keys(manifest)[key])
     assert_shards_consistent(str(out / "images"))
     folders = {k.split("/")[0] for s in manifest["shards"] if s["split"] == "train"
-               for k in shards.read_table([storage.join(str(out / "images"), s["path"])], ["key"])["key"].to_pylist()}
+               for k in shards.read_table([uris.join(str(out / "images"), s["path"])], ["key"])["key"].to_pylist()}
     assert folders == {"scenes", "faces"}
 
-    local.ingest_images(str(src), str(tmp_path / "threads"), val_fraction=0.25, shard_size_mb=0.5, progress=False)
+    ingest.ingest_images(str(src), str(tmp_path / "threads"), val_fraction=0.25, shard_size_mb=0.5, engine="threads",
+                         progress=False)
     assert_same_dataset(str(out / "images"), str(tmp_path / "threads"), "image", ["height", "width", "format"])
 
-    job.ingest_masks(str(masks300), str(out / "masks"), hole_color="white", progress=False)
-    stream = data.build_train_dataset(str(out / "images"), str(out / "masks"), 32, seed=1, num_cpus=0.5)
-    ids = []
-    for batch in inputs.iter_batches(stream, 4):
-        assert batch["image"].shape[1:] == (3, 32, 32) and batch["mask"].shape[1:] == (1, 32, 32)
-        ids.extend(batch["id"].tolist())
+    ingest.ingest_masks(str(masks300), str(out / "masks"), hole_color="white", engine="ray", progress=False)
+    # what training reads: the train split's read units (one per row group) and the mask bank
+    units = stream.read_units(str(out / "images"), "train")
+    ids = [shards.key_id(k) for u in units
+           for k in shards.read_row_group(u["uri"], u["row_group"], ["key"]).column("key").to_pylist()]
+    assert len(ids) == sum(u["rows"] for u in units)
     train_keys = rows_by_key(str(out / "images"), [])
     assert sorted(ids) == sorted(shards.key_id(k) for k in train_keys if shards.split_of(k, 0.25) == "train")
+    bank = transforms.load_mask_bank(str(out / "masks"), "train")
+    assert len(bank) == 300 and bank.mask(0).shape == (512, 512)
 
 
 @pytest.mark.integration
 def test_nvidia_masks_and_generated_masks_match_the_single_process_engine(cluster, masks300, tmp_path):
-    summary = job.ingest_masks(str(masks300), str(tmp_path / "ray"), hole_color="white", progress=False)
-    local.ingest_masks(str(masks300), str(tmp_path / "threads"), hole_color="white", progress=False)
+    summary = ingest.ingest_masks(str(masks300), str(tmp_path / "ray"), hole_color="white", engine="ray",
+                                  progress=False)
+    ingest.ingest_masks(str(masks300), str(tmp_path / "threads"), hole_color="white", engine="threads", progress=False)
     assert summary.ingested == 300 and [s["key"] for s in summary.skipped] == ["mask/README.txt"]
     assert_same_dataset(str(tmp_path / "ray"), str(tmp_path / "threads"), "mask",
                         ["hole_ratio", "bin", "border", "height", "width", "source", "split"])
@@ -168,8 +165,8 @@ def test_nvidia_masks_and_generated_masks_match_the_single_process_engine(cluste
     assert manifest["bins"] == {"0": {"border": 0, "no_border": 300}}, "files 0-299: bin 0, no border (README)"
     assert_shards_consistent(str(tmp_path / "ray"))
 
-    job.generate_masks(24, str(tmp_path / "gen-ray"), size=64, seed=3, progress=False)
-    local.generate_masks(24, str(tmp_path / "gen-threads"), size=64, seed=3, progress=False)
+    ingest.generate_masks(24, str(tmp_path / "gen-ray"), size=64, seed=3, engine="ray", progress=False)
+    ingest.generate_masks(24, str(tmp_path / "gen-threads"), size=64, seed=3, engine="threads", progress=False)
     assert_same_dataset(str(tmp_path / "gen-ray"), str(tmp_path / "gen-threads"), "mask",
                         ["hole_ratio", "bin", "border"])
 
@@ -177,15 +174,15 @@ def test_nvidia_masks_and_generated_masks_match_the_single_process_engine(cluste
 @pytest.mark.integration
 def test_inverted_polarity_and_nothing_usable_are_refused_and_keep_the_dataset(cluster, masks300, tmp_path):
     dst = tmp_path / "masks"
-    job.ingest_masks(str(masks300), str(dst), hole_color="white", progress=False)
+    ingest.ingest_masks(str(masks300), str(dst), hole_color="white", engine="ray", progress=False)
     before = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     with pytest.raises(local.IngestError, match="--force"):
-        job.ingest_masks(str(masks300), str(dst), hole_color="black", progress=False)
+        ingest.ingest_masks(str(masks300), str(dst), hole_color="black", engine="ray", progress=False)
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.png").write_bytes(b"broken")
     with pytest.raises(local.IngestError, match="nothing usable"):
-        job.ingest_masks(str(junk), str(dst), hole_color="white", progress=False)
+        ingest.ingest_masks(str(junk), str(dst), hole_color="white", engine="ray", progress=False)
     assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before
 
 
@@ -202,16 +199,17 @@ def test_s3_prefix_and_s3_zip_to_s3_one_get_per_object(cluster, photos, masks300
     src, expected = photos
     files = sorted(p for p in src.rglob("*") if p.is_file())
     for p in files:
-        storage.write_bytes_atomic(f"{s3_bucket}/raw/{p.relative_to(src).as_posix()}", p.read_bytes())
-    storage.write_bytes_atomic(f"{s3_bucket}/zips/masks.zip", masks300.read_bytes())
+        uris.write_bytes_atomic(f"{s3_bucket}/raw/{p.relative_to(src).as_posix()}", p.read_bytes())
+    uris.write_bytes_atomic(f"{s3_bucket}/zips/masks.zip", masks300.read_bytes())
     bucket = s3_bucket.split("://", 1)[1]
     mark = s3_server.log_path.stat().st_size
 
-    summary = job.ingest_images(f"{s3_bucket}/raw", f"{s3_bucket}/images", val_fraction=0.25,
-                                       shard_size_mb=0.5, progress=False)
+    summary = ingest.ingest_images(f"{s3_bucket}/raw", f"{s3_bucket}/images", val_fraction=0.25,
+                                   shard_size_mb=0.5, engine="ray", progress=False)
     assert summary.ingested == 16 and sorted(s["key"] for s in summary.skipped) == sorted(expected)
     assert_shards_consistent(f"{s3_bucket}/images")
-    local.ingest_images(str(src), str(tmp_path / "threads"), val_fraction=0.25, shard_size_mb=0.5, progress=False)
+    ingest.ingest_images(str(src), str(tmp_path / "threads"), val_fraction=0.25, shard_size_mb=0.5, engine="threads",
+                         progress=False)
     a, b = shards.read_manifest(f"{s3_bucket}/images"), shards.read_manifest(str(tmp_path / "threads"))
     assert a["counts"] == b["counts"] and a["skipped"] == b["skipped"]
     # the listing streams LIST pages; every object is read by exactly one GET, and no object gets a HEAD
@@ -220,9 +218,10 @@ def test_s3_prefix_and_s3_zip_to_s3_one_get_per_object(cluster, photos, masks300
     gets = sorted(ln.split("GET /", 1)[1].split(" ")[0] for ln in lines if "GET /" in ln)
     assert gets == sorted(f"{bucket}/raw/{p.relative_to(src).as_posix()}" for p in files if p.suffix != ".txt")
 
-    summary = job.ingest_masks(f"{s3_bucket}/zips/masks.zip", f"{s3_bucket}/masks", hole_color="white",
-                                      progress=False)
-    local.ingest_masks(str(masks300), str(tmp_path / "masks-threads"), hole_color="white", progress=False)
+    summary = ingest.ingest_masks(f"{s3_bucket}/zips/masks.zip", f"{s3_bucket}/masks", hole_color="white",
+                                  engine="ray", progress=False)
+    ingest.ingest_masks(str(masks300), str(tmp_path / "masks-threads"), hole_color="white", engine="threads",
+                        progress=False)
     assert_same_dataset(f"{s3_bucket}/masks", str(tmp_path / "masks-threads"), "mask", ["hole_ratio", "bin", "border"])
 
 
@@ -241,7 +240,7 @@ def parquet_files(root: Path) -> set[str]:
 def test_cli_killed_half_way_keeps_the_previous_dataset_and_the_rerun_cleans_up(cluster, photos, datasets_dir,
                                                                                repo_root, tmp_path):
     dst = tmp_path / "images"
-    job.ingest_images(str(photos[0]), str(dst), val_fraction=0.25, shard_size_mb=0.5, progress=False)
+    ingest.ingest_images(str(photos[0]), str(dst), val_fraction=0.25, shard_size_mb=0.5, engine="ray", progress=False)
     manifest_bytes = (dst / shards.MANIFEST).read_bytes()
     previous = shards.read_manifest(str(dst))
     src = tmp_path / "all"  # every shared photo: one file per task below, so the run lasts a while
@@ -272,7 +271,7 @@ def test_cli_killed_half_way_keeps_the_previous_dataset_and_the_rerun_cleans_up(
     assert 0 < len(orphans) < n_photos, "killed half-way"
     table = shards.read_table(shards.shard_uris(str(dst), previous, "train"), ["key", "image"])
     assert table.num_rows == previous["counts"]["train"]
-    assert len(data.read_units(str(dst), "train")) == sum(len(s["row_groups"]) for s in previous["shards"]
+    assert len(stream.read_units(str(dst), "train")) == sum(len(s["row_groups"]) for s in previous["shards"]
                                                           if s["split"] == "train")
 
     proc = run_cli(repo_root, *args, env=env)
@@ -294,15 +293,15 @@ def test_cli_killed_half_way_keeps_the_previous_dataset_and_the_rerun_cleans_up(
 def test_a_source_that_a_node_does_not_see_fails_the_run_with_a_clear_error(cluster, tmp_path):
     import pyarrow as pa
 
-    from pconv.ingest.job import _execute, _Plan
+    from pconv.ingest.rows import RowRecipe
     from pconv.storage.sources import EntryReader
 
     # what a task on a machine without this folder meets: the listing was made elsewhere, the folder is not here
-    plan = _Plan(shards.IMAGES_KIND, str(tmp_path / "out"), local.new_run_id(), 0.0,
-                 EntryReader(str(tmp_path / "only-on-the-driver"), "dir"))
+    recipe = RowRecipe(shards.IMAGES_KIND, 0.0, EntryReader(str(tmp_path / "only-on-the-driver"), "dir"))
     listing = pa.table({"key": ["a.jpg", "b.jpg"], "size": [10, 10], "h": [0.1, 0.2], "split": ["train"] * 2})
     with pytest.raises(local.IngestError, match="not visible on node .*s3://"):
-        _execute(listing, plan, 1.0, 10, progress=False, remote=False)
+        job.write_shards(recipe, listing, str(tmp_path / "out"), local.new_run_id(), shard_size_mb=1.0, max_files=10,
+                         progress=False, forward_s3_env=False)
     assert not (tmp_path / "out" / shards.MANIFEST).exists()
 
 
@@ -336,9 +335,7 @@ def test_entry_reader_says_when_a_local_source_is_not_visible(tmp_path):
 
 
 def test_chunks_follow_the_byte_target_and_the_file_cap():
-    from pconv.ingest.job import _cut
-
-    assert _cut(np.array([3, 3, 3, 3, 3]), 6, 100) == [(0, 2), (2, 4), (4, 5)]
-    assert _cut(np.array([1] * 5), 100, 2) == [(0, 2), (2, 4), (4, 5)]
-    assert _cut(np.array([10, 1]), 5, 100) == [(0, 1), (1, 2)]
-    assert _cut(np.array([], dtype=np.int64), 5, 100) == []
+    assert job.chunk_bounds(np.array([3, 3, 3, 3, 3]), 6, 100) == [(0, 2), (2, 4), (4, 5)]
+    assert job.chunk_bounds(np.array([1] * 5), 100, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert job.chunk_bounds(np.array([10, 1]), 5, 100) == [(0, 1), (1, 2)]
+    assert job.chunk_bounds(np.array([], dtype=np.int64), 5, 100) == []

@@ -214,7 +214,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
 def _stages(settings: DemoSettings, cfg: TrainConfig, out: Path, datasets: Path, run_name: str,
             tracking_uri: str, random_vgg: bool) -> DemoResult:
-    from pconv.ingest import local
+    from pconv import ingest
     seconds: dict[str, float] = {}
     base = f"s3://{S3_BUCKET}" if settings.s3 else str(out)
     images_uri = uris.join(base, "shards", "images")
@@ -228,19 +228,20 @@ def _stages(settings: DemoSettings, cfg: TrainConfig, out: Path, datasets: Path,
     keys = stage_images(datasets, staged_images, settings.images_per_folder)
     ingest_once("images", images_uri, state_dir,
                 {"keys": keys, "max_side": settings.max_side, "val_fraction": settings.val_fraction},
-                lambda: local.ingest_images(str(staged_images), images_uri, val_fraction=settings.val_fraction,
-                                             shard_size_mb=64, max_side=settings.max_side, progress=True))
+                lambda: ingest.ingest_images(str(staged_images), images_uri, val_fraction=settings.val_fraction,
+                                             shard_size_mb=64, max_side=settings.max_side, engine="threads",
+                                             progress=True))
     staged_masks = out / "staging" / "test_masks"
     test_fp = {"zip": str(datasets / MASK_ZIP), "size": (datasets / MASK_ZIP).stat().st_size,
                "stride": settings.mask_stride}
     if not reusable(state_dir / "test_masks.json", test_masks_uri, fingerprint(test_fp)):
         stage_test_masks(datasets / MASK_ZIP, staged_masks, settings.mask_stride)
     ingest_once("test_masks", test_masks_uri, state_dir, test_fp,
-                lambda: local.ingest_masks(str(staged_masks), test_masks_uri, hole_color=NVIDIA_HOLE_COLOR,
-                                            shard_size_mb=64, progress=True))
+                lambda: ingest.ingest_masks(str(staged_masks), test_masks_uri, hole_color=NVIDIA_HOLE_COLOR,
+                                            shard_size_mb=64, engine="threads", progress=True))
     ingest_once("train_masks", train_masks_uri, state_dir, {"n": settings.train_masks, "size": 256, "seed": 0},
-                lambda: local.generate_masks(settings.train_masks, train_masks_uri, size=256, seed=0,
-                                              shard_size_mb=64, progress=True))
+                lambda: ingest.generate_masks(settings.train_masks, train_masks_uri, size=256, seed=0,
+                                              shard_size_mb=64, engine="threads", progress=True))
     seconds["ingest"] = time.monotonic() - t0
 
     # 2. training ----------------------------------------------------------------------------

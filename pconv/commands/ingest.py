@@ -24,78 +24,80 @@ import argparse
 import logging
 import sys
 
-from pconv.commands import common as cli
-
+from pconv import ingest
+from pconv.commands import common
 from pconv.ingest import local
 
-from pconv.ingest import job as ingest_job
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
-    p.add_argument("--engine", choices=("ray", "threads"), default="ray", help="see 'Engines' below (default ray)")
-    common = argparse.ArgumentParser(add_help=False)  # -q also accepted after the subcommand
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    parser.add_argument("--engine", choices=ingest.ENGINES, default="ray", help="see 'Engines' below (default ray)")
+    shared = argparse.ArgumentParser(add_help=False)  # -q also accepted after the subcommand
+    shared.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bar, warnings only")
-    common.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
-    common.add_argument("--allow-empty", action="store_true", help="write an empty dataset when no file is usable")
-    common.add_argument("--replace-kind", action="store_true", help="replace a DST holding the other kind")
-    sub = p.add_subparsers(dest="command", required=True)
+    shared.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
+    shared.add_argument("--allow-empty", action="store_true", help="write an empty dataset when no file is usable")
+    shared.add_argument("--replace-kind", action="store_true", help="replace a DST holding the other kind")
+    sub = parser.add_subparsers(dest="command", required=True)
 
-    im = sub.add_parser("images", parents=[common], help="photos (JPEG/PNG/WebP) -> image shards",
-                        description="Decode every image once to validate it (EXIF orientation, any mode -> RGB) and "
-                                    "store its original bytes in Parquet shards with a deterministic train/val split.")
-    im.add_argument("src", metavar="SRC", help="folder (recursive), .zip file, or s3:// prefix of images")
-    im.add_argument("dst", metavar="DST", help="output folder or s3:// prefix (manifest.json + train/ + val/)")
-    im.add_argument("--val-fraction", type=float, default=0.01,
-                    help="fraction of images (by stable hash of their path) put in the val split (default 0.01)")
-    im.add_argument("--max-side", type=int, default=None, metavar="N",
-                    help="downscale (and re-encode) images whose longer side exceeds N pixels; default: keep all")
+    images = sub.add_parser("images", parents=[shared], help="photos (JPEG/PNG/WebP) -> image shards",
+                            description="Decode every image once to validate it (EXIF orientation, any mode -> RGB) "
+                                        "and store its original bytes in Parquet shards with a deterministic "
+                                        "train/val split.")
+    images.add_argument("src", metavar="SRC", help="folder (recursive), .zip file, or s3:// prefix of images")
+    images.add_argument("dst", metavar="DST", help="output folder or s3:// prefix (manifest.json + train/ + val/)")
+    images.add_argument("--val-fraction", type=float, default=0.01,
+                        help="fraction of images (by stable hash of their path) put in the val split (default 0.01)")
+    images.add_argument("--max-side", type=int, default=None, metavar="N",
+                        help="downscale (and re-encode) images whose longer side exceeds N pixels; default: keep all")
 
-    mk = sub.add_parser("masks", parents=[common], help="mask archive/folder/prefix, or generated masks -> mask shards",
-                        usage="%(prog)s SRC DST --hole-color white|black [--threshold T] [options]\n"
-                              "       %(prog)s --generate N DST [--size 512] [--seed S] [options]",
-                        description="Store binary masks (1-bit PNG, white = valid) with hole ratio, paper bin "
-                                    "and border flag. Give SRC and DST with --hole-color, or --generate N and DST.")
-    mk.add_argument("paths", nargs="+", metavar="PATH",
-                    help="SRC (folder, .zip, or s3:// prefix) and DST; only DST with --generate")
-    cli.add_hole_color(mk, required=False)  # required with SRC (checked below): the polarity is never guessed
-    mk.add_argument("--threshold", type=float, default=0.5,
-                    help="grey level (0-1] at or above which a pixel counts as white (default 0.5; use 0.6 for "
-                         "NVIDIA's soft training masks)")
-    mk.add_argument("--val-fraction", type=float, default=0.0, help="fraction of masks in the val split (default 0)")
-    mk.add_argument("--generate", type=int, metavar="N", help="generate N masks instead of reading SRC")
-    mk.add_argument("--size", type=int, default=512, help="generated mask size in pixels (default 512)")
-    mk.add_argument("--seed", type=int, default=0, help="seed of the generated set (default 0)")
-    mk.add_argument("--force", action="store_true", help="ingest even when most masks are > 60%% holes (inverted?)")
+    masks = sub.add_parser("masks", parents=[shared],
+                           help="mask archive/folder/prefix, or generated masks -> mask shards",
+                           usage="%(prog)s SRC DST --hole-color white|black [--threshold T] [options]\n"
+                                 "       %(prog)s --generate N DST [--size 512] [--seed S] [options]",
+                           description="Store binary masks (1-bit PNG, white = valid) with hole ratio, paper bin "
+                                       "and border flag. Give SRC and DST with --hole-color, or --generate N and DST.")
+    masks.add_argument("paths", nargs="+", metavar="PATH",
+                       help="SRC (folder, .zip, or s3:// prefix) and DST; only DST with --generate")
+    common.add_hole_color(masks, required=False)  # required with SRC (checked below): the polarity is never guessed
+    masks.add_argument("--threshold", type=float, default=0.5,
+                       help="grey level (0-1] at or above which a pixel counts as white (default 0.5; use 0.6 for "
+                            "NVIDIA's soft training masks)")
+    masks.add_argument("--val-fraction", type=float, default=0.0, help="fraction of masks in the val split (default 0)")
+    masks.add_argument("--generate", type=int, metavar="N", help="generate N masks instead of reading SRC")
+    masks.add_argument("--size", type=int, default=512, help="generated mask size in pixels (default 512)")
+    masks.add_argument("--seed", type=int, default=0, help="seed of the generated set (default 0)")
+    masks.add_argument("--force", action="store_true", help="ingest even when most masks are > 60%% holes (inverted?)")
     sub.add_parser("cleanup", help="delete the shards under DST that its manifest does not list").add_argument("dst")
-    return p
+    return parser
 
 
 def _ingest(args: argparse.Namespace, progress: bool) -> str:
     if args.command == "cleanup":
         return f"cleanup: removed {len(local.cleanup(args.dst))} shard(s) not listed in the manifest of {args.dst}"
-    common = {k: getattr(args, k) for k in ("val_fraction", "shard_size_mb", "replace_kind", "engine")}
-    common["progress"] = progress
+    options = {k: getattr(args, k) for k in ("val_fraction", "shard_size_mb", "replace_kind", "engine")}
+    options["progress"] = progress
     if args.command == "images":
-        return ingest_job.ingest_images(args.src, args.dst, max_side=args.max_side, allow_empty=args.allow_empty,
-                                        **common).line()
+        return ingest.ingest_images(args.src, args.dst, max_side=args.max_side, allow_empty=args.allow_empty,
+                                    **options).line()
     if args.generate is not None:
-        return ingest_job.generate_masks(args.generate, args.paths[0], size=args.size, seed=args.seed, **common).line()
-    return ingest_job.ingest_masks(args.paths[0], args.paths[1], hole_color=args.hole_color, threshold=args.threshold,
-                                   allow_empty=args.allow_empty, force=args.force, **common).line()
+        return ingest.generate_masks(args.generate, args.paths[0], size=args.size, seed=args.seed, **options).line()
+    return ingest.ingest_masks(args.paths[0], args.paths[1], hole_color=args.hole_color, threshold=args.threshold,
+                               allow_empty=args.allow_empty, force=args.force, **options).line()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "masks" and len(args.paths) != (1 if args.generate is not None else 2):
         parser.error("masks takes SRC and DST, or --generate N and only DST")
     if args.command == "masks" and args.generate is None and args.hole_color is None:
         parser.error("masks SRC DST needs --hole-color white|black (the polarity of the source files)")
-    cli.setup_logging(logging.WARNING if args.quiet else logging.INFO)
-    return cli.run(lambda: print(_ingest(args, progress=not args.quiet)), prog="prepare_data: error",
-                   expected=(local.IngestError,))
+    common.setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    return common.run(lambda: print(_ingest(args, progress=not args.quiet)), prog="prepare_data: error",
+                      expected=(local.IngestError,))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
-"""Ingestion as a Ray Data job: sources -> shards + manifest, decoded and written by Ray tasks across the cluster.
+"""The Ray engine of ingestion (``engine="ray"``, the default): shards decoded and written by Ray tasks on the cluster.
 
-The same datasets as :mod:`pconv.ingest.local` (the single-process engine, ``--engine threads``), made by the same
-per-file functions (:mod:`pconv.ingest.rows`) and finished by the same run end (:func:`pconv.ingest.local.finish_run`):
-same shard format and manifest, same skip reasons, same refusals. What differs is where the work runs:
+The same datasets as the thread engine (:func:`pconv.ingest.local.write_shards`, ``--engine threads``), made by the
+same :class:`~pconv.ingest.rows.RowRecipe` per key and finished by the same run end
+(:func:`pconv.ingest.local.finish_run`): same shard format and manifest, same skip reasons, same refusals. What
+differs is where the work runs:
 
-1. The driver (this process: ``prepare_data.py`` on a laptop, or the entrypoint of ``ray job submit``) checks the
-   options, the source and the destination before any work (:class:`~pconv.ingest.local.IngestError`), then streams the
-   listing (:meth:`pconv.storage.sources.Source.entries`: an S3 prefix one LIST page at a time, no request per object) into
-   one compact Arrow table of (key, size) — the only copy of the key list it holds — and sorts it in key-hash
-   order, so every shard mixes folders/classes. Files with other extensions are skipped right there.
+1. The driver (this process: ``pconv ingest`` on a laptop, or the entrypoint of ``ray job submit``) checks the
+   options, the source and the destination before any work (:class:`~pconv.ingest.local.IngestError`), then streams
+   the listing (:meth:`pconv.storage.sources.Source.entries`: an S3 prefix one LIST page at a time, no request per
+   object) into one compact Arrow table of (key, size) — the only copy of the key list it holds — and sorts it in
+   key-hash order (:func:`pconv.ingest.local.listing`), so every shard mixes folders/classes. Files with other
+   extensions are skipped right there. (Steps 1 and 3 are :mod:`pconv.ingest`'s, for both engines.)
 2. The sorted keys of each split are cut into chunks of about ``--shard-size-mb`` of input (at most
    :data:`TASK_MAX_FILES` files, and :data:`CHUNKS_PER_CPU` chunks per cluster CPU while the data allows), each
    put in the object store as one block. One Ray Data task per chunk (:data:`TASK_CPUS` CPU each, so pending
@@ -36,26 +38,18 @@ import json
 import logging
 import math
 import os
-import time
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pconv import cluster
-
-from pconv.ingest import local
-
+from pconv.ingest.local import IngestError, ShardsWritten, ordered_parallel
+from pconv.ingest.rows import STATS_COLUMNS, RowRecipe
 from pconv.storage import uris
-from pconv.core.images import IMAGE_SUFFIXES
-from pconv.ingest.local import IngestError, IngestSummary
-from pconv.ingest.rows import (STATS_COLUMNS, generated_key, generated_mask_row, process_image, process_mask,
-                               skip_reason, unsupported)
-from pconv.core.masks import MASK_SUFFIXES
-from pconv.storage.shards import IMAGE_SCHEMA, IMAGES_KIND, MASK_SCHEMA, MASKS_KIND, SPLITS, ShardWriter, key_hash01, split_of
-from pconv.storage.sources import EntryReader, SourceError
+from pconv.storage.shards import IMAGE_SCHEMA, IMAGES_KIND, MASK_SCHEMA, MASKS_KIND, SPLITS, ShardWriter
+from pconv.storage.sources import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -72,35 +66,10 @@ READ_THREADS_REMOTE, READ_THREADS_LOCAL = 8, 2
 #: While the data allows, each split is cut into at least this many chunks per cluster CPU: a small set still
 #: spreads over every CPU, and the last wave of tasks (the tail, when some CPUs are idle) is short.
 CHUNKS_PER_CPU = 4
-_LISTING_BATCH = 50_000  # keys turned into Arrow arrays at a time while listing (Python strings live only here)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Everything a task needs (pickled into each task): what to make of a key, and where to write."""
-
-    kind: str  # IMAGES_KIND | MASKS_KIND
-    dst: str
-    run_id: str
-    val_fraction: float
-    reader: EntryReader | None = None  # None: generated masks
-    max_side: int | None = None
-    hole_color: str = "white"
-    threshold: float = 0.5
-    source: str = ""
-    generate: tuple[int, int, int] | None = None  # (n, size, seed)
-
-    def row(self, key: str, data: bytes | None) -> dict[str, Any]:
-        if self.generate is not None:
-            n, size, seed = self.generate
-            return generated_mask_row(int(key.rsplit("/", 1)[1][:-4]), n, size, seed, self.val_fraction)
-        if self.kind == IMAGES_KIND:
-            return process_image(key, data, self.val_fraction, self.max_side)
-        return process_mask(key, data, self.hole_color, self.threshold, self.source, self.val_fraction)
 
 
 # -------- In the tasks ----------------------------------------------------------------------------
-def _ingest_chunks(batch: pa.Table, plan: _Plan) -> pa.Table:
+def _ingest_chunks(batch: pa.Table, recipe: RowRecipe, dst: str, run_id: str) -> pa.Table:
     """Ray Data UDF: one chunk (normally one block) -> one shard; returns one metadata row per chunk."""
     import ray
 
@@ -111,7 +80,7 @@ def _ingest_chunks(batch: pa.Table, plan: _Plan) -> pa.Table:
     out: dict[str, list] = {"chunk": [], "split": [], "files": [], "node": [], "result": []}
     for (split, chunk), keys in groups.items():
         try:
-            result = _ingest_chunk(plan, split, chunk, keys)
+            result = _ingest_chunk(recipe, dst, run_id, split, chunk, keys)
         except SourceError as exc:  # the source is not there on this node: the run fails (in the driver)
             result = {"fatal": str(exc)}
         for k, v in (("chunk", chunk), ("split", split), ("files", len(keys)), ("node", node),
@@ -120,78 +89,29 @@ def _ingest_chunks(batch: pa.Table, plan: _Plan) -> pa.Table:
     return pa.table(out)
 
 
-def _ingest_chunk(plan: _Plan, split: str, chunk: int, keys: list[str]) -> dict[str, Any]:
+def _ingest_chunk(recipe: RowRecipe, dst: str, run_id: str, split: str, chunk: int,
+                  keys: list[str]) -> dict[str, Any]:
     """Read, decode and validate ``keys`` and write them as shard ``chunk`` of ``split``; its metadata."""
-    schema, payload = (IMAGE_SCHEMA, "image") if plan.kind == IMAGES_KIND else (MASK_SCHEMA, "mask")
-    threads = (1 if plan.reader is None
-               else READ_THREADS_REMOTE if uris.is_remote(plan.reader.uri) else READ_THREADS_LOCAL)
-    writer = ShardWriter(plan.dst, split, schema, 2**62, plan.run_id, payload, first_index=chunk)
+    schema, payload = (IMAGE_SCHEMA, "image") if recipe.kind == IMAGES_KIND else (MASK_SCHEMA, "mask")
+    threads = (1 if recipe.reader is None
+               else READ_THREADS_REMOTE if uris.is_remote(recipe.reader.uri) else READ_THREADS_LOCAL)
+    writer = ShardWriter(dst, split, schema, 2**62, run_id, payload, first_index=chunk)
     skipped: list[dict[str, str]] = []
     stats: list[dict] = []
-    for key, data, reason in local.ordered_parallel(lambda k: _fetch(plan, k), keys, threads):
-        if reason is None:
-            try:
-                row = plan.row(key, data)
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run; it is listed
-                reason = skip_reason(exc)
-        if reason is not None:
-            skipped.append({"key": key, "reason": reason})
+    for key, made in ordered_parallel(lambda k: (k, recipe.make(k)), keys, threads):
+        if isinstance(made, str):
+            skipped.append({"key": key, "reason": made})
             continue
-        if row["split"] != split:  # the listing and the row compute it with the same split_of
-            raise RuntimeError(f"{key}: split {row['split']!r} differs from the planned {split!r}")
-        writer.add(row)
-        stats.append({k: row[k] for k in STATS_COLUMNS if k in row})
+        if made["split"] != split:  # the listing and the row compute it with the same split_of
+            raise RuntimeError(f"{key}: split {made['split']!r} differs from the planned {split!r}")
+        writer.add(made)
+        stats.append({k: made[k] for k in STATS_COLUMNS if k in made})
     writer.flush()
-    return {"shards": writer.shards, "skipped": skipped, "stats": stats if plan.kind == MASKS_KIND else []}
-
-
-def _fetch(plan: _Plan, key: str) -> tuple[str, bytes | None, str | None]:
-    """(key, bytes, None) or (key, None, skip reason); a SourceError (the source is not there) fails the task."""
-    if plan.reader is None:
-        return key, None, None
-    try:
-        return key, plan.reader.read(key), None
-    except SourceError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - listed in the manifest instead
-        return key, None, skip_reason(exc)
+    return {"shards": writer.shards, "skipped": skipped, "stats": stats if recipe.kind == MASKS_KIND else []}
 
 
 # -------- In the driver ---------------------------------------------------------------------------
-def _listing(entries: Iterable[tuple[str, int]], suffixes: tuple[str, ...] | None,
-             val_fraction: float) -> tuple[pa.Table, list[dict[str, str]]]:
-    """The files to read as one Arrow table (key, size, split) in key-hash order, and those skipped by
-    extension. Keys are held as Python strings only ``_LISTING_BATCH`` at a time."""
-    parts: list[pa.Table] = []
-    skipped: list[dict[str, str]] = []
-    keys: list[str] = []
-    sizes: list[int] = []
-
-    def flush() -> None:
-        if keys:
-            parts.append(pa.table({"key": pa.array(keys, pa.string()), "size": pa.array(sizes, pa.int64()),
-                                   "h": pa.array([key_hash01(k) for k in keys], pa.float64()),
-                                   "split": pa.array([split_of(k, val_fraction) for k in keys], pa.string())}))
-            keys.clear()
-            sizes.clear()
-
-    for key, size in entries:
-        reason = unsupported(key, suffixes) if suffixes else None
-        if reason:
-            skipped.append({"key": key, "reason": reason})
-            continue
-        keys.append(key)
-        sizes.append(size)
-        if len(keys) >= _LISTING_BATCH:
-            flush()
-    flush()
-    empty = pa.table({"key": pa.array([], pa.string()), "size": pa.array([], pa.int64()),
-                      "h": pa.array([], pa.float64()), "split": pa.array([], pa.string())})
-    table = pa.concat_tables(parts) if parts else empty
-    return table.sort_by([("h", "ascending"), ("key", "ascending")]), skipped  # ingest's order: (hash, key)
-
-
-def _cut(sizes: np.ndarray, target_bytes: int, max_files: int) -> list[tuple[int, int]]:
+def chunk_bounds(sizes: np.ndarray, target_bytes: int, max_files: int) -> list[tuple[int, int]]:
     """[start, end) chunks of consecutive files: a chunk ends when it holds ``target_bytes`` or ``max_files``."""
     bounds, start, acc = [], 0, 0
     for i, size in enumerate(sizes.tolist()):
@@ -211,48 +131,19 @@ def _chunk_blocks(table: pa.Table, target_bytes: int, max_files: int, cpus: floa
         if part.num_rows == 0:
             continue
         per_chunk = max(1, min(max_files, math.ceil(part.num_rows / max(4.0, CHUNKS_PER_CPU * cpus))))
-        for chunk, (a, b) in enumerate(_cut(part.column("size").to_numpy(), target_bytes, per_chunk)):
+        for chunk, (a, b) in enumerate(chunk_bounds(part.column("size").to_numpy(), target_bytes, per_chunk)):
             rows = part.take(np.arange(a, b))  # a compact copy: the block does not drag the whole listing along
             yield pa.table({"key": rows.column("key"), "split": rows.column("split"),
                             "chunk": pa.array(np.full(b - a, chunk), pa.int64())})
 
 
-def _run(*, kind: str, dst: str, entries: Iterable[tuple[str, int]], suffixes: tuple[str, ...] | None,
-         plan: _Plan, shard_size_mb: float, max_files: int, progress: bool, remote: bool,
-         **finish: Any) -> IngestSummary:
-    t0 = time.monotonic()
-    table, skipped = _listing(entries, suffixes, plan.val_fraction)
-    if table.num_rows == 0 and not skipped:
-        raise IngestError(f"source {finish['source']} contains no files")
-    log.info("%s: %d file(s) to read, %d skipped by extension", kind, table.num_rows, len(skipped))
-    results: list[dict[str, Any]] = []
-    if table.num_rows:
-        results = _execute(table, plan, shard_size_mb, max_files, progress, remote)
-    written, stats_rows = [], []
-    for r in results:
-        written.extend(r["shards"])
-        skipped.extend(r["skipped"])
-        stats_rows.extend(r["stats"])
-    written.sort(key=lambda s: (SPLITS.index(s["split"]), s["path"]))
-    for s in skipped:
-        log.warning("skipped %s: %s", s["key"], s["reason"])
-    if not uris.is_remote(dst):  # a task on another machine wrote its shard to that machine's disk
-        missing = [s["path"] for s in written if not os.path.exists(uris.join(dst, s["path"]))]
-        if missing:
-            for s in written:
-                uris.delete(uris.join(dst, s["path"]))
-            raise IngestError(f"{len(missing)} shard(s) written by tasks on other nodes are not visible under {dst} "
-                              f"here (e.g. {missing[0]}): on a cluster of several machines use an s3:// DST, or a "
-                              "folder mounted at the same path on every node; the existing dataset is left as it was")
-    schema = IMAGE_SCHEMA if kind == IMAGES_KIND else MASK_SCHEMA
-    return local.finish_run(kind=kind, dst=dst, run_id=plan.run_id, t0=t0, written=written, skipped=skipped,
-                             stats_rows=stats_rows, columns=schema.names,
-                             nodes=len({r["node"] for r in results}) or None, **finish)
-
-
-def _execute(table: pa.Table, plan: _Plan, shard_size_mb: float, max_files: int, progress: bool,
-             remote: bool) -> list[dict[str, Any]]:
-    """Run the chunks as one Ray Data job; the tasks' metadata rows, parsed."""
+def write_shards(recipe: RowRecipe, table: pa.Table, dst: str, run_id: str, *, shard_size_mb: float,
+                 max_files: int, progress: bool, forward_s3_env: bool) -> ShardsWritten:
+    """The Ray engine: the keys of ``table`` (a :func:`pconv.ingest.local.listing`) cut into chunks of about
+    ``shard_size_mb`` of input and at most ``max_files`` files, one Ray Data task per chunk writing one shard
+    (see the module docstring). ``forward_s3_env``: the tasks get this process's S3 endpoint and credentials.
+    IngestError when a node does not see the source, or when shards were written where this process cannot see
+    them (their files are then removed)."""
     import ray
 
     cluster.connect()
@@ -266,10 +157,11 @@ def _execute(table: pa.Table, plan: _Plan, shard_size_mb: float, max_files: int,
              TASK_CPUS, cpus)
     remote_args: dict[str, Any] = {"num_cpus": TASK_CPUS}
     env = {k: os.environ[k] for k in uris.AWS_ENV_VARS if k in os.environ}
-    if remote and env:  # the tasks reach the same S3 endpoint with the same credentials as this process
+    if forward_s3_env and env:  # the tasks reach the same S3 endpoint with the same credentials as this process
         remote_args["runtime_env"] = {"env_vars": env}
     ds = ray.data.from_arrow_refs(refs).map_batches(_ingest_chunks, batch_size=None, batch_format="pyarrow",
-                                                    fn_kwargs={"plan": plan}, **remote_args)
+                                                    fn_kwargs={"recipe": recipe, "dst": dst, "run_id": run_id},
+                                                    **remote_args)
     ds.context.enable_progress_bars = False  # one bar, in files, below
     # One operator whose outputs are a few hundred bytes: Ray Data's per-operator reservation (half the cluster
     # until its first tasks report their size) would keep half the CPUs idle at the start; without it every chunk
@@ -277,8 +169,8 @@ def _execute(table: pa.Table, plan: _Plan, shard_size_mb: float, max_files: int,
     ds.context.op_resource_reservation_enabled = False
     from tqdm import tqdm
 
-    results: list[dict[str, Any]] = []
-    bar = tqdm(total=total, desc=f"ingest {plan.kind} (ray)", unit="file", disable=not progress,
+    out, nodes = ShardsWritten([], [], []), set()
+    bar = tqdm(total=total, desc=f"ingest {recipe.kind} (ray)", unit="file", disable=not progress,
                dynamic_ncols=True)
     try:
         for row in ds.iter_rows():
@@ -286,72 +178,19 @@ def _execute(table: pa.Table, plan: _Plan, shard_size_mb: float, max_files: int,
             if "fatal" in result:  # stops the job: its other tasks are cancelled, no manifest is written
                 raise IngestError(f"{result['fatal']}; the existing dataset is left as it was")
             bar.update(int(row["files"]))
-            results.append({**result, "node": row["node"]})
+            out.shards.extend(result["shards"])
+            out.skipped.extend(result["skipped"])
+            out.stats.extend(result["stats"])
+            nodes.add(row["node"])
     finally:
         bar.close()
-    return results
-
-
-# -------- Public entry points (pconv.ingest.local's arguments, less ``workers``, plus the engine) ---------
-ENGINES = ("ray", "threads")  # threads: pconv.ingest.local in this process (no Ray start-up; the benchmark's baseline)
-
-
-def _threads(engine: str) -> bool:
-    if engine not in ENGINES:
-        raise IngestError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    return engine == "threads"
-
-
-def ingest_images(src: str, dst: str, *, val_fraction: float = 0.01, shard_size_mb: float = 256.0,
-                  max_side: int | None = None, progress: bool = True, allow_empty: bool = False,
-                  replace_kind: bool = False, engine: str = "ray") -> IngestSummary:
-    """:func:`pconv.ingest.local.ingest_images` as a Ray Data job (see the module docstring), or in this process."""
-    if _threads(engine):
-        return local.ingest_images(src, dst, val_fraction=val_fraction, shard_size_mb=shard_size_mb,
-                                    max_side=max_side, progress=progress, allow_empty=allow_empty,
-                                    replace_kind=replace_kind)
-    options = local.image_options(val_fraction, shard_size_mb, max_side)
-    with local.open_source(src) as source:
-        local.check_destination(dst, IMAGES_KIND, replace_kind)
-        plan = _Plan(IMAGES_KIND, dst, local.new_run_id(), val_fraction, source.reader(), max_side=max_side)
-        return _run(kind=IMAGES_KIND, dst=dst, entries=source.entries(), suffixes=IMAGE_SUFFIXES, plan=plan,
-                    shard_size_mb=shard_size_mb, max_files=TASK_MAX_FILES, progress=progress,
-                    remote=uris.is_remote(src) or uris.is_remote(dst), source=src, options=options,
-                    allow_empty=allow_empty)
-
-
-def ingest_masks(src: str, dst: str, *, hole_color: str, threshold: float = 0.5, val_fraction: float = 0.0,
-                 shard_size_mb: float = 256.0, progress: bool = True, allow_empty: bool = False,
-                 replace_kind: bool = False, force: bool = False, engine: str = "ray") -> IngestSummary:
-    """:func:`pconv.ingest.local.ingest_masks` as a Ray Data job: same bins, border flags and polarity refusal."""
-    if _threads(engine):
-        return local.ingest_masks(src, dst, hole_color=hole_color, threshold=threshold, val_fraction=val_fraction,
-                                   shard_size_mb=shard_size_mb, progress=progress, allow_empty=allow_empty,
-                                   replace_kind=replace_kind, force=force)
-    options = local.mask_options(hole_color, threshold, val_fraction, shard_size_mb)
-    with local.open_source(src) as source:
-        local.check_destination(dst, MASKS_KIND, replace_kind)
-        plan = _Plan(MASKS_KIND, dst, local.new_run_id(), val_fraction, source.reader(), hole_color=hole_color,
-                     threshold=threshold, source=src)
-        return _run(kind=MASKS_KIND, dst=dst, entries=source.entries(), suffixes=MASK_SUFFIXES, plan=plan,
-                    shard_size_mb=shard_size_mb, max_files=TASK_MAX_FILES, progress=progress,
-                    remote=uris.is_remote(src) or uris.is_remote(dst), source=src, options=options,
-                    extra_manifest=local.mask_stats, allow_empty=allow_empty, refuse=local.polarity_check(force))
-
-
-def generate_masks(n: int, dst: str, *, size: int = 512, seed: int = 0, val_fraction: float = 0.0,
-                   shard_size_mb: float = 256.0, progress: bool = True, replace_kind: bool = False,
-                   engine: str = "ray") -> IngestSummary:
-    """:func:`pconv.ingest.local.generate_masks` as a Ray Data job: mask i is the same whichever task makes it."""
-    if _threads(engine):
-        return local.generate_masks(n, dst, size=size, seed=seed, val_fraction=val_fraction,
-                                     shard_size_mb=shard_size_mb, progress=progress, replace_kind=replace_kind)
-    options = local.generate_options(n, size, seed, val_fraction, shard_size_mb)
-    local.check_destination(dst, MASKS_KIND, replace_kind)
-    plan = _Plan(MASKS_KIND, dst, local.new_run_id(), val_fraction, None, generate=(n, size, seed))
-    # size estimate of one generated mask's 1-bit PNG (holes are strokes: it compresses to a few KB at 512 px)
-    entries = ((generated_key(i, n), size * size // 64) for i in range(n))
-    return _run(kind=MASKS_KIND, dst=dst, entries=entries, suffixes=None, plan=plan, shard_size_mb=shard_size_mb,
-                max_files=GENERATE_TASK_MAX, progress=progress, remote=uris.is_remote(dst),
-                source=f"generated(n={n},size={size},seed={seed})", options=options,
-                extra_manifest=local.mask_stats)
+    out.nodes = len(nodes) or None
+    if not uris.is_remote(dst):  # a task on another machine wrote its shard to that machine's disk
+        missing = [s["path"] for s in out.shards if not os.path.exists(uris.join(dst, s["path"]))]
+        if missing:
+            for s in out.shards:
+                uris.delete(uris.join(dst, s["path"]))
+            raise IngestError(f"{len(missing)} shard(s) written by tasks on other nodes are not visible under {dst} "
+                              f"here (e.g. {missing[0]}): on a cluster of several machines use an s3:// DST, or a "
+                              "folder mounted at the same path on every node; the existing dataset is left as it was")
+    return out

@@ -1,18 +1,21 @@
-"""Ingestion: folders / zips / s3:// prefixes of images or masks (or generated masks) -> shards + manifest.
+"""What both ingest engines share, and the single-process one: a run's checks, listing and end; the thread engine.
 
-The inputs are listed and read by :mod:`pconv.storage.sources`, the shard format lives in :mod:`pconv.storage.shards`, the mask
-polarity and generator in :mod:`pconv.core.masks`, one file -> one row in :mod:`pconv.ingest.rows`. This module is the
-single-process engine (``prepare_data.py --engine threads``: a thread pool, no Ray) and what both engines share:
-option and destination checks, and the end of a run (:func:`finish_run`); :mod:`pconv.ingest.job` is the Ray Data
-engine (the default of ``pipelines/prepare_data.py``).
+The public entry points are :func:`pconv.ingest.ingest_images`, :func:`~pconv.ingest.ingest_masks` and
+:func:`~pconv.ingest.generate_masks` (``engine="ray" | "threads"``). The inputs are listed and read by
+:mod:`pconv.storage.sources`, the shard format lives in :mod:`pconv.storage.shards`, the mask polarity and generator
+in :mod:`pconv.core.masks`, one key -> one row in :mod:`pconv.ingest.rows`. This module holds the option and
+destination checks, the listing in key-hash order (:func:`listing`), the end of a run (:func:`finish_run`) and the
+thread engine (:func:`write_shards`: a thread pool in this process, no Ray; ``--engine threads``);
+:mod:`pconv.ingest.job` is the Ray Data engine (the default).
 
 - Every input file is decoded once to validate it. Broken input (truncated JPEG, non-image, empty object,
   unreadable PNG) and files with other extensions are skipped, counted and listed in the manifest with a reason;
   the rest is ingested. Problems found BEFORE any work (missing SRC, unwritable DST, bad option) raise
   :class:`IngestError`.
 - Files are processed in key-hash order (deterministic), which mixes folders/classes across shards (sorted
-  listings of Places2-like trees would otherwise give one class per shard); reading/decoding runs on a thread pool
-  (I/O bound on S3), results are consumed in order, so shard contents do not depend on thread timing.
+  listings of Places2-like trees would otherwise give one class per shard); in the thread engine reading/decoding
+  runs on a thread pool (I/O bound on S3), results are consumed in order, so shard contents do not depend on thread
+  timing.
 
 Re-running is safe. Every run writes shards under names carrying a fresh run id (``part-00000-<run>``), each one
 atomically (temp file + rename locally, a single PUT on S3); the manifest is replaced last, atomically; only then
@@ -41,16 +44,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from pconv.core import masks as M
-from pconv.storage import shards
-from pconv.storage import uris
-from pconv.core.images import IMAGE_SUFFIXES
-from pconv.ingest.rows import (MIN_SIDE, STATS_COLUMNS, generated_key, generated_mask_row, process_image,  # noqa: F401
-                               process_mask, skip_reason, unsupported)
-from pconv.core.masks import MASK_SUFFIXES
-from pconv.storage.sources import Source, SourceError, SourceItem
-from pconv.storage.shards import (IMAGE_SCHEMA, IMAGES_KIND, MANIFEST, MASK_SCHEMA, MASKS_KIND, SCHEMA_VERSION, SPLITS,
-                          ShardWriter, key_hash01)
+from pconv.core import masks
+from pconv.ingest.rows import MIN_SIDE, STATS_COLUMNS, RowRecipe, unsupported
+from pconv.storage import shards, uris
+from pconv.storage.shards import (IMAGE_SCHEMA, IMAGES_KIND, MANIFEST, MASK_SCHEMA, SCHEMA_VERSION, SPLITS, ShardWriter,
+                                  key_hash01, split_of)
+from pconv.storage.sources import Source, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,8 @@ class IngestError(RuntimeError):
 
 
 def open_source(uri: str) -> Source:
-    """:class:`pconv.storage.sources.Source` with its problems (missing, unreadable, not a zip) as :class:`IngestError`."""
+    """:class:`pconv.storage.sources.Source` with its problems (missing, unreadable, not a zip) as
+    :class:`IngestError`."""
     try:
         return Source(uri)
     except SourceError as exc:
@@ -138,58 +138,93 @@ def ordered_parallel(fn: Callable[[Any], Any], items: Iterable[Any], workers: in
             yield pending.popleft().result()
 
 
-def _default_workers(remote: bool) -> int:
-    cpus = os.cpu_count() or 1
-    return min(32, cpus * 4) if remote else min(8, cpus + 1)
-
-
 def new_run_id() -> str:
     """A fresh run id (UTC time + random suffix): every shard of a run carries it in its name."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def _run_ingest(*, kind: str, dst: str, keys_and_work: list[tuple[str, Callable[[], dict | str]]],
-                schema: pa.Schema, payload: str, shard_size_mb: float, workers: int, progress: bool,
-                **finish: Any) -> IngestSummary:
-    """Run ``work()`` per key (row dict, or a skip reason string), write shards per split, then
-    :func:`finish_run` (``finish``: its keyword arguments)."""
-    t0 = time.monotonic()
-    run_id = new_run_id()
-    target = int(shard_size_mb * 2**20)
-    writers = {s: ShardWriter(dst, s, schema, target, run_id, payload) for s in SPLITS}
+_LISTING_BATCH = 50_000  # keys turned into Arrow arrays at a time while listing (Python strings live only here)
+
+
+def listing(entries: Iterable[tuple[str, int]], suffixes: tuple[str, ...] | None,
+            val_fraction: float) -> tuple[pa.Table, list[dict[str, str]]]:
+    """The files to read as one Arrow table (key, size, h, split) in key-hash order (``h``: the key's hash in
+    [0, 1), ties broken by key), and those skipped by extension (``suffixes`` None: keep all). Keys are held as
+    Python strings only ``_LISTING_BATCH`` at a time: an S3 listing of millions of keys stays compact."""
+    parts: list[pa.Table] = []
     skipped: list[dict[str, str]] = []
-    stats_rows: list[dict] = []
-    # Hash order: deterministic, and it spreads folders/classes over all shards.
-    ordered = sorted(keys_and_work, key=lambda kw: (key_hash01(kw[0]), kw[0]))
+    keys: list[str] = []
+    sizes: list[int] = []
 
-    def do(kw):
-        key, work = kw
-        try:
-            return key, work()
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run; it is listed instead
-            return key, skip_reason(exc)
+    def flush() -> None:
+        if keys:
+            parts.append(pa.table({"key": pa.array(keys, pa.string()), "size": pa.array(sizes, pa.int64()),
+                                   "h": pa.array([key_hash01(k) for k in keys], pa.float64()),
+                                   "split": pa.array([split_of(k, val_fraction) for k in keys], pa.string())}))
+            keys.clear()
+            sizes.clear()
 
+    for key, size in entries:
+        reason = unsupported(key, suffixes) if suffixes else None
+        if reason:
+            skipped.append({"key": key, "reason": reason})
+            continue
+        keys.append(key)
+        sizes.append(size)
+        if len(keys) >= _LISTING_BATCH:
+            flush()
+    flush()
+    empty = pa.table({"key": pa.array([], pa.string()), "size": pa.array([], pa.int64()),
+                      "h": pa.array([], pa.float64()), "split": pa.array([], pa.string())})
+    table = pa.concat_tables(parts) if parts else empty
+    return table.sort_by([("h", "ascending"), ("key", "ascending")]), skipped
+
+
+@dataclass
+class ShardsWritten:
+    """What an engine wrote: the manifest entries of its shards, the files it skipped (``{"key", "reason"}``), the
+    per-row :data:`~pconv.ingest.rows.STATS_COLUMNS` values, and the Ray nodes whose tasks wrote (None: this
+    process)."""
+
+    shards: list[dict[str, Any]]
+    skipped: list[dict[str, str]]
+    stats: list[dict[str, Any]]
+    nodes: int | None = None
+
+
+def write_shards(recipe: RowRecipe, table: pa.Table, dst: str, run_id: str, *, shard_size_mb: float,
+                 progress: bool, remote_source: bool) -> ShardsWritten:
+    """The thread engine: every key of ``table`` (a :func:`listing`) made into a row by ``recipe`` on a thread pool
+    in this process (more threads for a remote source: S3 GETs wait on the network), consumed in the table's order
+    and written per split into shards of about ``shard_size_mb``. IngestError when the source itself is not there."""
+    cpus = os.cpu_count() or 1
+    threads = 1 if recipe.reader is None else min(32, cpus * 4) if remote_source else min(8, cpus + 1)
+    schema, payload = (IMAGE_SCHEMA, "image") if recipe.kind == IMAGES_KIND else (MASK_SCHEMA, "mask")
+    writers = {s: ShardWriter(dst, s, schema, int(shard_size_mb * 2**20), run_id, payload) for s in SPLITS}
+    out = ShardsWritten([], [], [])
     from tqdm import tqdm
 
-    bar = tqdm(total=len(ordered), desc=f"ingest {kind}", unit="file", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=table.num_rows, desc=f"ingest {recipe.kind}", unit="file", disable=not progress,
+               dynamic_ncols=True)
+    keys = table.column("key").to_pylist()
     try:
-        for key, result in ordered_parallel(do, ordered, workers):
+        for key, made in ordered_parallel(lambda k: (k, recipe.make(k)), keys, threads):
             bar.update(1)
-            if isinstance(result, str):
-                skipped.append({"key": key, "reason": result})
-                log.warning("skipped %s: %s", key, result)
+            if isinstance(made, str):
+                out.skipped.append({"key": key, "reason": made})
                 continue
-            writers[result["split"]].add(result)
-            stats = {k: result[k] for k in STATS_COLUMNS if k in result}
+            writers[made["split"]].add(made)
+            stats = {k: made[k] for k in STATS_COLUMNS if k in made}
             if stats:
-                stats_rows.append(stats)
+                out.stats.append(stats)
+    except SourceError as exc:
+        raise IngestError(f"{exc}; the existing dataset is left as it was") from exc
     finally:
         bar.close()
-    for w in writers.values():
-        w.flush()
-    written = [s for split in SPLITS for s in writers[split].shards]
-    return finish_run(kind=kind, dst=dst, run_id=run_id, t0=t0, written=written, skipped=skipped,
-                      stats_rows=stats_rows, columns=schema.names, **finish)
+    for writer in writers.values():
+        writer.flush()
+    out.shards = [s for split in SPLITS for s in writers[split].shards]
+    return out
 
 
 def finish_run(*, kind: str, dst: str, run_id: str, t0: float, written: list[dict], skipped: list[dict[str, str]],
@@ -253,34 +288,6 @@ def image_options(val_fraction: float, shard_size_mb: float, max_side: int | Non
     return {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "max_side": max_side}
 
 
-def ingest_images(src: str, dst: str, *, val_fraction: float = 0.01, shard_size_mb: float = 256.0,
-                  max_side: int | None = None, workers: int | None = None, progress: bool = True,
-                  allow_empty: bool = False, replace_kind: bool = False) -> IngestSummary:
-    """Pack every JPEG/PNG/WebP under ``src`` into image shards at ``dst`` (see the module docstring).
-
-    Broken files (truncated, not an image, empty, unreadable, too large, under :data:`MIN_SIDE` px) and files with
-    other extensions are skipped and listed in the manifest with a reason. IngestError before any work for a
-    missing SRC / unwritable DST / bad option / DST holding masks (unless ``replace_kind``), and at the end when no
-    image was usable (unless ``allow_empty``).
-    """
-    options = image_options(val_fraction, shard_size_mb, max_side)
-    with open_source(src) as source:
-        check_destination(dst, IMAGES_KIND, replace_kind)
-        work = []
-        for item in source.items():
-            reason = unsupported(item.key, IMAGE_SUFFIXES)
-            if reason:
-                work.append((item.key, (lambda r=reason: r)))
-                continue
-            work.append((item.key, (lambda it=item: process_image(it.key, it.read(), val_fraction, max_side))))
-        if not work:
-            raise IngestError(f"source {src} contains no files")
-        return _run_ingest(kind=IMAGES_KIND, dst=dst, keys_and_work=work, schema=IMAGE_SCHEMA, payload="image",
-                           shard_size_mb=shard_size_mb, source=src, options=options,
-                           workers=workers or _default_workers(uris.is_remote(src)), progress=progress,
-                           allow_empty=allow_empty)
-
-
 # -------- Masks -----------------------------------------------------------------------------------
 def mask_stats(rows: list[dict]) -> dict[str, Any]:
     """The mask manifest's ``bins`` and ``out_of_bins`` from per-row :data:`STATS_COLUMNS`."""
@@ -299,7 +306,7 @@ def mask_stats(rows: list[dict]) -> dict[str, Any]:
 def polarity_check(force: bool) -> Callable[[list[dict]], str | None]:
     """``refuse`` for :func:`finish_run`: masks whose hole ratios say the polarity is probably inverted."""
     def refuse(rows: list[dict]) -> str | None:
-        warning = M.polarity_warning([r["hole_ratio"] for r in rows]) if rows else None
+        warning = masks.polarity_warning([r["hole_ratio"] for r in rows]) if rows else None
         if warning is None:
             return None
         if force:
@@ -311,41 +318,13 @@ def polarity_check(force: bool) -> Callable[[list[dict]], str | None]:
 
 def mask_options(hole_color: str, threshold: float, val_fraction: float, shard_size_mb: float) -> dict[str, Any]:
     """The manifest's ``options`` of a mask run, after checking them (IngestError before any work)."""
-    if hole_color not in M.HOLE_COLORS:
-        raise IngestError(f"--hole-color must be one of {', '.join(M.HOLE_COLORS)}, got {hole_color!r}")
+    if hole_color not in masks.HOLE_COLORS:
+        raise IngestError(f"--hole-color must be one of {', '.join(masks.HOLE_COLORS)}, got {hole_color!r}")
     if not 0.0 < threshold <= 1.0:
         raise IngestError(f"--threshold must be in (0, 1], got {threshold}")
     _check_common(val_fraction, shard_size_mb)
     return {"hole_color": hole_color, "threshold": threshold, "val_fraction": val_fraction,
             "shard_size_mb": shard_size_mb}
-
-
-def ingest_masks(src: str, dst: str, *, hole_color: str, threshold: float = 0.5, val_fraction: float = 0.0,
-                 shard_size_mb: float = 256.0, workers: int | None = None, progress: bool = True,
-                 allow_empty: bool = False, replace_kind: bool = False, force: bool = False) -> IngestSummary:
-    """Pack a mask archive/folder/prefix into mask shards. ``hole_color`` states the FILES' polarity
-    ("white": white pixels are holes, as in NVIDIA's test masks; "black": black pixels are holes). Pixels with
-    ``value/max >= threshold`` count as white. Stored masks use the internal polarity (white/1 = valid).
-
-    Refused (IngestError, DST untouched) when most masks are beyond every paper bin, i.e. the polarity is probably
-    inverted (:func:`pconv.core.masks.polarity_warning`), unless ``force``; see :func:`ingest_images` for the rest."""
-    options = mask_options(hole_color, threshold, val_fraction, shard_size_mb)
-    with open_source(src) as source:
-        check_destination(dst, MASKS_KIND, replace_kind)
-
-        def process(item: SourceItem) -> dict:
-            return process_mask(item.key, item.read(), hole_color, threshold, src, val_fraction)
-
-        work = []
-        for item in source.items():
-            reason = unsupported(item.key, MASK_SUFFIXES)
-            work.append((item.key, (lambda r=reason: r) if reason else (lambda it=item: process(it))))
-        if not work:
-            raise IngestError(f"source {src} contains no files")
-        return _run_ingest(kind=MASKS_KIND, dst=dst, keys_and_work=work, schema=MASK_SCHEMA, payload="mask",
-                           shard_size_mb=shard_size_mb, source=src, options=options,
-                           workers=workers or _default_workers(uris.is_remote(src)), progress=progress,
-                           extra_manifest=mask_stats, allow_empty=allow_empty, refuse=polarity_check(force))
 
 
 def generate_options(n: int, size: int, seed: int, val_fraction: float, shard_size_mb: float) -> dict[str, Any]:
@@ -356,18 +335,3 @@ def generate_options(n: int, size: int, seed: int, val_fraction: float, shard_si
         raise IngestError(f"--size must be at least {MIN_SIDE} pixels, got {size}")
     _check_common(val_fraction, shard_size_mb)
     return {"generate": n, "size": size, "seed": seed, "val_fraction": val_fraction, "shard_size_mb": shard_size_mb}
-
-
-def generate_masks(n: int, dst: str, *, size: int = 512, seed: int = 0, val_fraction: float = 0.0,
-                   shard_size_mb: float = 256.0, workers: int | None = None, progress: bool = True,
-                   replace_kind: bool = False) -> IngestSummary:
-    """Generate ``n`` irregular masks (pconv.core.masks.generate_mask) into mask shards, balanced like the paper's
-    test set (:func:`generated_mask_row`)."""
-    options = generate_options(n, size, seed, val_fraction, shard_size_mb)
-    check_destination(dst, MASKS_KIND, replace_kind)
-    work = [(generated_key(i, n), (lambda i=i: generated_mask_row(i, n, size, seed, val_fraction)))
-            for i in range(n)]
-    return _run_ingest(kind=MASKS_KIND, dst=dst, keys_and_work=work, schema=MASK_SCHEMA, payload="mask",
-                       shard_size_mb=shard_size_mb, source=f"generated(n={n},size={size},seed={seed})",
-                       options=options, workers=workers or _default_workers(False), progress=progress,
-                       extra_manifest=mask_stats)

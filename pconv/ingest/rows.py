@@ -1,22 +1,25 @@
 """One input file -> one shard row, or a skip reason: the per-file work of both ingest engines.
 
 :mod:`pconv.ingest.local` (a thread pool in this process) and :mod:`pconv.ingest.job` (Ray Data tasks on the cluster)
-call the same functions here, so a file is validated, decoded and turned into a row the same way whichever engine
-runs. A broken file raises ValueError (its message is the reason listed in the manifest). No Ray, no I/O.
+both turn each key into a row with the same :class:`RowRecipe`, so a file is read, validated, decoded and turned into
+a row the same way whichever engine runs. A broken file raises ValueError (its message is the reason listed in the
+manifest). No Ray; bytes are read only through the recipe's :class:`~pconv.storage.sources.EntryReader`.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pconv.core import masks as M
+from pconv.core import masks
 from pconv.core.images import open_image_with_format
-from pconv.storage.shards import border_band, mask_row, split_of
+from pconv.storage.shards import IMAGES_KIND, border_band, mask_row, split_of
+from pconv.storage.sources import EntryReader, SourceError
 
 
 #: Smallest short side (px) of an ingested image or mask; smaller files are skipped and counted. Such files hold
@@ -69,7 +72,7 @@ def process_mask(key: str, data: bytes, hole_color: str, threshold: float, src: 
     """Decode one mask file in the FILE's polarity ``hole_color`` and build its shard row; ValueError if broken."""
     if not data:
         raise ValueError("empty file (0 bytes)")
-    mask = M.decode_mask(data, hole_color, threshold, name=key)
+    mask = masks.decode_mask(data, hole_color, threshold, name=key)
     _check_size(mask.shape[1], mask.shape[0], "mask")
     return mask_row(key, mask, src, split_of(key, val_fraction))
 
@@ -81,8 +84,40 @@ def generated_key(i: int, n: int) -> str:
 def generated_mask_row(i: int, n: int, size: int, seed: int, val_fraction: float) -> dict[str, Any]:
     """Shard row of generated mask ``i`` of ``n``: bin ``i % 6``, border flag alternating every 6 masks, RNG
     ``default_rng([seed, i])`` (reproducible whatever process or thread makes it)."""
-    nbins = len(M.HOLE_RATIO_BINS)
-    mask = M.generate_mask(size, np.random.default_rng([seed, i]), bin_index=i % nbins,
+    nbins = len(masks.HOLE_RATIO_BINS)
+    mask = masks.generate_mask(size, np.random.default_rng([seed, i]), bin_index=i % nbins,
                            border=bool((i // nbins) % 2), band=border_band(size, size))
     key = generated_key(i, n)
     return mask_row(key, mask, f"generated(seed={seed},size={size})", split_of(key, val_fraction))
+
+
+@dataclass(frozen=True)
+class RowRecipe:
+    """What a run makes of each key, in any process (pickled into the Ray engine's tasks): where its bytes come from
+    (``reader``; None for generated masks) and which of this module's functions turns them into a row."""
+
+    kind: str  # pconv.storage.shards.IMAGES_KIND | MASKS_KIND
+    val_fraction: float
+    reader: EntryReader | None = None
+    max_side: int | None = None  # images: downscale above this side
+    hole_color: str = "white"  # masks: the FILES' polarity
+    threshold: float = 0.5
+    source: str = ""  # masks: the source URI, stored in each row
+    generate: tuple[int, int, int] | None = None  # generated masks: (n, size, seed)
+
+    def make(self, key: str) -> dict[str, Any] | str:
+        """The shard row of ``key``, or the reason it is skipped (a broken or unreadable file). A
+        :class:`~pconv.storage.sources.SourceError` (the source itself is not there) is raised: a problem of the
+        run, not of one file."""
+        try:
+            if self.generate is not None:
+                n, size, seed = self.generate
+                return generated_mask_row(int(key.rsplit("/", 1)[1][:-4]), n, size, seed, self.val_fraction)
+            data = self.reader.read(key)
+            if self.kind == IMAGES_KIND:
+                return process_image(key, data, self.val_fraction, self.max_side)
+            return process_mask(key, data, self.hole_color, self.threshold, self.source, self.val_fraction)
+        except SourceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run; it is listed instead
+            return skip_reason(exc)

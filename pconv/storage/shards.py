@@ -43,8 +43,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pconv.core import masks as M
-from pconv.storage import uris as storage
+from pconv.core import masks
+from pconv.storage import uris
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -64,8 +65,8 @@ MASK_SCHEMA = pa.schema([
 # Row groups are the unit of work of the training stream (one read + decode task each): ~4 MB (one efficient
 # S3 ranged GET, ~20-40 full-size photos) and at most 256 rows (~2-4 s of decoding), so a dataset of any image
 # size splits into enough similar-sized tasks to keep every data CPU busy.
-_ROW_GROUP_BYTES = 4 * 2**20
-_ROW_GROUP_MAX_ROWS = 256
+ROW_GROUP_BYTES = 4 * 2**20
+ROW_GROUP_MAX_ROWS = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def split_of(key: str, val_fraction: float) -> str:
 
 def border_band(height: int, width: int) -> int:
     """The paper's 50-px border band (defined for 512 x 512), scaled to the mask's short side."""
-    return max(1, round(M.BORDER_BAND * min(height, width) / 512))
+    return max(1, round(masks.BORDER_BAND * min(height, width) / 512))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +121,8 @@ class ShardWriter:
         if not self.rows:
             return
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        rows_per_group = max(1, min(len(self.rows), _ROW_GROUP_MAX_ROWS,
-                                    int(_ROW_GROUP_BYTES / max(1, self.buffered / len(self.rows)))))
+        rows_per_group = max(1, min(len(self.rows), ROW_GROUP_MAX_ROWS,
+                                    int(ROW_GROUP_BYTES / max(1, self.buffered / len(self.rows)))))
         buf = io.BytesIO()
         # Payload bytes are already compressed (JPEG/PNG/WebP): store them as-is; metadata columns get zstd.
         compression = {name: ("NONE" if name == self.payload else "ZSTD") for name in self.schema.names}
@@ -129,7 +130,7 @@ class ShardWriter:
                        use_dictionary=[n for n in self.schema.names if n != self.payload])
         data = buf.getvalue()
         rel = f"{self.split}/{shard_name(self.first_index + len(self.shards), self.run_id)}"
-        storage.write_bytes_atomic(storage.join(self.dst, rel), data)
+        uris.write_bytes_atomic(uris.join(self.dst, rel), data)
         groups = [min(rows_per_group, len(self.rows) - i) for i in range(0, len(self.rows), rows_per_group)]
         self.shards.append({"path": rel, "split": self.split, "rows": len(self.rows), "bytes": len(data),
                             "row_groups": groups})
@@ -140,9 +141,9 @@ class ShardWriter:
 def read_manifest(root: str, kind: str | None = None) -> dict[str, Any]:
     """The manifest of a shard root. FileNotFoundError naming the URI if absent; ValueError if unusable or, with
     ``kind``, of another kind (:data:`IMAGES_KIND`, :data:`MASKS_KIND`)."""
-    uri = storage.join(root, MANIFEST)
+    uri = uris.join(root, MANIFEST)
     try:
-        manifest = json.loads(storage.read_bytes(uri))
+        manifest = json.loads(uris.read_bytes(uri))
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: no manifest; create shards with `python pipelines/prepare_data.py`") from None
     except json.JSONDecodeError as exc:
@@ -171,7 +172,7 @@ def remove_unlisted_shards(root: str, keep: set[str]) -> list[str]:
     removed = []
     for split in SPLITS:
         try:
-            files = storage.list_files(storage.join(root, split))
+            files = uris.list_files(uris.join(root, split))
         except FileNotFoundError:
             continue
         for f in files:
@@ -179,27 +180,27 @@ def remove_unlisted_shards(root: str, keep: set[str]) -> list[str]:
             rel = f"{split}/{name}"
             stale = name.startswith("part-") and name.endswith(".parquet") and rel not in keep
             if stale or (name.startswith(".part-") and name.endswith(".tmp")):
-                storage.delete(f)
+                uris.delete(f)
                 removed.append(rel)
     return removed
 
 
 def is_dataset_root(uri: str) -> bool:
     """True when ``uri`` is a shard root (it holds a manifest); a ``.zip`` file never is."""
-    return not uri.lower().endswith(".zip") and storage.exists(storage.join(uri, MANIFEST))
+    return not uri.lower().endswith(".zip") and uris.exists(uris.join(uri, MANIFEST))
 
 
 def shard_uris(root: str, manifest: dict[str, Any] | None = None, split: str = "train") -> list[str]:
     """URIs of the shards of one split, in manifest order (paths in the manifest are relative to ``root``)."""
     manifest = manifest if manifest is not None else read_manifest(root)
-    return [storage.join(root, s["path"]) for s in manifest["shards"] if s["split"] == split]
+    return [uris.join(root, s["path"]) for s in manifest["shards"] if s["split"] == split]
 
 
-def read_table(uris: list[str], columns: list[str]) -> pa.Table:
+def read_table(shard_uris: list[str], columns: list[str]) -> pa.Table:
     """Selected columns of several shards (all local or all S3) as one table, read without Ray."""
-    if not uris:
+    if not shard_uris:
         return pa.table({c: [] for c in columns})
-    fs, paths = storage.ray_paths(uris)
+    fs, paths = uris.ray_paths(shard_uris)
     return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in paths])
 
 
@@ -207,7 +208,7 @@ def row_groups(uri: str, entry: dict[str, Any] | None = None) -> list[int]:
     """Rows per Parquet row group of one shard: from its manifest ``entry`` when recorded, else the footer."""
     if entry is not None and entry.get("row_groups"):
         return [int(n) for n in entry["row_groups"]]
-    fs, path = storage.get_filesystem(uri)
+    fs, path = uris.get_filesystem(uri)
     meta = pq.read_metadata(path, filesystem=fs)
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
@@ -215,6 +216,13 @@ def row_groups(uri: str, entry: dict[str, Any] | None = None) -> list[int]:
 _FOOTER_CACHE_SIZE = 256  # shard footers kept per process (~1 KB per row group each; shards are immutable)
 _footers: "collections.OrderedDict[tuple[str, int], pq.FileMetaData]" = collections.OrderedDict()
 _footers_lock = threading.Lock()
+
+
+def forget_footers() -> None:
+    """Drop this process's cached shard footers: the next read of each shard reads its footer again, as in a new
+    process (tests count footer reads with it)."""
+    with _footers_lock:
+        _footers.clear()
 
 
 def _footer(uri: str, f: pa.NativeFile) -> pq.FileMetaData:
@@ -237,7 +245,7 @@ def _footer(uri: str, f: pa.NativeFile) -> pq.FileMetaData:
 def read_row_group(uri: str, index: int, columns: list[str]) -> pa.Table:
     """Selected columns of row group ``index`` of one shard (local or S3). On S3: one HEAD and one coalesced
     ranged GET per call, plus one footer GET the first time this process reads the shard."""
-    fs, path = storage.get_filesystem(uri)
+    fs, path = uris.get_filesystem(uri)
     try:
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f, metadata=_footer(uri, f), pre_buffer=True)
@@ -254,7 +262,7 @@ def read_row_group(uri: str, index: int, columns: list[str]) -> pa.Table:
 def mask_row(key: str, mask: np.ndarray, source: str, split: str) -> dict[str, Any]:
     """Shard row of a binary mask (uint8 H x W, 1 = valid): compact PNG + ratio, paper bin, border flag."""
     h, w = mask.shape
-    ratio = M.hole_ratio(mask)
-    return {"key": key, "mask": M.encode_mask_png(mask), "height": h, "width": w, "hole_ratio": ratio,
-            "bin": M.ratio_bin(ratio), "border": M.touches_border(mask, border_band(h, w)), "source": source,
+    ratio = masks.hole_ratio(mask)
+    return {"key": key, "mask": masks.encode_mask_png(mask), "height": h, "width": w, "hole_ratio": ratio,
+            "bin": masks.ratio_bin(ratio), "border": masks.touches_border(mask, border_band(h, w)), "source": source,
             "split": split}

@@ -43,7 +43,8 @@ class SourceItem:
 
 
 class Source:
-    """Enumerates ``(key, reader)`` items of a folder, zip or S3 prefix; raises SourceError if it is missing or unreadable."""
+    """Enumerates ``(key, reader)`` items of a folder, zip or S3 prefix; raises SourceError if it is missing or
+    unreadable."""
 
     def __init__(self, uri: str):
         self.uri = str(uri)

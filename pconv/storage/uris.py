@@ -13,9 +13,10 @@ Two clients are used: pyarrow's ``S3FileSystem`` (what Ray Data, Ray Train and P
 single-object operations (one ``PUT`` per object, so an object appears whole or not at all). Both are pointed at the
 same endpoint, resolved once by :func:`s3_endpoint`.
 
-Trap for callers that hand a filesystem to Ray (``read_parquet(..., filesystem=fs)``, ``RunConfig(storage_filesystem=)``):
-with an explicit filesystem the paths must carry **no** scheme (``bucket/key``, not ``s3://bucket/key``); use
-:func:`get_filesystem` (one URI) or :func:`ray_paths` (several), which return exactly that pair.
+Trap for callers that hand a filesystem to Ray (``read_parquet(..., filesystem=fs)``,
+``RunConfig(storage_filesystem=)``): with an explicit filesystem the paths must carry **no** scheme (``bucket/key``,
+not ``s3://bucket/key``); use :func:`get_filesystem` (one URI) or :func:`ray_paths` (several), which return exactly
+that pair.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 S3_SCHEMES = ("s3://", "s3a://")
 # The standard AWS variables that say which endpoint, credentials and region S3 clients use: the one list. They
-# are values, so other processes (e.g. Ray actors, see pconv.inference.batch) reach storage the same way when given them.
+# are values, so other processes (e.g. Ray actors, see pconv.inference.batch) reach storage the same way when given
+# them.
 AWS_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                 "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
 # Names a section of THIS machine's ~/.aws files: it selects clients here but is not forwarded elsewhere.
@@ -92,8 +94,9 @@ def s3_region() -> str | None:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
-def _env_key() -> tuple:
-    """Cache key: clients are rebuilt when the relevant environment changes (tests switch servers)."""
+def s3_settings() -> tuple:
+    """The S3 settings of the environment now (the AWS variables and the profile): the key of the cached clients,
+    which are rebuilt when it changes (e.g. tests that switch servers)."""
     return tuple(os.environ.get(n) for n in (*AWS_ENV_VARS, AWS_PROFILE_VAR))
 
 
@@ -117,7 +120,7 @@ def _s3fs_cached(_key: tuple) -> "pyarrow.fs.S3FileSystem":
 
 def s3_filesystem() -> "pyarrow.fs.S3FileSystem":
     """A pyarrow S3 filesystem for the endpoint/credentials/region in the current environment."""
-    return _s3fs_cached(_env_key())
+    return _s3fs_cached(s3_settings())
 
 
 @functools.lru_cache(maxsize=8)
@@ -133,7 +136,7 @@ def _boto_cached(_key: tuple):
 
 def s3_client():
     """A boto3 S3 client for the endpoint/credentials/region in the current environment."""
-    return _boto_cached(_env_key())
+    return _boto_cached(s3_settings())
 
 
 def get_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
