@@ -16,7 +16,7 @@ the scheduler), compiled/eager per model, and one line per mode
 compiled run one after the other, so compiled/eager is more exposed to machine drift than the paired ratios.
 
 CPU: 256 px, batch 2, layer_size 7, fp32. CUDA (when present): 512 px, layer_size 8, AMP (the training rule,
-``pconv.train.loop.AmpSettings``: bf16 at compute capability 8.0+, fp16 below), channels_last.
+``pconv.train.state.AmpSettings``: bf16 at compute capability 8.0+, fp16 below), channels_last.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pconv.core.unet import LEAKY_RELU_SLOPE, PConvUNet, decoder_spec, encoder_spec  # noqa: E402
-from pconv.train.loop import AmpSettings  # noqa: E402
+from pconv.train.state import AmpSettings  # noqa: E402
 
 
 COMPILED_TARGET = 1.10  # issue 14: the compiled PConv step within 10 % of the plain-conv floor

@@ -23,7 +23,7 @@ def step_loop(config: dict) -> dict:
     """Warm up, then time `steps` training steps; returns images/s of this worker (x world size for DDP)."""
     from pconv.core.losses import InpaintingLoss, VGG16FeatureExtractor
     from pconv.core.unet import build_model
-    from pconv.train.loop import AmpSettings
+    from pconv.train.state import AmpSettings
 
     in_ray = config.get("ray", False)
     world = 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pconv.train.loop import AmpSettings
+from pconv.train.state import AmpSettings
 
 from conftest import load_benchmark
 

@@ -19,6 +19,7 @@ from pconv.tracking import checkpoints
 from pconv.data import stream
 from pconv.core import images
 from pconv.train import loop
+from pconv.train.state import AmpSettings, WorkerContext
 from pconv.data import plan as train_stream
 from pconv.data import transforms
 from pconv.data.plan import DataPosition
@@ -76,10 +77,10 @@ def _rank_rows(prepared_shards, monkeypatch, start: int, epoch: int = 1, rank: i
     """Rank ``rank``'s rows of ``epoch`` from ``start`` on, through the Ray Data task function in-process."""
     units = stream.read_units(prepared_shards["images"], "train")
     bank = transforms.load_mask_bank(prepared_shards["masks"])
-    monkeypatch.setattr(stream, "_resolve_bank", lambda holder: bank)
     todo = train_stream.remaining_units(train_stream.epoch_plan(units, 9, epoch, world)[rank], start)
     block = {k: np.array([u[k] for u in todo]) for k in ("uri", "row_group", "_rand", "pos0", "skip", "lo", "hi")}
-    out = list(stream._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=transforms.derive_seed("train", 9, epoch)))
+    out = list(stream.decode_train_units(block, pairs=bank, image_size=SIZE,
+                                         base_seed=transforms.derive_seed("train", 9, epoch)))
     return {k: np.concatenate([o[k] for o in out]) for k in ("image", "mask", "id", "pos")}
 
 
@@ -141,35 +142,40 @@ def test_worker_stream_positions_epochs_and_agreement():
 # The grad scaler across the phase switch and resume (issue 14)
 # ---------------------------------------------------------------------------------------------
 def _ctx(cfg):
-    amp = loop.AmpSettings(True, torch.float16, True)
-    return loop.WorkerContext(cfg, 0, 1, torch.device("cpu"), amp, None)
+    amp = AmpSettings(True, torch.float16, True)
+    return WorkerContext(cfg, 0, 1, torch.device("cpu"), amp, None)
 
 
 def _cfg(**kw):
     from pconv.core.config import TrainConfig
 
     base = dict(images="i", masks="m", image_size=32, batch_size=2, phase1_steps=2, phase2_steps=2,
-                vgg_weights="random")
+                vgg_weights="random", layer_size=4)
     base.update(kw)
     return TrainConfig(**base).validate()
 
 
-def test_grad_scaler_state_survives_the_phase_switch_and_resume_from_the_switch_checkpoint(monkeypatch):
-    monkeypatch.setattr(loop, "prepare_for_training", lambda model, cfg: model)
+@pytest.fixture
+def no_ddp(monkeypatch):
+    """The worker's state is built without Ray Train's DDP wrapper (one process, no group)."""
+    monkeypatch.setattr(loop, "prepare_for_training", lambda model, ctx: model)
+
+
+def test_grad_scaler_state_survives_the_phase_switch_and_resume_from_the_switch_checkpoint(monkeypatch, no_ddp):
     cfg = _cfg()
-    monkeypatch.setattr(loop, "_restore", lambda model, cfg: (None, 0, 0))
+    monkeypatch.setattr(loop, "_restore", lambda model, cfg: None)
     state = loop._initial_state(_ctx(cfg))
     state.scaler.scale(torch.ones(()))  # the scaler's state exists once it has scaled something
     state.scaler.update(new_scale=512.0)
     scaler = state.scaler
-    loop._enter_phase_2(state, cfg)  # uninterrupted: the same scaler, same scale
+    loop._enter_phase_2(state, _ctx(cfg))  # uninterrupted: the same scaler, same scale
     assert state.scaler is scaler and state.scaler.get_scale() == 512.0
 
     # The checkpoint at the switch (step == phase1_steps) says phase 1; the resumed run is in phase 2.
-    saved = {**state.checkpoint_state(0, DataPosition(0, [4], 1)), "phase": 1, "step": 2}
+    saved = {**state.record(0, DataPosition(0, [4], 1), {}), "phase": 1, "step": 2}
     saved["scaler"] = scaler.state_dict()
     saved["optimizer"] = {"state": {}, "param_groups": []}  # phase 1's: must not be loaded into phase 2's Adam
-    monkeypatch.setattr(loop, "_restore", lambda model, cfg: (saved, 2, 0))
+    monkeypatch.setattr(loop, "_restore", lambda model, cfg: saved)
     resumed = loop._initial_state(_ctx(cfg))
     assert resumed.phase == 2 and resumed.scaler.get_scale() == 512.0
     assert resumed.scaler.state_dict()["_growth_tracker"] == scaler.state_dict()["_growth_tracker"]
@@ -289,9 +295,9 @@ def test_a_lost_worker_restarted_by_ray_ends_like_an_uninterrupted_run(prepared_
 
 def test_val_pairs_read_and_decode_only_the_rows_they_use(prepared_shards, monkeypatch):
     from pconv.storage import shards
-    images_uri, masks_uri = prepared_shards["images"], prepared_shards["masks"]
-    everything = stream.load_val_pairs(images_uri, masks_uri, SIZE)
-    assert len(everything["keys"]) >= 3
+    images_uri, bank = prepared_shards["images"], transforms.load_mask_bank(prepared_shards["masks"], "val")
+    everything = stream.load_val_pairs(images_uri, bank, SIZE)
+    assert len(everything.keys) >= 3
     decoded, image_rows = [], []
     real_open, real_read = images.open_image, shards.read_row_group
     monkeypatch.setattr(images, "open_image", lambda blob, **kw: decoded.append(1) or real_open(blob, **kw))
@@ -303,10 +309,10 @@ def test_val_pairs_read_and_decode_only_the_rows_they_use(prepared_shards, monke
         return table
 
     monkeypatch.setattr(shards, "read_row_group", read)
-    first = stream.load_val_pairs(images_uri, masks_uri, SIZE, limit=1)
-    assert first["keys"] == everything["keys"][:1] and len(decoded) == 1
-    np.testing.assert_array_equal(first["image"][0], everything["image"][0])
+    first = stream.load_val_pairs(images_uri, bank, SIZE, limit=1)
+    assert first.keys == everything.keys[:1] and len(decoded) == 1
+    np.testing.assert_array_equal(first.rows["image"][0], everything.rows["image"][0])
     units = stream.read_units(images_uri, "val")
     holding = [u for u in units
-               if everything["keys"][0] in real_read(u["uri"], u["row_group"], ["key"]).column("key").to_pylist()]
+               if everything.keys[0] in real_read(u["uri"], u["row_group"], ["key"]).column("key").to_pylist()]
     assert len(image_rows) == 1 and image_rows[0] <= holding[0]["rows"]  # one row group's bytes, not the split's

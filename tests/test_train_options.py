@@ -60,12 +60,11 @@ def test_cli_flags_exist_for_the_new_keys():
 
 @pytest.mark.integration
 @pytest.mark.parametrize("compression", ["fp16", "none"])
-def test_ddp_comm_hook_and_bucket_size_on_two_gloo_workers(compression, tmp_path):
+def test_ddp_comm_hook_and_bucket_size_on_two_gloo_workers(compression, tmp_path, ray_local):
     """2 CPU workers (gloo): the DDP model made by prepare_for_training carries fp16_compress_hook (or no hook) and
     the bucket size asked for, and a few steps on a fixed batch lower the loss (compressed gradients still train)."""
     import json
 
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -79,10 +78,11 @@ def test_ddp_comm_hook_and_bucket_size_on_two_gloo_workers(compression, tmp_path
         from pconv.core.config import TrainConfig as _Cfg
         from pconv.core.unet import build_model
         from pconv.train.loop import make_optimizer, prepare_for_training
+        from pconv.train.state import WorkerContext
 
         cfg = _Cfg.from_dict(config["cfg"]).validate()
         _torch.manual_seed(0)
-        model = prepare_for_training(build_model(cfg.layer_size), cfg)
+        model = prepare_for_training(build_model(cfg.layer_size), WorkerContext.current(cfg, None))
         opt = make_optimizer(model, 1, cfg)
         gen = _torch.Generator().manual_seed(ray.train.get_context().get_world_rank())
         image = _torch.rand(2, 3, 32, 32, generator=gen)
@@ -103,13 +103,9 @@ def test_ddp_comm_hook_and_bucket_size_on_two_gloo_workers(compression, tmp_path
 
     cfg = cfg_for(image_size=32, workers=2, batch_size=4, grad_compression=compression, ddp_bucket_mb=1.0,
                   lr=1e-3, vgg_weights="random").validate()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        TorchTrainer(loop, train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path)},
-                     scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-                     run_config=RunConfig(name="ddp-hook", storage_path=str(tmp_path / "ray"))).fit()
-    finally:
-        ray.shutdown()
+    TorchTrainer(loop, train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(name="ddp-hook", storage_path=str(tmp_path / "ray"))).fit()
     for rank in (0, 1):
         rep = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert rep["type"] == "DistributedDataParallel"
