@@ -139,7 +139,7 @@ def test_worker_stream_positions_epochs_and_agreement():
 
 
 # ---------------------------------------------------------------------------------------------
-# The grad scaler across the phase switch and resume (issue 14)
+# The grad scaler across the phase switch and resume (issue 14); the learning rate at resume (issue 25)
 # ---------------------------------------------------------------------------------------------
 def _ctx(cfg):
     amp = AmpSettings(True, torch.float16, True)
@@ -181,6 +181,40 @@ def test_grad_scaler_state_survives_the_phase_switch_and_resume_from_the_switch_
     assert resumed.scaler.state_dict()["_growth_tracker"] == scaler.state_dict()["_growth_tracker"]
     assert resumed.position == DataPosition(0, [4], 1)
     assert resumed.optimizer.param_groups[0]["lr"] == cfg.effective_lr(2)
+
+
+@pytest.mark.parametrize("change", [{"lr": 1e-3}, {"workers": 2, "batch_size": 12, "lr_scaling": "linear"}],
+                         ids=["new-lr", "more-workers-linear-scaling"])
+def test_resume_applies_the_configured_lr_keeps_adams_moments_and_logs_the_lr(monkeypatch, no_ddp, caplog, change):
+    """A resume with another --lr (or --workers with --lr-scaling) runs at the configured rate, not the checkpoint's
+    (Adam's ``load_state_dict`` restores the saved one); the moments carry over, and the log says both rates."""
+    import logging
+
+    before, after = _cfg(phase1_steps=4), _cfg(phase1_steps=4, **change)
+    assert after.effective_lr(1) != before.effective_lr(1)
+    monkeypatch.setattr(loop, "_restore", lambda model, cfg: None)
+    state = loop._initial_state(_ctx(before))
+    for p in state.model.parameters():  # one optimiser step: Adam has moments to carry over
+        p.grad = torch.full_like(p, 0.5)
+    state.optimizer.step()
+    state.step = 2
+    saved = state.record(0, DataPosition(0, [4], 1), {})
+    assert saved["optimizer"]["param_groups"][0]["lr"] == before.effective_lr(1)
+
+    caplog.set_level(logging.INFO, logger="pconv.train.state")
+    monkeypatch.setattr(loop, "_restore", lambda model, cfg: saved)
+    resumed = loop._initial_state(_ctx(after))
+    assert resumed.phase == 1 and resumed.step == 2
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [after.effective_lr(1)]
+    moments = resumed.optimizer.state_dict()["state"]
+    assert moments and all(torch.equal(moments[i]["exp_avg"], saved["optimizer"]["state"][i]["exp_avg"])
+                           for i in moments)
+    assert f"with lr {after.effective_lr(1):g}; the checkpoint trained at lr {before.effective_lr(1):g}" in caplog.text
+
+    caplog.clear()  # the same config: the same rate, and the log still says it
+    same = loop._initial_state(_ctx(before))
+    assert same.optimizer.param_groups[0]["lr"] == before.effective_lr(1)
+    assert f"resumed at step 2 (phase 1) with lr {before.effective_lr(1):g}" in caplog.text
 
 
 def test_checkpoint_records_the_data_position_in_state_and_meta(tmp_path):

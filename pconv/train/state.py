@@ -137,11 +137,25 @@ class TrainState:
                 "data_seed": seed, "data_position": position.to_dict(), "counters": totals}
 
     def resume_from(self, saved: dict[str, Any], ctx: WorkerContext) -> None:
-        """Continue from a checkpoint's ``state.pt`` (the caller loaded the weights and set step and phase): the
-        optimiser within a phase (the phase switch starts a new optimiser), the loss scale across phases (as in an
-        uninterrupted run), the data position and the counters."""
+        """Continue from a checkpoint's ``state.pt`` (the caller loaded the weights and set step and phase).
+
+        The optimiser's moments carry over within a phase (the phase switch starts a new optimiser), but at the
+        CONFIGURED learning rate: ``load_state_dict`` restores the checkpoint's rate, which a resume with another
+        ``--lr``/``--finetune-lr``, ``--workers`` or ``--lr-scaling`` must not keep. The effective rate is logged.
+        The loss scale carries over phases (as in an uninterrupted run); so do the data position and counters."""
+        lr = ctx.cfg.effective_lr(self.phase)
+        saved_lr = None
         if saved.get("phase") == self.phase and saved.get("optimizer"):
             self.optimizer.load_state_dict(saved["optimizer"])
+            saved_lr = self.optimizer.param_groups[0]["lr"]
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        if saved_lr is not None and saved_lr != lr:
+            log.warning("resumed at step %d (phase %d) with lr %g; the checkpoint trained at lr %g (the "
+                        "configured lr applies: lr/finetune_lr, workers, lr_scaling)", self.step, self.phase, lr,
+                        saved_lr)
+        else:
+            log.info("resumed at step %d (phase %d) with lr %g", self.step, self.phase, lr)
         if saved.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(saved["scaler"])
         self.epoch = int(saved.get("epoch", 0))
