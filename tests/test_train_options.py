@@ -1,6 +1,6 @@
-"""Training options for clusters: learning-rate scaling with the global batch, DDP gradient compression and bucket
-size (installed on the real DDP model of a 2-worker gloo group, which still learns), and ``--compile`` (same loss
-as eager)."""
+"""Training options for clusters: learning-rate scaling with the global batch, DDP gradient compression (fp16 only
+with a GradScaler, else bf16) and bucket size (installed on the real DDP model of a 2-worker gloo group, which still
+learns), and ``--compile`` (same loss as eager)."""
 
 from __future__ import annotations
 
@@ -58,11 +58,31 @@ def test_cli_flags_exist_for_the_new_keys():
     assert picked == {"lr_scaling": "sqrt", "grad_compression": "fp16", "ddp_bucket_mb": 50.0, "compile": True}
 
 
+@pytest.mark.parametrize("amp, hook", [
+    ((True, "float16", True), "fp16_compress_hook"),   # fp16 + GradScaler (CUDA): the loss scale keeps gradients in range
+    ((True, "bfloat16", False), "bf16_compress_hook"),  # bf16: unscaled gradients, 4 % below fp16's smallest normal
+    ((False, None, False), "bf16_compress_hook"),      # fp32 (amp off, CPU): unscaled too
+    ((True, "float16", False), "bf16_compress_hook"),  # fp16 without a scaler (CPU autocast)
+])
+def test_fp16_gradient_compression_needs_a_grad_scaler_else_bf16(amp, hook):
+    import torch
+
+    from pconv.train.loop import compress_hook
+    from pconv.train.state import AmpSettings, WorkerContext
+
+    settings = AmpSettings(amp[0], getattr(torch, amp[1]) if amp[1] else None, amp[2])
+    ctx = WorkerContext(cfg_for(grad_compression="fp16").validate(), 0, 2, torch.device("cpu"), settings, None)
+    assert compress_hook(ctx).__name__ == hook
+    assert compress_hook(WorkerContext(cfg_for().validate(), 0, 2, torch.device("cpu"), settings, None)) is None
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("compression", ["fp16", "none"])
 def test_ddp_comm_hook_and_bucket_size_on_two_gloo_workers(compression, tmp_path, ray_local):
-    """2 CPU workers (gloo): the DDP model made by prepare_for_training carries fp16_compress_hook (or no hook) and
-    the bucket size asked for, and a few steps on a fixed batch lower the loss (compressed gradients still train)."""
+    """2 CPU workers (gloo): the DDP model made by prepare_for_training carries the compression hook (no GradScaler
+    on CPU: bf16_compress_hook) or none, and the bucket size asked for; a few steps on a fixed batch lower the loss
+    (compressed gradients still train), and gradients far below fp16's range (a loss scaled by 1e-7, as unscaled
+    bf16/fp32 gradients can be) arrive non-zero, as without compression (fp16_compress_hook flushed them to 0)."""
     import json
 
     from ray.train import RunConfig, ScalingConfig
@@ -95,23 +115,29 @@ def test_ddp_comm_hook_and_bucket_size_on_two_gloo_workers(compression, tmp_path
             loss.backward()
             opt.step()
             losses.append(float(loss))
+        opt.zero_grad()
+        out, _ = model(image, mask)
+        ((out - image).abs().mean() * 1e-7).backward()  # gradients ~1e-10: below fp16's smallest subnormal
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        nonzero = sum(int((g != 0).sum()) for g in grads) / sum(g.numel() for g in grads)
         report = {"hooks": [getattr(h, "__name__", str(h)) for h, _ in getattr(model, "_comm_hooks", [])],
                   "bucket_bytes": getattr(model, "bucket_bytes_cap", None), "type": type(model).__name__,
-                  "losses": losses}
+                  "losses": losses, "tiny_nonzero": nonzero}
         rank = ray.train.get_context().get_world_rank()
         _Path(config["out"], f"rank{rank}.json").write_text(_json.dumps(report))
 
     cfg = cfg_for(image_size=32, workers=2, batch_size=4, grad_compression=compression, ddp_bucket_mb=1.0,
-                  lr=1e-3, vgg_weights="random").validate()
+                  lr=1e-3, vgg_weights="random", layer_size=4).validate()
     TorchTrainer(loop, train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path)},
                  scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
                  run_config=RunConfig(name="ddp-hook", storage_path=str(tmp_path / "ray"))).fit()
     for rank in (0, 1):
         rep = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert rep["type"] == "DistributedDataParallel"
-        assert rep["hooks"] == (["fp16_compress_hook"] if compression == "fp16" else [])
+        assert rep["hooks"] == (["bf16_compress_hook"] if compression == "fp16" else [])
         assert rep["bucket_bytes"] == 1024 * 1024
         assert rep["losses"][-1] < 0.8 * rep["losses"][0], rep["losses"]
+        assert rep["tiny_nonzero"] > 0.9, rep["tiny_nonzero"]
 
 
 @pytest.mark.slow  # 44-62 s with a cold Inductor cache on 2 shared CPU cores (C++ code generation), ~13 s warm

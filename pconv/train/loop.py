@@ -71,11 +71,15 @@ def make_optimizer(model: torch.nn.Module, phase: int, cfg: TrainConfig) -> torc
 
 
 def compress_hook(ctx: WorkerContext) -> Callable | None:
-    """DDP's communication hook for ``--grad-compression``: None (fp32 all-reduce) for ``none``, DDP's
-    ``fp16_compress_hook`` (gradients all-reduced in fp16) for ``fp16``."""
+    """DDP's communication hook for ``--grad-compression``: None (fp32 all-reduce) for ``none``; for ``fp16``, the
+    gradients travel at 16 bits. fp16 flushes values below 6e-8 to zero and loses precision below 6.1e-5, which only
+    a GradScaler's loss scale keeps gradients away from: so ``fp16_compress_hook`` when the scaler is in use (amp
+    fp16 on CUDA), else ``bf16_compress_hook`` (bf16 has fp32's exponent range: amp bf16, amp off, CPU)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    return default_hooks.fp16_compress_hook if ctx.cfg.grad_compression == "fp16" else None
+    if ctx.cfg.grad_compression != "fp16":
+        return None
+    return default_hooks.fp16_compress_hook if ctx.amp.use_scaler else default_hooks.bf16_compress_hook
 
 
 def prepare_for_training(model: torch.nn.Module, ctx: WorkerContext) -> torch.nn.Module:
