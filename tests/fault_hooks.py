@@ -1,9 +1,9 @@
-"""Crash injection and sample tracing for the training loop, as a step hook (``run(cfg, step_hook=...)``, the
-loop's documented hook :class:`pconv.train.loop.StepEvent`).
+"""Crash injection, failures and sample tracing for the training loop, as a step hook (``run(cfg, step_hook=...)``,
+the loop's documented hook :class:`pconv.train.loop.StepEvent`).
 
 The resume tests (tests/test_resume.py) kill a worker process right after a checkpoint and compare the sample ids
-every step saw with an uninterrupted run. The hook travels to the Ray Train workers pickled BY VALUE (this module is
-not importable there), which :func:`fault_hooks` arranges.
+every step saw with an uninterrupted run; tests/test_bad_input_use.py makes a worker raise. The hook travels to the
+Ray Train workers pickled BY VALUE (this module is not importable there), which :func:`fault_hooks` arranges.
 """
 
 from __future__ import annotations
@@ -23,12 +23,17 @@ log = logging.getLogger(__name__)
 class FaultHooks:
     """``trace_dir``: append ``{step, epoch, ids, skipped}`` per step to ``rank<r>.jsonl``. ``crash`` = ``{rank,
     step, marker}``: ``os._exit`` once, right after the checkpoint of that step, unless the marker file exists (it is
-    created first, so the restarted worker goes on)."""
+    created first, so the restarted worker goes on). ``fail`` = ``{rank, step, message}``: raise ``RuntimeError``
+    with that message when that rank draws the batch of that step (0: the first), every time."""
 
     trace_dir: str | None = None
     crash: dict | None = None
+    fail: dict | None = None
 
     def __call__(self, event: StepEvent) -> None:
+        fail = self.fail
+        if event.kind == "batch" and fail and fail["rank"] == event.rank and fail["step"] == event.step:
+            raise RuntimeError(fail["message"])
         if event.kind == "batch" and self.trace_dir:
             batch = event.batch
             skipped = int(batch["skipped"].sum()) if "skipped" in batch else 0  # corrupt rows this batch carried
@@ -44,9 +49,9 @@ class FaultHooks:
                 os._exit(1)
 
 
-def fault_hooks(trace_dir: str | None = None, crash: dict | None = None) -> FaultHooks:
+def fault_hooks(trace_dir: str | None = None, crash: dict | None = None, fail: dict | None = None) -> FaultHooks:
     """A :class:`FaultHooks` that pickles by value, so Ray workers need not import this test module."""
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return FaultHooks(trace_dir, crash)
+    return FaultHooks(trace_dir, crash, fail)

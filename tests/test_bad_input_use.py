@@ -279,8 +279,8 @@ def test_a_failed_training_run_ends_failed_in_mlflow(prepared_shards, tmp_path, 
                                                      monkeypatch):
     from mlflow import MlflowClient
 
+    from fault_hooks import fault_hooks
     from pconv.train import driver
-    from pconv.core.losses import InpaintingLoss
     from pconv.train.driver import run
 
     def status(run_name: str) -> str:
@@ -293,13 +293,9 @@ def test_a_failed_training_run_ends_failed_in_mlflow(prepared_shards, tmp_path, 
                 phase1_steps=2, phase2_steps=0, checkpoint_every=2, val_every=2, sample_every=2, val_size=2,
                 vgg_weights="random", storage=str(tmp_path / "runs"), register_as="", experiment="bad-input")
 
-    def broken_forward(self, mask, output, gt):
-        raise RuntimeError("boom inside the worker")
-
-    with monkeypatch.context() as m:
-        m.setattr(InpaintingLoss, "forward", broken_forward)
-        with pytest.raises(Exception, match="boom inside the worker"):
-            run(TrainConfig(**base, run_name="worker-fails"), local_mode=True)
+    boom = fault_hooks(fail={"rank": 0, "step": 0, "message": "boom inside the worker"})  # the worker raises
+    with pytest.raises(Exception, match="boom inside the worker"):
+        run(TrainConfig(**base, run_name="worker-fails", max_failures=0), step_hook=boom)
     assert status("worker-fails") == "FAILED"
 
     def unwritable_storage(*_a, **_k):
@@ -308,7 +304,7 @@ def test_a_failed_training_run_ends_failed_in_mlflow(prepared_shards, tmp_path, 
     with monkeypatch.context() as m:  # a failure on the driver after the run started, before fit()
         m.setattr(driver, "_run_config", unwritable_storage)
         with pytest.raises(PermissionError, match="storage not writable"):
-            run(TrainConfig(**base, run_name="driver-fails"), local_mode=True)
+            run(TrainConfig(**base, run_name="driver-fails"))
     assert status("driver-fails") == "FAILED"  # was left RUNNING
 
 

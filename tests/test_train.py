@@ -1,9 +1,10 @@
-"""The training loop and driver in-process: Ray Train local mode for speed, then real workers on a local Ray.
+"""The training loop and driver end to end on the session's local Ray: one real worker (two in the slow test).
 
 What is asserted: both phases run with the paper's learning rates, metrics reach MLflow with steps, non-finite
-losses are skipped/counted and stop the run without a checkpoint, phase 2 freezes encoder BN completely
-(statistics and affine parameters identical across phase-2 checkpoints while decoder BN changes), and a run
-re-run by name continues from its latest checkpoint (or does nothing when finished).
+losses are skipped/counted and stop the run without a checkpoint of the failing step, phase 2 freezes encoder BN
+completely (statistics and affine parameters identical across phase-2 checkpoints while decoder BN changes),
+fine-tuning starts from the given weights, and a run re-run by name continues from its latest checkpoint at the
+configured learning rate (or does nothing when finished).
 """
 
 from __future__ import annotations
@@ -73,11 +74,13 @@ def test_register_as_auto_is_the_inpainting_model_name():
     assert registered_name(TrainConfig(register_as="my-model")) == "my-model"
 
 
-def test_local_mode_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_path, sqlite_tracking, ray_local):
+def test_one_worker_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_path, sqlite_tracking, ray_local):
     from pconv.train.driver import run
 
-    summary = run(tiny_config(prepared_shards, tmp_path / "runs", phase2_steps=3), local_mode=True)
+    summary = run(tiny_config(prepared_shards, tmp_path / "runs", phase2_steps=3))
     assert summary.status == "finished" and summary.step == 5 and summary.mlflow_run_id
+    assert list(checkpoints_by_step(tmp_path / "runs", "t")) == [2, 4, 5]
+    assert summary.checkpoint == str(checkpoints_by_step(tmp_path / "runs", "t")[5])
     lr = metric_history(sqlite_tracking, summary.mlflow_run_id, "lr")
     phase = metric_history(sqlite_tracking, summary.mlflow_run_id, "phase")
     assert [v for _, v in lr] == pytest.approx([2e-4, 2e-4, 5e-5, 5e-5, 5e-5])
@@ -85,6 +88,7 @@ def test_local_mode_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_pat
     for key in ("loss/valid", "loss/hole", "loss/perceptual", "loss/style_out", "loss/style_comp", "loss/tv",
                 "loss/total", "throughput/images_per_s", "data/wait_fraction", "data/skipped", "train/nan_steps"):
         assert [s for s, _ in metric_history(sqlite_tracking, summary.mlflow_run_id, key)] == [1, 2, 3, 4, 5], key
+    assert all(v > 0 for _, v in metric_history(sqlite_tracking, summary.mlflow_run_id, "loss/total"))
     psnr = metric_history(sqlite_tracking, summary.mlflow_run_id, "val/psnr")
     assert [s for s, _ in psnr] == [2, 4, 5] and all(v > 0 for _, v in psnr)
     from mlflow.tracking import MlflowClient
@@ -97,23 +101,40 @@ def test_local_mode_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_pat
     assert 2 in steps and 5 in steps  # one sample grid per sampled step, on MLflow's image step slider
 
 
-def test_nan_losses_are_skipped_counted_and_stop_the_run(prepared_shards, tmp_path, sqlite_tracking, ray_local,
-                                                         monkeypatch):
-    from pconv.core.losses import InpaintingLoss
+def _init_checkpoint(directory: Path, shards: dict[str, str], change) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A checkpoint of a layer-4 model whose parameters ``change(name, tensor)`` edits in place (--init-from)."""
+    source = build_model(4)
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            change(name, p)
+    path = checkpoints.save(directory, {"model": source.state_dict(), "optimizer": {}, "scaler": {}, "step": 7,
+                                        "phase": 1, "epoch": 0, "data_seed": 0},
+                            tiny_config(shards, directory, layer_size=4).to_yaml(), {"mlflow_run_id": None})
+    return path, {k: v.clone() for k, v in source.state_dict().items()}
+
+
+def test_nan_losses_are_skipped_counted_and_stop_the_run(prepared_shards, tmp_path, sqlite_tracking, ray_local):
+    """Weights with a NaN (a diverged model given as --init-from) make every loss non-finite: each step is skipped
+    (weights untouched) and counted, and the third in a row stops the run before that step's checkpoint."""
     from pconv.train.driver import run
 
-    real_forward = InpaintingLoss.forward
+    def poison(name, p):
+        if name == next(n for n, _ in build_model(4).named_parameters()):
+            p.view(-1)[0] = float("nan")
 
-    def nan_forward(self, mask, output, gt):
-        terms = real_forward(self, mask, output, gt)
-        terms["total"] = terms["total"] * float("nan")
-        return terms
-
-    monkeypatch.setattr(InpaintingLoss, "forward", nan_forward)
-    with pytest.raises(Exception, match="3 consecutive non-finite losses"):
+    init, source = _init_checkpoint(tmp_path / "init", prepared_shards, poison)
+    with pytest.raises(Exception, match="3 consecutive non-finite losses at step 2"):
         run(tiny_config(prepared_shards, tmp_path / "runs", max_nan_steps=3, phase1_steps=4, checkpoint_every=1,
-                        log_every=1), local_mode=True)
-    assert not checkpoints_by_step(tmp_path / "runs", "t")
+                        log_every=1, init_from=str(init), max_failures=0))
+    found = checkpoints_by_step(tmp_path / "runs", "t")
+    assert list(found) == [1, 2]  # the skipped steps were checkpointed; the step that stopped the run was not
+    state = checkpoints.load_state(found[2])
+    assert state["counters"]["train/nan_steps"] == 2
+    trained = dict(build_model(4).named_parameters())
+    for name in trained:  # skipped steps leave the weights as they were
+        torch.testing.assert_close(state["model"][name], source[name], rtol=0, atol=0, equal_nan=True)
+    run_id = checkpoints.load_meta(found[2])["mlflow_run_id"]
+    assert [v for _, v in metric_history(sqlite_tracking, run_id, "train/nan_steps")] == [1, 2]
 
 
 def test_fail_fast_on_missing_or_empty_data(prepared_shards, tmp_path, ray_local):
@@ -157,48 +178,37 @@ def test_two_workers_freeze_encoder_bn_and_resume_by_name(prepared_shards, tmp_p
     assert again.status == "already-finished" and again.step == 6 and again.mlflow_run_id == first.mlflow_run_id
     assert list(checkpoints_by_step(storage, "t")) == [2, 4, 6]
 
-    # The same run name with more phase-2 steps continues from step 6 (not from 0), in the same MLflow run.
+    # The same run name with more phase-2 steps continues from step 6 (not from 0), in the same MLflow run, at the
+    # phase-2 learning rate it is given now (not the checkpoint's).
     longer = run(tiny_config(prepared_shards, storage, workers=2, batch_size=4, phase1_steps=2, phase2_steps=6,
-                             register_as=""))
+                             register_as="", finetune_lr=1e-4))
     assert longer.status == "finished" and longer.step == 8 and longer.mlflow_run_id == first.mlflow_run_id
     assert 8 in checkpoints_by_step(storage, "t")
     steps = [s for s, _ in metric_history(sqlite_tracking, first.mlflow_run_id, "loss/total")]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # no step logged twice: training resumed at 7
+    lr = dict(metric_history(sqlite_tracking, first.mlflow_run_id, "lr"))
+    assert lr[6] == pytest.approx(5e-5) and lr[7] == lr[8] == pytest.approx(1e-4)
 
 
-def test_finetune_only_from_a_checkpoint_runs_phase_two(prepared_shards, tmp_path, sqlite_tracking, ray_local,
-                                                        caplog, monkeypatch):
-    """--phase1-steps 0 --init-from CHECKPOINT: starts from those weights, encoder BN frozen, lr 5e-5 throughout."""
-    import logging
-
-    from pconv.train import loop
+def test_finetune_only_from_a_checkpoint_runs_phase_two(prepared_shards, tmp_path, sqlite_tracking, ray_local):
+    """--phase1-steps 0 --init-from CHECKPOINT: starts from those weights, encoder BN frozen (so its parameters and
+    statistics are still the given ones at the end), lr 5e-5 throughout, the decoder trained."""
     from pconv.train.driver import run
 
-    caplog.set_level(logging.INFO, logger="pconv.train.loop")
-    loaded = []
-    real_restore = loop._restore
+    def shift(name, p):
+        p.add_(0.01)
 
-    def spy_restore(model, cfg):
-        out = real_restore(model, cfg)
-        loaded.append({k: v.clone() for k, v in model.state_dict().items()})
-        return out
-
-    monkeypatch.setattr(loop, "_restore", spy_restore)
-
-    source = build_model(4)
-    with torch.no_grad():
-        for p in source.parameters():
-            p.add_(0.01)
-    init = checkpoints.save(tmp_path / "init", {"model": source.state_dict(), "optimizer": {}, "scaler": {}, "step": 7,
-                                         "phase": 1, "epoch": 0, "data_seed": 0},
-                     tiny_config(prepared_shards, tmp_path, layer_size=4).to_yaml(), {"mlflow_run_id": None})
-    summary = run(tiny_config(prepared_shards, tmp_path / "runs", phase1_steps=0, phase2_steps=2,
-                              init_from=str(init), run_name="ft"), local_mode=True)
+    init, source = _init_checkpoint(tmp_path / "init", prepared_shards, shift)
+    summary = run(tiny_config(prepared_shards, tmp_path / "runs", phase1_steps=0, phase2_steps=2, layer_size=4,
+                              init_from=str(init), run_name="ft"))
     assert summary.status == "finished" and summary.step == 2
     assert [v for _, v in metric_history(sqlite_tracking, summary.mlflow_run_id, "lr")] == pytest.approx([5e-5, 5e-5])
     assert [v for _, v in metric_history(sqlite_tracking, summary.mlflow_run_id, "phase")] == [2, 2]
-    assert any("initialised weights from" in r.getMessage() for r in caplog.records)
-    assert all(torch.equal(loaded[0][k], v) for k, v in source.state_dict().items())
+    final = checkpoints_by_step(tmp_path / "runs", "ft")[2]
+    enc, dec = bn_state(final)
+    for k, v in enc.items():  # the given weights (a fresh BN has weight 1, bias 0), frozen
+        assert torch.equal(v, source[k]), k
+    assert any(not torch.equal(v, source[k]) for k, v in dec.items() if k.endswith("weight"))
 
 
 def test_unreachable_tracking_server_does_not_stop_training(prepared_shards, tmp_path, ray_local, monkeypatch):
@@ -212,6 +222,6 @@ def test_unreachable_tracking_server_does_not_stop_training(prepared_shards, tmp
     monkeypatch.setenv("PCONV_MLFLOW_RETRY", "2,0.05,1,5")
     from pconv.train.driver import run
 
-    summary = run(tiny_config(prepared_shards, tmp_path / "runs", register_as="pconv-unet"), local_mode=True)
+    summary = run(tiny_config(prepared_shards, tmp_path / "runs", register_as="pconv-unet"))
     assert summary.status == "finished" and summary.step == 4
     assert summary.mlflow_run_id is None and summary.model_version is None

@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pconv.tracking import checkpoints
 from pconv import cluster
-from pconv.data import stream
-from pconv.tracking import registry
-from pconv.storage import shards
-from pconv.storage import uris
-from pconv.tracking import runs, store
 from pconv.core.config import REGISTER_AUTO, SR_TASK, ConfigError, TrainConfig
+from pconv.data import stream
+from pconv.storage import shards, uris
+from pconv.tracking import checkpoints, registry, runs, store
 from pconv.train.loop import StepHook, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -169,7 +166,7 @@ def _run_config(cfg: TrainConfig):
                      checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep), **kwargs)
 
 
-def plan_cluster(cfg: TrainConfig, local_mode: bool) -> ClusterPlan:
+def plan_cluster(cfg: TrainConfig) -> ClusterPlan:
     """GPUs or not, CPUs per worker, and the CPUs Ray Data needs beside them, planned on the cluster as its
     autoscaler can make it (:mod:`pconv.cluster`), not on the nodes that happen to be up at submit time. Fails
     fast only when the cluster can never run the job; logs what it waits for while nodes launch."""
@@ -181,26 +178,27 @@ def plan_cluster(cfg: TrainConfig, local_mode: bool) -> ClusterPlan:
     # Ray Data needs CPUs beyond the training workers' or the read tasks never schedule (a hang, not an error).
     data_cpus = max(stream.MIN_FREE_CPUS, stream.DEFAULT_NUM_CPUS)
     try:
-        waiting = cluster.check_workers(view, 0 if local_mode else cfg.workers, request, data_cpus,
-                                        what="training worker")
+        waiting = cluster.check_workers(view, cfg.workers, request, data_cpus, what="training worker")
     except cluster.Infeasible as exc:
         raise ConfigError(str(exc)) from None
     log.info("training on %s (%s): %d worker(s) x %s", "GPUs" if use_gpu else "CPUs", why, cfg.workers,
              cluster.format_resources(request))
     if waiting:
         log.warning("%s", waiting)
-    if not local_mode and view.node_types != ():  # nodes come and go: keep Ray Data's detached actors off them
+    if view.node_types != ():  # nodes come and go: keep Ray Data's detached actors off them
         cluster.host_data_singletons_here()
     return ClusterPlan(use_gpu, cpus_per_worker, _gpu_type(use_gpu, view),
                        stream.default_concurrency(stream.DEFAULT_NUM_CPUS, cluster.reachable_or_now(view, "CPU")))
 
 
-def run(cfg: TrainConfig, *, local_mode: bool = False, step_hook: StepHook | None = None) -> TrainSummary:
+def run(cfg: TrainConfig, *, step_hook: StepHook | None = None) -> TrainSummary:
     """Train (or resume) the run described by ``cfg`` on the current Ray cluster; register the final model.
 
-    ``local_mode`` runs the worker loop in this process (Ray Train's ``num_workers=0``): for fast tests.
-    ``step_hook`` is called by every worker with each :class:`~pconv.train.loop.StepEvent` (it travels to the
-    workers pickled; tests use it for crash injection and sample tracing).
+    ``step_hook``, the loop's one test hook: every worker calls it with a :class:`~pconv.train.loop.StepEvent` for
+    each batch it draws (the batch's rows, ids and skipped count) and right after each checkpoint it reports. It
+    travels to the workers pickled (a module the workers cannot import must be registered with cloudpickle's
+    ``register_pickle_by_value``); what it raises fails the worker like any error of the loop. Tests use it for
+    crash injection, failures and sample tracing (tests/fault_hooks.py); production runs pass none.
     """
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -215,7 +213,7 @@ def run(cfg: TrainConfig, *, local_mode: bool = False, step_hook: StepHook | Non
                             latest[1].get("mlflow_run_id"))
     if latest:
         log.info("run %r resumes from %s (step %d)", cfg.run_name, latest[0], latest[1]["step"])
-    plan = plan_cluster(cfg, local_mode)
+    plan = plan_cluster(cfg)
 
     tracking_uri = store.resolve_tracking_uri()
     run_id = store.start_or_resume_run(cfg.experiment, cfg.run_name,
@@ -231,7 +229,7 @@ def run(cfg: TrainConfig, *, local_mode: bool = False, step_hook: StepHook | Non
                                # resume, pconv.data.plan) instead of Ray Train splitting one dataset
                                "train_units": stream.read_units(cfg.images, "train"),
                                "decode_concurrency": plan.decode_concurrency, "step_hook": step_hook},
-            scaling_config=ScalingConfig(num_workers=0) if local_mode else ScalingConfig(
+            scaling_config=ScalingConfig(
                 num_workers=cfg.workers, use_gpu=plan.use_gpu,
                 resources_per_worker={"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}),
             run_config=_run_config(cfg),
