@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench clean lock
+.PHONY: setup test test-fast demo bench clean lock gpu-check
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ test-fast: setup
 
 demo: setup
 	$(PY) pipelines/demo.py $(DEMO_ARGS)
+
+# The one-shot check for a lent GPU machine (issue 25): one table, non-zero exit on any failure, < 8 min.
+# On a CPU: make gpu-check GPU_CHECK_ARGS=--dry-run (CI runs that).
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 bench: setup
 	$(PY) benchmarks/train_step.py

@@ -79,6 +79,52 @@ def measure(call, clients: int, n: int) -> dict[str, float]:
             "rps": n / wall, "ok": sum(oks) / n}
 
 
+def measure_paths(uri: str | None, size: int, requests_per_row: int, clients: list[int], device: str = "auto",
+                  port: int = 8765, batch_sizes: tuple[int, ...] = (1, 8)) -> dict[tuple[str, int], dict[str, float]]:
+    """{(path, clients): {p50, p99, rps, ok}} for the in-process call and POST /inpaint through Ray Serve (one
+    replica, each of ``batch_sizes``); ``uri`` None = a random full-size net for ``size``. Starts and stops a local
+    Ray."""
+    import ray
+    from ray import serve
+
+    from pconv.inference.serve import APP_NAME, build_app
+
+    image, mask = request_files(size)
+    with tempfile.TemporaryDirectory(prefix="pconv-bench-") as tmp:
+        uri = uri or random_checkpoint(Path(tmp), size)
+        model, info = load_model(uri, device="cuda" if device == "auto" and torch.cuda.is_available()
+                                 else ("cpu" if device == "auto" else device))
+        print(f"model {uri} (layer_size {info.layer_size}) on {next(model.parameters()).device}, "
+              f"{size}x{size}, {requests_per_row} requests per row, torch threads {torch.get_num_threads()}")
+
+        def in_process() -> bool:
+            d = decode_request(image, mask, "white")
+            return bool(encode_image(inpaint_decoded(model, [d])[0]))
+
+        rows = {("in-process", c): measure(in_process, c, requests_per_row) for c in clients}
+        ray.init(include_dashboard=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}/inpaint"
+
+        def http() -> bool:
+            r = requests.post(url, files={"image": ("i.png", image), "mask": ("m.png", mask)},
+                              data={"hole_color": "white"}, timeout=600)
+            return r.status_code == 200
+
+        cpus = float(ray.cluster_resources()["CPU"])  # all cores, as the in-process call has (Ray would set 1 thread)
+        try:
+            for batch in batch_sizes:
+                serve.run(build_app(uri, min_replicas=1, max_replicas=1, max_ongoing_requests=16,
+                                    max_queued_requests=64, num_cpus=cpus, max_batch_size=batch, device=device),
+                          name=APP_NAME, route_prefix="/")
+                for c in clients:
+                    rows[(f"http batch={batch}", c)] = measure(http, c, requests_per_row)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model URI (default: a random full-size net for --size)")
@@ -88,45 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--port", type=int, default=8765)
     args = p.parse_args(argv)
-    import ray
-    from ray import serve
-
-    from pconv.inference.serve import APP_NAME, build_app
-
-    image, mask = request_files(args.size)
     clients = [int(c) for c in args.clients.split(",")]
-    with tempfile.TemporaryDirectory(prefix="pconv-bench-") as tmp:
-        uri = args.model or random_checkpoint(Path(tmp), args.size)
-        model, info = load_model(uri, device="cuda" if args.device == "auto" and torch.cuda.is_available()
-                                 else ("cpu" if args.device == "auto" else args.device))
-        print(f"model {uri} (layer_size {info.layer_size}) on {next(model.parameters()).device}, "
-              f"{args.size}x{args.size}, {args.requests} requests per row, torch threads {torch.get_num_threads()}")
-
-        def in_process() -> bool:
-            d = decode_request(image, mask, "white")
-            return bool(encode_image(inpaint_decoded(model, [d])[0]))
-
-        rows = {("in-process", c): measure(in_process, c, args.requests) for c in clients}
-        ray.init(include_dashboard=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        url = f"http://127.0.0.1:{args.port}/inpaint"
-
-        def http() -> bool:
-            r = requests.post(url, files={"image": ("i.png", image), "mask": ("m.png", mask)},
-                              data={"hole_color": "white"}, timeout=600)
-            return r.status_code == 200
-
-        cpus = float(ray.cluster_resources()["CPU"])  # all cores, as the in-process call has (Ray would set 1 thread)
-        try:
-            for batch in (1, 8):
-                serve.run(build_app(uri, min_replicas=1, max_replicas=1, max_ongoing_requests=16,
-                                    max_queued_requests=64, num_cpus=cpus, max_batch_size=batch, device=args.device),
-                          name=APP_NAME, route_prefix="/")
-                for c in clients:
-                    rows[(f"http batch={batch}", c)] = measure(http, c, args.requests)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    rows = measure_paths(args.model, args.size, args.requests, clients, args.device, args.port)
 
     print(f"{'path':<16} {'clients':>7} {'p50 s':>8} {'p99 s':>8} {'req/s':>7} {'ok':>5} {'p50 vs in-process':>18}")
     for (path, c), r in rows.items():
