@@ -17,21 +17,24 @@ import argparse
 import sys
 
 from pconv.commands import common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
-    p.add_argument("--images", required=True, help="folder or s3:// prefix of images")
-    p.add_argument("--masks", required=True, help="folder or s3:// prefix of masks (same names as the images)")
-    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    common.add_hole_color(p)
-    p.add_argument("--threshold", type=float, default=0.5, help="grey level (0-1] counted as white (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per actor call")
-    p.add_argument("--num-actors", type=int, default=None,
-                   help="most actors; the pool starts with one and grows as nodes join (default: the GPUs, or "
-                        "half the CPUs without GPUs, that the cluster has or its autoscaler can launch)")
-    p.add_argument("--cpu", action="store_true", help="use CPU actors even if the cluster has GPUs")
-    common.add_log_level(p)
-    return p
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
+    parser.add_argument("--images", required=True, help="folder or s3:// prefix of images")
+    parser.add_argument("--masks", required=True, help="folder or s3:// prefix of masks (same names as the images)")
+    parser.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    common.add_hole_color(parser)
+    parser.add_argument("--threshold", type=float, default=0.5, help="grey level (0-1] counted as white (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per actor call")
+    parser.add_argument("--num-actors", type=int, default=None,
+                        help="most actors; the pool starts with one and grows as nodes join (default: the GPUs, or "
+                             "half the CPUs without GPUs, that the cluster has or its autoscaler can launch)")
+    parser.add_argument("--cpu", action="store_true", help="use CPU actors even if the cluster has GPUs")
+    common.add_log_level(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,8 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
-    """``--device auto|cpu|cuda`` (default auto: cuda if available, resolved by pconv.tracking.loading.resolve_device)."""
+    """``--device auto|cpu|cuda`` (default auto: cuda if available, resolved by
+    pconv.tracking.loading.resolve_device)."""
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
 
 

@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 from pconv.commands import common
 from pconv.apps.demo_inputs import DemoError
@@ -29,18 +28,19 @@ from pconv.core.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = DemoSettings()
-    p.add_argument("--tiny", action="store_true", help="few images/masks, 32 px, 2 + 2 steps (CI, fresh-clone check)")
-    p.add_argument("--out", default=d.out, help=f"output folder (default: {d.out})")
-    p.add_argument("--datasets", default=d.datasets, help="folder with celeba_hq_sample/, cbsd68/ and "
-                   "nvidia_irregular_mask_test.zip (default: ../shared/datasets beside the repo)")
-    p.add_argument("--config", default=d.config, help="training config YAML (default: configs/demo.yaml)")
-    p.add_argument("--s3", action="store_true", default=os.environ.get("DEMO_S3", "") not in ("", "0"),
-                   help="shards + checkpoints in a local S3 server (moto); default from DEMO_S3=1")
-    p.add_argument("--run-name", help="run name (default: demo-<UTC timestamp>, new each time)")
-    common.add_log_level(p)
-    return p
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = DemoSettings()
+    parser.add_argument("--tiny", action="store_true",
+                        help="few images/masks, 32 px, 2 + 2 steps (CI, fresh-clone check)")
+    parser.add_argument("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
+    parser.add_argument("--datasets", default=defaults.datasets, help="folder with celeba_hq_sample/, cbsd68/ and "
+                        "nvidia_irregular_mask_test.zip (default: ../shared/datasets beside the repo)")
+    parser.add_argument("--config", default=defaults.config, help="training config YAML (default: configs/demo.yaml)")
+    parser.add_argument("--s3", action="store_true", default=os.environ.get("DEMO_S3", "") not in ("", "0"),
+                        help="shards + checkpoints in a local S3 server (moto); default from DEMO_S3=1")
+    parser.add_argument("--run-name", help="run name (default: demo-<UTC timestamp>, new each time)")
+    common.add_log_level(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,24 +32,27 @@ from pconv.tracking.registry import CHAMPION
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
-    p.add_argument("--images", required=True, help="evaluation images: shard root or folder/zip/s3:// of files")
-    p.add_argument("--masks", help="inpainting: test masks, mask shard root or folder/zip of files (+ --hole-color)")
-    p.add_argument("--scale", type=int, default=None, help="super-resolution models: K (default: the model's)")
-    common.add_hole_color(p, required=False)  # only raw mask files need it; mask shards store their polarity
-    p.add_argument("--limit", type=int, default=None, help="use at most N images (each is paired with every group)")
-    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="evaluation size in px (paper: 512)")
-    p.add_argument("--batch-size", type=int, default=4)
-    common.add_device(p)
-    p.add_argument("--no-baseline", action="store_true", help="skip the non-learned baseline")
-    p.add_argument("--experiment", default=EVAL_EXPERIMENT, help="MLflow experiment for the evaluation run")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation to MLflow")
-    p.add_argument("--promote", metavar="ALIAS", default=None,
-                   help=f"move ALIAS (e.g. {CHAMPION}) to this registered version if it beats the current holder")
-    p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
-    common.add_log_level(p)
-    return p
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
+    parser.add_argument("--images", required=True, help="evaluation images: shard root or folder/zip/s3:// of files")
+    parser.add_argument("--masks",
+                        help="inpainting: test masks, mask shard root or folder/zip of files (+ --hole-color)")
+    parser.add_argument("--scale", type=int, default=None, help="super-resolution models: K (default: the model's)")
+    common.add_hole_color(parser, required=False)  # only raw mask files need it; mask shards store their polarity
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use at most N images (each is paired with every group)")
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="evaluation size in px (paper: 512)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    common.add_device(parser)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the non-learned baseline")
+    parser.add_argument("--experiment", default=EVAL_EXPERIMENT, help="MLflow experiment for the evaluation run")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation to MLflow")
+    parser.add_argument("--promote", metavar="ALIAS", default=None,
+                        help=f"move ALIAS (e.g. {CHAMPION}) to this registered version if it beats the current holder")
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    common.add_log_level(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,22 +21,25 @@ import argparse
 import sys
 
 from pconv.commands import common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
-    p.add_argument("--image", required=True, help="image file or folder (local or s3://)")
-    p.add_argument("--mask", required=True, help="mask file or folder, same size as its image")
-    p.add_argument("--out", required=True, help="output file (.png/.webp/.tif/.bmp: lossless), or folder when "
-                                                "--image is a folder (PNG)")
-    p.add_argument("--allow-lossy", action="store_true",
-                   help="allow a lossy --out (.jpg): valid pixels are then NOT kept exactly")
-    common.add_hole_color(p)
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="grey level (0-1] at or above which a mask pixel counts as white (default 0.5)")
-    common.add_device(p)
-    p.add_argument("--max-side", type=int, default=2048, help="tile images whose longer side exceeds this (px)")
-    common.add_log_level(p)
-    return p
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
+    parser.add_argument("--image", required=True, help="image file or folder (local or s3://)")
+    parser.add_argument("--mask", required=True, help="mask file or folder, same size as its image")
+    parser.add_argument("--out", required=True, help="output file (.png/.webp/.tif/.bmp: lossless), or folder when "
+                                                     "--image is a folder (PNG)")
+    parser.add_argument("--allow-lossy", action="store_true",
+                        help="allow a lossy --out (.jpg): valid pixels are then NOT kept exactly")
+    common.add_hole_color(parser)
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="grey level (0-1] at or above which a mask pixel counts as white (default 0.5)")
+    common.add_device(parser)
+    parser.add_argument("--max-side", type=int, default=2048, help="tile images whose longer side exceeds this (px)")
+    common.add_log_level(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,17 +19,18 @@ from pconv.tracking.registry import CANDIDATE, CHAMPION, INPAINTING_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint folder or s3:// prefix (state.pt + config.yaml + meta.json), or a folder of "
-                        "checkpoints (the latest is used)")
-    p.add_argument("--name", default=INPAINTING_MODEL, help=f"registered model name (default {INPAINTING_MODEL})")
-    p.add_argument("--alias", default=CANDIDATE,
-                   help=f"alias for the new version (default {CANDIDATE}; {CHAMPION} moves only through evaluation)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the checkpoint's config)")
-    p.add_argument("--run-id", default=None, help="log into this MLflow run (default: the checkpoint's run)")
-    common.add_log_level(p)
-    return p
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder or s3:// prefix (state.pt + config.yaml + meta.json), or a folder of "
+                             "checkpoints (the latest is used)")
+    parser.add_argument("--name", default=INPAINTING_MODEL, help=f"registered model name (default {INPAINTING_MODEL})")
+    parser.add_argument("--alias", default=CANDIDATE,
+                        help=f"alias for the new version (default {CANDIDATE}; {CHAMPION} moves only through "
+                             "evaluation)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the checkpoint's config)")
+    parser.add_argument("--run-id", default=None, help="log into this MLflow run (default: the checkpoint's run)")
+    common.add_log_level(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,22 +18,25 @@ import argparse
 import sys
 
 from pconv.commands import common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--min-replicas", type=int, default=1, help="autoscaling lower bound (default 1)")
-    p.add_argument("--max-replicas", type=int, default=2, help="autoscaling upper bound (default 2)")
-    p.add_argument("--max-ongoing-requests", type=int, default=8, help="requests a replica works on at once")
-    p.add_argument("--max-queued-requests", type=int, default=16,
-                   help="requests waiting per proxy before new ones get 503 (default 16)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests per forward pass (1 = no batching)")
-    p.add_argument("--max-pixels", type=int, default=16_000_000, help="larger images are refused with 413")
-    p.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry checks of an alias")
-    common.add_device(p)
-    common.add_log_level(p)
-    return p
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--min-replicas", type=int, default=1, help="autoscaling lower bound (default 1)")
+    parser.add_argument("--max-replicas", type=int, default=2, help="autoscaling upper bound (default 2)")
+    parser.add_argument("--max-ongoing-requests", type=int, default=8, help="requests a replica works on at once")
+    parser.add_argument("--max-queued-requests", type=int, default=16,
+                        help="requests waiting per proxy before new ones get 503 (default 16)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="requests per forward pass (1 = no batching)")
+    parser.add_argument("--max-pixels", type=int, default=16_000_000, help="larger images are refused with 413")
+    parser.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry checks of an alias")
+    common.add_device(parser)
+    common.add_log_level(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

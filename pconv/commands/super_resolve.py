@@ -19,18 +19,21 @@ import argparse
 import sys
 
 from pconv.commands import common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
-    p.add_argument("--image", required=True, help="the low-resolution image file (local or s3://)")
-    p.add_argument("--out", required=True, help="output file (.png/.webp/.tif/.bmp: lossless; local or s3://)")
-    p.add_argument("--scale", type=int, default=None, help="upscaling factor K (2 or 4); default: the model's")
-    p.add_argument("--allow-lossy", action="store_true",
-                   help="allow a lossy --out (.jpg): the LR pixels are then NOT kept exactly")
-    common.add_device(p)
-    p.add_argument("--max-side", type=int, default=2048, help="tile outputs whose longer side exceeds this (px)")
-    common.add_log_level(p)
-    return p
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
+    parser.add_argument("--image", required=True, help="the low-resolution image file (local or s3://)")
+    parser.add_argument("--out", required=True, help="output file (.png/.webp/.tif/.bmp: lossless; local or s3://)")
+    parser.add_argument("--scale", type=int, default=None, help="upscaling factor K (2 or 4); default: the model's")
+    parser.add_argument("--allow-lossy", action="store_true",
+                        help="allow a lossy --out (.jpg): the LR pixels are then NOT kept exactly")
+    common.add_device(parser)
+    parser.add_argument("--max-side", type=int, default=2048, help="tile outputs whose longer side exceeds this (px)")
+    common.add_log_level(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
