@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without
 # The architecture is the model's own: the PConv U-Net's layer specs (pconv.core.unet: encoder_spec / decoder_spec, the
 # paper's supplementary Table 1) and the VGG16 layers up to pool3 that the perceptual and style losses read
 # (pconv.core.losses, paper eq. 3-6: pool1, pool2, pool3).
-from pconv.core.losses import _VGG16_UP_TO_POOL3 as VGG16_TO_POOL3  # noqa: E402 - output channels, "M" = 2x2 max pool
+from pconv.core.losses import VGG16_UP_TO_POOL3  # noqa: E402 - output channels, "M" = 2x2 max pool
 from pconv.core.unet import (DECODER_KERNEL, PAPER_IMAGE_SIZE, PAPER_LAYER_SIZE, decoder_spec,  # noqa: E402
-                         encoder_spec)
+                             encoder_spec)
 
 VGG_POOL = "M"
 
@@ -104,7 +104,7 @@ def unet_layers(image_size: int = PAPER_IMAGE_SIZE, layer_size: int = PAPER_LAYE
 def vgg_layers(image_size: int = PAPER_IMAGE_SIZE) -> list[ConvLayer]:
     """VGG16's convolutions up to pool3 (3x3, stride 1, same padding) for one image."""
     layers, size, cin = [], image_size, 3
-    for item in VGG16_TO_POOL3:
+    for item in VGG16_UP_TO_POOL3:
         if item == VGG_POOL:
             size //= 2
             continue
@@ -116,7 +116,7 @@ def vgg_layers(image_size: int = PAPER_IMAGE_SIZE) -> list[ConvLayer]:
 def gram_flops(image_size: int = PAPER_IMAGE_SIZE) -> float:
     """FLOPs of the style loss's Gram matrices (C x C from C x HW features) at pool1, pool2, pool3, one image."""
     total, size, channels = 0.0, image_size, 0
-    for item in VGG16_TO_POOL3:
+    for item in VGG16_UP_TO_POOL3:
         if item == VGG_POOL:
             size //= 2
             total += 2.0 * channels * channels * size * size

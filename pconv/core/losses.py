@@ -68,7 +68,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Layout of torchvision's ``vgg16().features`` up to and including pool3 (indices 0..16): output channels
 #: of each 3x3 conv, "M" for a 2x2 max-pool. Keeping torchvision's indices lets its state dicts load directly.
-_VGG16_UP_TO_POOL3 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M")
+VGG16_UP_TO_POOL3 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M")
 #: Indices in ``features`` after which pool1, pool2, pool3 are taken.
 _POOL_INDICES = (4, 9, 16)
 
@@ -79,7 +79,7 @@ IMAGENET_VGG16_URL: str = VGG16_Weights.IMAGENET1K_V1.url
 def _build_features() -> nn.Sequential:
     layers: list[nn.Module] = []
     in_ch = 3
-    for item in _VGG16_UP_TO_POOL3:
+    for item in VGG16_UP_TO_POOL3:
         if item == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
