@@ -227,13 +227,14 @@ def most_cpus_holding(view: ClusterView, workers: int, request: Mapping[str, flo
         per_node_held, per_node_cpus = held(resources), cpus(resources)
         left, size = int(min(count, slots)), 1
         while left > 0 and (per_node_held > 0 or per_node_cpus > 0):  # bounded knapsack: 1, 2, 4, ... nodes at a time
-            k = min(size, left)
-            left, size = left - k, size * 2
-            step, gained = int(min(k * per_node_held, workers)), table[:, :slots + 1 - k] + k * per_node_cpus
+            nodes = min(size, left)
+            left, size = left - nodes, size * 2
+            step = int(min(nodes * per_node_held, workers))
+            gained = table[:, :slots + 1 - nodes] + nodes * per_node_cpus
             moved = np.full_like(table, -np.inf)
-            moved[step:, k:] = gained[:workers + 1 - step]
+            moved[step:, nodes:] = gained[:workers + 1 - step]
             overflow = gained[workers + 1 - step:].max(axis=0, initial=-np.inf)  # more than enough: `workers`
-            moved[workers, k:] = np.maximum(moved[workers, k:], overflow)
+            moved[workers, nodes:] = np.maximum(moved[workers, nodes:], overflow)
             table = np.maximum(table, moved)
     return max(best_now, float(table[workers].max()))
 

@@ -294,8 +294,8 @@ def mask_stats(rows: list[dict]) -> dict[str, Any]:
     per_bin: dict[str, dict[str, int]] = {}
     for r in rows:
         label = str(r["bin"])
-        d = per_bin.setdefault(label, {"border": 0, "no_border": 0})
-        d["border" if r["border"] else "no_border"] += 1
+        in_bin = per_bin.setdefault(label, {"border": 0, "no_border": 0})
+        in_bin["border" if r["border"] else "no_border"] += 1
     out = sum(1 for r in rows if r["bin"] == -1)
     if out:
         log.warning("%d of %d mask(s) are in no paper bin (hole ratio outside (0.01, 0.6]; all-valid and all-hole "
