@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 #: ``ray``: the Ray Data job (:mod:`pconv.ingest.job`); ``threads``: this process (:mod:`pconv.ingest.local`).
 ENGINES = ("ray", "threads")
 
+__all__ = ["ENGINES", "generate_masks", "ingest_images", "ingest_masks"]
+
 
 def ingest_images(src: str, dst: str, *, val_fraction: float = 0.01, shard_size_mb: float = 256.0,
                   max_side: int | None = None, engine: str = "ray", progress: bool = True,
