@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Throughput of the Ray Data training pipeline (S3 shards -> decoded, cropped, masked batches) vs two baselines.
 
-Measured, all producing float32 image / mask / masked batches of IMAGE_SIZE x IMAGE_SIZE:
+Measured, all producing image / mask batches of IMAGE_SIZE x IMAGE_SIZE (--batch-dtype):
 
-  raydata      pconv.data.inputs.iter_batches(pconv.data.stream.build_train_dataset(...)) over image shards in S3 (the
-               local S3 server of pconv.apps.local_s3, started by this script, or --images/--masks URIs), Ray
-               started with --cpus CPUs: uint8 rows from the read+decode tasks, float32 batches made by the
-               consumer's collate function.
+  raydata      what a training worker iterates: the epoch datasets of one rank (world 1) of
+               pconv.data.stream.WorkerDatasets, one per epoch (dataset(epoch)), through iter_torch_batches with
+               drop_last, over image shards in S3 (the local S3 server of pconv.apps.local_s3, started by this script,
+               or --images/--masks URIs), Ray started with --cpus CPUs: uint8 rows from the read+decode tasks (the
+               float32 mode converts them in the consumer with pconv.data.inputs.to_float_batch, as a CPU worker does).
   dataloader   torchvision ImageFolder + torch DataLoader (num_workers = --cpus) over the SAME images as files on
                local disk, with the same per-image work (resize short side, random crop, flip, a random augmented
                mask from the same mask set).
@@ -28,7 +29,8 @@ background load (this VM's speed drifts by +-15 % over minutes) hits all three a
 
 Output format (--batch-dtype): every loader delivers the same batches. uint8 (default) is what the training loop
 consumes (it converts to float on its device, where that is free); float32 makes each loader convert on the CPU
-(the Ray pipeline in its consumer's collate function, the DataLoader in its workers with ToTensor).
+(the Ray pipeline in its consumer, as the training loop does on a CPU worker; the DataLoader in its workers with
+ToTensor).
 On a small machine the driver and the local S3 server share the CPUs with the decode tasks; --cpus N below the
 core count gives them the rest, which separates per-task efficiency from co-location overhead.
 
@@ -71,8 +73,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--task-cpus", type=float, default=0.5,
                    help="CPU request of each Ray read/decode task (default 0.5, as in training)")
     p.add_argument("--batch-dtype", choices=("uint8", "float32"), default="uint8",
-                   help="what every loader delivers: uint8 image/mask/masked (default; what the training loop "
-                        "consumes, converting on its device) or float32 (converted on the CPU by each loader)")
+                   help="what every loader delivers: uint8 image/mask (default; what the training loop consumes, "
+                        "converting on its device) or float32 (converted on the CPU by each loader)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="max concurrent Ray read/decode tasks (default: pconv.data.stream.default_concurrency)")
     p.add_argument("--repeat", type=int, default=8, help="copies of each default image (default 8: 992 images)")
@@ -106,15 +108,13 @@ def _default_sources(tmp: Path, repeat: int, n_masks: int) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------------------------------------------
 class RayLoader:
-    """The pipeline under test: one dataset, iterated once per epoch like a Ray Train worker does."""
+    """The pipeline under test, as a lone training worker runs it: the rank's dataset of each epoch in turn."""
 
     def __init__(self, images: str, masks: str, args):
         import ray
         import torch
 
-        from pconv.data import allocator
-
-        from pconv.data import stream
+        from pconv.data import allocator, stream, transforms
 
         # this process consumes the batches as a training worker does: its allocator settings, and one torch
         # thread (Ray sets OMP_NUM_THREADS to a worker's CPU count: 1 per GPU worker by default)
@@ -122,17 +122,18 @@ class RayLoader:
         torch.set_num_threads(1)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        self.ds = stream.build_train_dataset(images, masks, args.image_size, seed=0, num_cpus=args.task_cpus,
-                                           concurrency=args.concurrency)
-        self.batch_size = args.batch_size
-
+        self.datasets = stream.WorkerDatasets(images, transforms.load_mask_bank(masks), args.image_size, None, seed=0,
+                                              rank=0, world=1, num_cpus=args.task_cpus, concurrency=args.concurrency)
+        self.batch_size, self.epoch = args.batch_size, 0
         self.float32 = args.batch_dtype == "float32"
 
     def __iter__(self):
-        from pconv.data import inputs
-        if self.float32:  # converted in Ray's prefetch threads by the collate function
-            return inputs.iter_batches(self.ds, self.batch_size, include_masked=True)
-        return (dict(b, masked=b["image"] * b["mask"]) for b in self.ds.iter_torch_batches(batch_size=self.batch_size))
+        from pconv.data.inputs import to_float_batch
+
+        ds = self.datasets.dataset(self.epoch)  # each pass: the next epoch (new order, crops and masks)
+        self.epoch += 1
+        batches = ds.iter_torch_batches(batch_size=self.batch_size, drop_last=True)
+        return (to_float_batch(b) for b in batches) if self.float32 else iter(batches)
 
     def close(self) -> None:
         import ray
@@ -164,10 +165,9 @@ def _floor_rate(rows: list[bytes], bank, args) -> float:
     """Images/s of the pipeline's per-image work (the same transform, then the output format) in one thread."""
     import torch
 
-    from pconv.data import stream
+    from pconv.data import stream, transforms
+    from pconv.data.inputs import to_float_batch
 
-    from pconv.data import inputs
-    from pconv.data import transforms
     torch.set_num_threads(1)
     keys = np.array([f"k{i}" for i in range(len(rows))], dtype=object)
     blobs = np.array(rows, dtype=object)
@@ -176,17 +176,16 @@ def _floor_rate(rows: list[bytes], bank, args) -> float:
     t0 = time.perf_counter()
     for i in range(0, len(rows), bs):
         out = transforms.train_transform({"key": keys[i:i + bs], "image": blobs[i:i + bs], "_rand": rands[i:i + bs]},
-                                image_size=args.image_size, base_seed=0, bank=bank)
+                                         image_size=args.image_size, base_seed=0, pairs=bank)
         if args.batch_dtype == "float32":
-            inputs.to_float(out["image"], out["mask"], include_masked=True)
-        else:
-            out["image"] * out["mask"]  # noqa: B018 - the masked input, as the loaders deliver it
+            to_float_batch({k: torch.from_numpy(out[k]) for k in ("image", "mask")})
     return len(rows) / (time.perf_counter() - t0)
 
 
 def _crop_only_rate(rows: list[bytes], args) -> float:
     from pconv.core import images
     from pconv.data import transforms
+
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     for blob in rows:
@@ -195,8 +194,8 @@ def _crop_only_rate(rows: list[bytes], args) -> float:
 
 
 def _floor_worker(rows, masks, args, barrier, results) -> None:
-    from pconv.data import allocator
-    from pconv.data import transforms
+    from pconv.data import allocator, transforms
+
     allocator.reuse_freed_memory()  # as the pipeline's decode tasks do
     bank = transforms.load_mask_bank(masks)
     _floor_rate(rows[:8], bank, args)  # warm-up: imports, first allocations
@@ -239,17 +238,16 @@ class _MaskedFolder:
     def __getitem__(self, i):
         import torch
 
-        from pconv.core import masks as M
         image, _ = self.folder[i]
-        mask = M.augment_mask(self.bank.mask(int(self.rng.integers(len(self.bank)))), self.rng, self.size)
-        mask = torch.from_numpy(mask[None].astype(np.float32 if self.float32 else np.uint8))
-        return {"image": image, "mask": mask, "masked": image * mask}
+        mask = self.bank.train_mask(self.size, self.rng)  # the pipeline's pairing of a training crop
+        return {"image": image, "mask": torch.from_numpy(mask[None].astype(np.float32 if self.float32 else np.uint8))}
 
 
 def _worker_init(_):
     import torch
 
     from pconv.data import allocator
+
     allocator.reuse_freed_memory()  # the same allocator settings as the Ray pipeline's processes
     torch.set_num_threads(1)
     import numpy as _np
@@ -262,6 +260,7 @@ def make_dataloader(folder: str, masks: str, args):
     import torch
 
     from pconv.data import transforms
+
     ds = _MaskedFolder(folder, transforms.load_mask_bank(masks), args.image_size, args.batch_dtype == "float32")
     return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.cpus,
                                        worker_init_fn=_worker_init, persistent_workers=True, prefetch_factor=4)
@@ -271,9 +270,9 @@ def main() -> int:
     args = _args()
     sys.path.insert(0, str(REPO))
     from pconv import ingest
-    from pconv.storage import shards
     from pconv.apps.local_s3 import LocalS3
     from pconv.core.masks import NVIDIA_HOLE_COLOR
+    from pconv.storage import shards
 
     tmp = Path(tempfile.mkdtemp(prefix="pconv-bench-"))
     stack, s3 = contextlib.ExitStack(), None

@@ -43,11 +43,11 @@ def _make_dataset(tmp: Path, repeat: int) -> tuple[str, str]:
     return images_uri, masks_uri
 
 
-def _first_batch_seconds(images_uri: str, masks_uri: str, units: list, size: int, batch: int, start: int) -> float:
-    from pconv.data import plan
+def _first_batch_seconds(datasets, batch: int, start: int) -> float:
+    """Seconds from building the rank's dataset of epoch 0 at row ``start`` (pconv.data.stream.WorkerDatasets, as
+    a resumed worker does) to its first batch."""
     t0 = time.perf_counter()
-    ds = plan.build_worker_dataset(images_uri, masks_uri, size, units, seed=0, epoch=0, rank=0, world=1,
-                                           start=start)
+    ds = datasets.dataset(0, start)
     it = iter(ds.iter_torch_batches(batch_size=batch, drop_last=True))
     first = next(it)
     elapsed = time.perf_counter() - t0
@@ -67,7 +67,8 @@ def main() -> None:
 
     import ray
 
-    from pconv.data import stream
+    from pconv.data import stream, transforms
+
     with tempfile.TemporaryDirectory(prefix="pconv-resume-bench-") as tmp:
         images_uri, masks_uri = _make_dataset(Path(tmp), args.repeat)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
@@ -75,11 +76,13 @@ def main() -> None:
         units = stream.read_units(images_uri, "train")
         rows = sum(u["rows"] for u in units)
         end = (rows // args.batch - 1) * args.batch  # the epoch's last full batch
-        _first_batch_seconds(images_uri, masks_uri, units, args.image_size, args.batch, 0)  # warm-up
+        datasets = stream.WorkerDatasets(images_uri, transforms.load_mask_bank(masks_uri), args.image_size, units,
+                                         seed=0, rank=0, world=1)
+        _first_batch_seconds(datasets, args.batch, 0)  # warm-up
         times = {"start": [], "end": []}
         for _ in range(args.trials):  # interleaved, so drift in machine speed hits both alike
-            times["start"].append(_first_batch_seconds(images_uri, masks_uri, units, args.image_size, args.batch, 0))
-            times["end"].append(_first_batch_seconds(images_uri, masks_uri, units, args.image_size, args.batch, end))
+            times["start"].append(_first_batch_seconds(datasets, args.batch, 0))
+            times["end"].append(_first_batch_seconds(datasets, args.batch, end))
         ray.shutdown()
     start_s, end_s = statistics.median(times["start"]), statistics.median(times["end"])
     print(f"epoch: {rows} images in {len(units)} read units; resume at row 0 and at row {end}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import weakref
 import zipfile
 from pathlib import Path
@@ -19,18 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pconv.data import stream as data
-
 from pconv.core import images
-
-from pconv.storage import shards
-
-from pconv.storage import sources
-
-from pconv.storage import uris
-from pconv.evaluation import inputs
-from pconv.evaluation import inpainting
 from pconv.core.unet import build_model
+from pconv.data.stream import load_val_pairs
+from pconv.data.transforms import load_mask_bank
+from pconv.evaluation import inpainting, inputs
+from pconv.storage import shards, sources, uris
 
 SIZE = 32
 GOOD = [f"k{i}.png" for i in range(3)]                 # sort first: what --limit 3 / val_size 3 picks
@@ -64,6 +59,14 @@ def _image_root(root: Path, split: str, monkeypatch) -> str:
     return str(root)
 
 
+def patch_everywhere(monkeypatch, module, name: str, fake) -> None:
+    """Replace ``module.name`` by ``fake``, also in every pconv module that imported it by name."""
+    real = getattr(module, name)
+    for mod in [module] + [m for n, m in list(sys.modules.items()) if n.startswith("pconv.")]:
+        if getattr(mod, name, None) is real:
+            monkeypatch.setattr(mod, name, fake)
+
+
 class Spy:
     """Counts what the real functions do: image decodes (by name) and file / row-group reads."""
 
@@ -83,11 +86,11 @@ class Spy:
                 self.groups_read.append((uri, index))
             return real_group(uri, index, columns)
 
-        monkeypatch.setattr(images, "open_image", open_image)
+        patch_everywhere(monkeypatch, images, "open_image", open_image)
         monkeypatch.setattr(sources, "_read_file", lambda p: self.files_read.append(p.name) or real_file(p))
         monkeypatch.setattr(sources, "_read_member",
                             lambda zf, info: self.files_read.append(info.filename) or real_member(zf, info))
-        monkeypatch.setattr(shards, "read_row_group", read_group)
+        patch_everywhere(monkeypatch, shards, "read_row_group", read_group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,18 +114,19 @@ def test_val_pairs_read_only_the_row_groups_of_the_chosen_rows_and_decode_only_t
                                                                                      mask_root):
     root = _image_root(tmp_path / "img", "val", monkeypatch)
     spy = Spy(monkeypatch)
-    pairs = data.load_val_pairs(root, mask_root, SIZE, limit=len(GOOD))
-    assert pairs["keys"] == GOOD and pairs["skipped"] == 0  # no corrupt row was decoded
+    bank = load_mask_bank(mask_root, "val")
+    pairs = load_val_pairs(root, bank, SIZE, limit=len(GOOD))
+    assert pairs.keys == GOOD and pairs.skipped == 0  # no corrupt row was decoded
     assert sorted(spy.decoded) == GOOD
     assert sorted(g for _, g in spy.groups_read) == [0, 1, 3]  # row group 2 (corrupt rows only) never read
-    ref = np.asarray(images.center_crop(images.open_image(_png(0)), SIZE), dtype=np.float32) / 255
-    np.testing.assert_allclose(pairs["image"][0].transpose(1, 2, 0), ref, atol=1e-6)
+    ref = np.asarray(images.center_crop(images.open_image(_png(0)), SIZE))
+    np.testing.assert_array_equal(pairs.rows["image"][0].transpose(1, 2, 0), ref)
 
     spy.decoded.clear()
-    everything = data.load_val_pairs(root, mask_root, SIZE)  # no limit: the corrupt rows are reached, and counted
-    assert everything["keys"] == GOOD and len(spy.decoded) == len(WRITE_ORDER)
+    everything = load_val_pairs(root, bank, SIZE)  # no limit: the corrupt rows are reached, and counted
+    assert everything.keys == GOOD and len(spy.decoded) == len(WRITE_ORDER)
     # counted per row group on a surviving row: row group 2 (both rows corrupt) has none to carry its 2 (pconv.data.stream)
-    assert everything["skipped"] == len(BAD) - 2
+    assert everything.skipped == len(BAD) - 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ def test_the_stream_keeps_about_one_batch_of_decoded_images_alive(tmp_path, monk
         peak[0] = max(peak[0], sum(r() is not None for r in alive))
         return out
 
-    monkeypatch.setattr(images, "center_crop", crop)
+    patch_everywhere(monkeypatch, images, "center_crop", crop)
     table = inpainting.evaluate_baseline(es)
     assert len(alive) == 7 and table.count == 7 * len(es.groups)
     assert peak[0] <= 2 * 2  # the batch being decoded + the one being scored, never the whole set

@@ -1,9 +1,10 @@
-"""pconv.data.stream on real Ray: shards on a real moto S3 server -> decoded, cropped, masked batches; epochs, validation,
-corrupt rows, and a 2-worker Ray Train (V2) TorchTrainer consuming the dataset.
+"""pconv.data.stream on real Ray, the path the training workers use: image shards -> each rank's dataset of an epoch
+(decoded, cropped, paired uint8 rows, in order, with their data position) -> the worker stream across epochs;
+corrupt rows; the fixed validation pairs; and the read/decode task's own work without Ray.
 
-Ray is started once for the module with num_cpus=2 (logical), the size of the development machine, and the
-training workers take 0.5 CPU each as pconv.train.driver does on CPU: this is the configuration that must not stall
-(read/decode tasks request 0.5 CPU or less; Ray Data's file listing needs one free CPU for a moment).
+The Ray tests run on the session's local Ray (``ray_local``: 2 CPUs, the size of the development machine); the
+read/decode tasks request 0.25 CPU, so they schedule beside training workers as on the real machine. Reading the
+shards from S3 through this path is covered end to end by tests/test_train_e2e.py (2 workers, ``s3://`` shards).
 """
 
 from __future__ import annotations
@@ -15,41 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from pconv.data import stream
+from pconv.data import plan, stream, transforms
+from pconv.data.inputs import to_float_batch
+from pconv.storage import shards, uris
 
-from pconv.data import inputs
-
-from pconv.storage import shards
-
-from pconv.storage import uris
-pytestmark = pytest.mark.integration
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """Started after the S3 server so Ray's worker processes inherit AWS_ENDPOINT_URL & co."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def s3_shards(prepared_shards, s3_server, tmp_path_factory) -> dict[str, str]:
-    """The session's local shards uploaded to a fresh bucket: {"images": s3://..., "masks": s3://...}."""
-    s3_server.create_bucket("data-shards")
-    out = {}
-    for name, local in prepared_shards.items():
-        uri = f"s3://data-shards/{name}"
-        uris.upload_dir(local, uri)
-        out[name] = uri
-    return out
 
 
 def _train_keys(root: str) -> set[int]:
@@ -58,58 +29,66 @@ def _train_keys(root: str) -> set[int]:
     return {shards.key_id(k) for k in keys}
 
 
-def _epoch(ds) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
-    ids, images, masks, skipped = [], {}, {}, 0
-    for batch in inputs.iter_batches(ds, 4, include_masked=True):
-        assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.float32
-        n = len(batch["id"])
-        assert batch["image"].shape == (n, 3, SIZE, SIZE) and batch["mask"].shape == (n, 1, SIZE, SIZE)
-        assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
-        assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}
-        torch.testing.assert_close(batch["masked"], batch["image"] * batch["mask"])
-        skipped += int(batch["skipped"].sum())
-        for i, id_ in enumerate(batch["id"].tolist()):
+def _datasets(roots: dict[str, str], seed: int, images: str | None = None) -> stream.WorkerDatasets:
+    """A lone rank's datasets (as a 1-worker training run builds them)."""
+    return stream.WorkerDatasets(images or roots["images"], transforms.load_mask_bank(roots["masks"]), SIZE, None,
+                                 seed=seed, rank=0, world=1, num_cpus=0.25)
+
+
+def _epoch(ds) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor], int, list[int]]:
+    """(ids in order, image and mask per id, skipped rows, positions) of one pass, checking the row contract."""
+    ids, images, masks, skipped, pos = [], {}, {}, 0, []
+    for raw in ds.iter_torch_batches(batch_size=4):
+        assert raw["image"].dtype == torch.uint8 and raw["mask"].dtype == torch.uint8
+        n = len(raw["id"])
+        assert raw["image"].shape == (n, 3, SIZE, SIZE) and raw["mask"].shape == (n, 1, SIZE, SIZE)
+        assert set(torch.unique(raw["mask"]).tolist()) <= {0, 1}
+        skipped += int(raw["skipped"].sum())
+        pos += raw["pos"].tolist()
+        for i, id_ in enumerate(raw["id"].tolist()):
             ids.append(id_)
-            images[id_], masks[id_] = batch["image"][i], batch["mask"][i]
-    return ids, images, masks, skipped
+            images[id_], masks[id_] = raw["image"][i], raw["mask"][i]
+    return ids, images, masks, skipped, pos
 
 
-def test_train_stream_from_s3_epochs_differ(ray_cluster, s3_shards):
-    ds = stream.build_train_dataset(s3_shards["images"], s3_shards["masks"], SIZE, seed=5, num_cpus=0.25)
-    expected = _train_keys(s3_shards["images"])
-    ids0, img0, mask0, skipped0 = _epoch(ds)
-    ids1, img1, mask1, skipped1 = _epoch(ds)  # second pass over the SAME dataset (as Ray Train epochs do)
+def test_a_ranks_epochs_are_replayable_and_differ_from_each_other(ray_local, prepared_shards):
+    datasets = _datasets(prepared_shards, seed=5)
+    expected = _train_keys(prepared_shards["images"])
+    ids0, img0, mask0, skipped0, pos0 = _epoch(datasets.dataset(0))
+    again = _epoch(datasets.dataset(0))  # the same epoch again (a resume replays it): bit-identical, in order
+    ids1, img1, mask1, skipped1, _ = _epoch(datasets.dataset(1))
     assert sorted(ids0) == sorted(ids1) == sorted(expected) and skipped0 == skipped1 == 0
+    assert pos0 == list(range(len(ids0)))  # rows arrive in the rank's sequence order: consumed = a prefix
+    assert again[0] == ids0 and all(torch.equal(again[1][i], img0[i]) and torch.equal(again[2][i], mask0[i])
+                                    for i in ids0)
     assert ids0 != ids1, "row order must change between epochs"
     changed = [i for i in ids0 if not torch.equal(img0[i], img1[i]) or not torch.equal(mask0[i], mask1[i])]
     assert len(changed) == len(ids0), "crops/flips/masks must be re-drawn every epoch"
-    hole = np.array([1.0 - float(m.mean()) for m in mask0.values()])
+    hole = np.array([1.0 - float(m.float().mean()) for m in mask0.values()])
     assert (hole > 0.0).all() and hole.mean() < 0.8  # real holes, not all-hole masks
 
 
-
-def test_deterministic_mode_reproduces_and_epoch_argument_changes(ray_cluster, prepared_shards):
-    args = (prepared_shards["images"], prepared_shards["masks"], SIZE)
-    ids_a, img_a, mask_a, _ = _epoch(stream.build_train_dataset(*args, seed=5, num_cpus=0.25, deterministic=True))
-    ids_b, img_b, mask_b, _ = _epoch(stream.build_train_dataset(*args, seed=5, num_cpus=0.25, deterministic=True))
-    assert ids_a == ids_b
-    assert all(torch.equal(img_a[i], img_b[i]) and torch.equal(mask_a[i], mask_b[i]) for i in ids_a)
-    ids_c, img_c, _, _ = _epoch(stream.build_train_dataset(*args, seed=5, epoch=1, num_cpus=0.25, deterministic=True))
-    assert sorted(ids_c) == sorted(ids_a) and ids_c != ids_a
-    assert any(not torch.equal(img_a[i], img_c[i]) for i in ids_a)
+def test_a_dataset_from_a_position_is_the_tail_of_the_epoch(ray_local, prepared_shards):
+    datasets = _datasets(prepared_shards, seed=2)
+    ids, _, _, _, pos = _epoch(datasets.dataset(0))
+    tail_ids, _, _, _, tail_pos = _epoch(datasets.dataset(0, start=5))
+    assert tail_ids == ids[5:] and tail_pos == pos[5:]
+    assert datasets.dataset(0, start=len(ids)) is None  # nothing left of the epoch
 
 
-def test_iter_train_batches_crosses_epochs(ray_cluster, prepared_shards):
+def test_the_worker_stream_crosses_epochs(ray_local, prepared_shards):
     n_train = shards.read_manifest(prepared_shards["images"])["counts"]["train"]
     per_epoch = n_train // 4
+    batches = stream.worker_stream(prepared_shards["images"], transforms.load_mask_bank(prepared_shards["masks"]),
+                                   SIZE, None, seed=1, batch_size=4, position=None, rank=0, world=1,
+                                   agree=lambda has_batch: has_batch)
     seen = []
-    for step, (epoch, batch) in enumerate(stream.iter_train_batches(prepared_shards["images"], prepared_shards["masks"],
-                                                                  SIZE, 4, seed=1, num_cpus=0.25)):
+    for _ in range(per_epoch + 2):
+        epoch, batch = batches.next()
         assert batch["image"].shape == (4, 3, SIZE, SIZE)
         seen.append(epoch)
-        if step + 1 == per_epoch + 2:
-            break
-    assert seen == [0] * per_epoch + [1, 1]
+    batches.close()
+    assert seen == [0] * per_epoch + [1, 1] and (batches.epoch, batches.rows) == (1, 8)
 
 
 def _corrupt_root(prepared_shards, tmp_path) -> tuple[str, int, int]:
@@ -132,79 +111,35 @@ def _corrupt_root(prepared_shards, tmp_path) -> tuple[str, int, int]:
     return root, good, len(rows) - good
 
 
-def test_corrupt_rows_are_skipped_and_counted(ray_cluster, prepared_shards, tmp_path):
+def test_corrupt_rows_are_skipped_and_counted(ray_local, prepared_shards, tmp_path):
     root, good, bad = _corrupt_root(prepared_shards, tmp_path)
-    ds = stream.build_train_dataset(root, prepared_shards["masks"], SIZE, seed=0, num_cpus=0.25)
-    ids, _, _, skipped = _epoch(ds)
+    ids, _, _, skipped, pos = _epoch(_datasets(prepared_shards, seed=0, images=root).dataset(0))
     assert len(ids) == good and skipped == bad == 2
     assert shards.key_id("bad/truncated.jpg") not in ids
+    assert len(pos) == good and sorted(pos) == pos  # the dropped rows leave gaps in the sequence, no reordering
 
 
-def test_validation_pairs_are_fixed(ray_cluster, prepared_shards):
-    images, masks = prepared_shards["images"], prepared_shards["masks"]
-    a = stream.load_val_pairs(images, masks, SIZE)
-    b = stream.load_val_pairs(images, masks, SIZE)
+def test_validation_pairs_are_fixed(prepared_shards):
+    images = prepared_shards["images"]
+    bank = transforms.load_mask_bank(prepared_shards["masks"], "val")
+    a = stream.load_val_pairs(images, bank, SIZE)
+    b = stream.load_val_pairs(images, bank, SIZE)
     n_val = shards.read_manifest(images)["counts"]["val"]
-    assert a["image"].shape == (n_val, 3, SIZE, SIZE) and a["mask"].shape == (n_val, 1, SIZE, SIZE)
-    assert a["keys"] == sorted(a["keys"]) and a["mask_keys"] == b["mask_keys"]
-    np.testing.assert_array_equal(a["image"], b["image"])
-    np.testing.assert_array_equal(a["mask"], b["mask"])
-    assert set(np.unique(a["mask"])) <= {0.0, 1.0} and a["image"].min() >= 0 and a["image"].max() <= 1
-    assert len(set(a["mask_keys"])) == n_val  # spread over the mask set, not the first few
-    assert len(set(a["bin"].tolist())) > 1
-    limited = stream.load_val_pairs(images, masks, SIZE, limit=2)
-    assert limited["keys"] == a["keys"][:2]
-
-    rows = stream.build_val_dataset(images, masks, SIZE, num_cpus=0.25).take_all()
-    rows2 = stream.build_val_dataset(images, masks, SIZE, num_cpus=0.25).take_all()
-    by_index = {int(r["index"]): r for r in rows}
-    assert sorted(by_index) == list(range(n_val))
-    assert {int(r["index"]): int(r["mask_index"]) for r in rows2} == \
-        {i: int(r["mask_index"]) for i, r in by_index.items()}
-    for i in range(n_val):  # the Ray path and the plain path build identical pairs (compact uint8 rows)
-        assert by_index[i]["image"].dtype == np.uint8 and by_index[i]["mask"].dtype == np.uint8
-        np.testing.assert_allclose(by_index[i]["image"].astype(np.float32) / 255, a["image"][i], rtol=1e-6)
-        np.testing.assert_array_equal(by_index[i]["mask"].astype(np.float32), a["mask"][i])
-
-
-def test_torch_trainer_two_workers(ray_cluster, s3_shards, tmp_path):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    # Defined here so cloudpickle ships it by value (workers cannot import this test module).
-    def _loop(config):
-        import json as _json
-
-        import ray.train
-
-        rank = ray.train.get_context().get_world_rank()
-        shard = ray.train.get_dataset_shard("train")
-        out = {"epochs": [], "shapes": None}
-        for _ in range(2):
-            ids = []
-            for batch in shard.iter_torch_batches(batch_size=2, drop_last=True):
-                out["shapes"] = {k: list(v.shape) for k, v in batch.items()}
-                ids += batch["id"].tolist()
-            out["epochs"].append(ids)
-        Path(config["out"], f"rank{rank}.json").write_text(_json.dumps(out))
-        ray.train.report({"batches": len(out["epochs"][0])})
-
-    ds = stream.build_train_dataset(s3_shards["images"], s3_shards["masks"], SIZE, seed=2, num_cpus=0.25)
-    trainer = TorchTrainer(
-        _loop, train_loop_config={"out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(name="data-test", storage_path=str(tmp_path / "ray")),
-        datasets={"train": ds},
-    )
-    trainer.fit()
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    n_train = shards.read_manifest(s3_shards["images"])["counts"]["train"]
-    for rep in reports:
-        assert rep["shapes"]["image"] == [2, 3, SIZE, SIZE] and rep["shapes"]["mask"] == [2, 1, SIZE, SIZE]
-        assert len(rep["epochs"][0]) >= 2 and rep["epochs"][0] != rep["epochs"][1]
-    for epoch in (0, 1):
-        seen = reports[0]["epochs"][epoch] + reports[1]["epochs"][epoch]
-        assert len(seen) == len(set(seen)) and len(seen) >= n_train - 4  # disjoint shards, drop_last only
+    assert len(a) == n_val and set(a.rows) == {"image", "mask"}  # inpainting: no extra column
+    assert a.rows["image"].shape == (n_val, 3, SIZE, SIZE) and a.rows["mask"].shape == (n_val, 1, SIZE, SIZE)
+    assert a.rows["image"].dtype == np.uint8 and set(np.unique(a.rows["mask"])) <= {0, 1}
+    assert a.keys == sorted(a.keys) and a.paired_with == b.paired_with and a.skipped == 0
+    np.testing.assert_array_equal(a.rows["image"], b.rows["image"])
+    np.testing.assert_array_equal(a.rows["mask"], b.rows["mask"])
+    assert a.paired_with == [bank.keys[int(j)] for j in a.mask_index] and a.mask_varies
+    assert len(set(a.paired_with)) == n_val  # spread over the mask set, not the first few
+    assert len(set(bank.bins[a.mask_index].tolist())) > 1
+    for i, j in enumerate(a.mask_index):  # each pair: its fixed mask, centre square, nearest resize
+        np.testing.assert_array_equal(a.rows["mask"][i, 0], transforms.center_square_mask(bank.mask(int(j)), SIZE))
+    inputs = a.batch()
+    torch.testing.assert_close(inputs["image"] * 255, torch.from_numpy(a.rows["image"]).float(), rtol=0, atol=1e-4)
+    limited = stream.load_val_pairs(images, bank, SIZE, limit=2)
+    assert limited.keys == a.keys[:2]
 
 
 def test_read_units_cover_every_row_with_or_without_recorded_row_groups(prepared_shards, tmp_path):
@@ -232,20 +167,22 @@ def test_a_missing_or_mismatched_shard_is_a_clear_error(prepared_shards, tmp_pat
         shards.read_row_group(str(tmp_path / "junk.parquet"), 0, ["key"])
 
 
-def test_rows_are_compact_uint8_and_float_batches_follow_the_contract(ray_cluster, prepared_shards):
-    def build():
-        return stream.build_train_dataset(prepared_shards["images"], prepared_shards["masks"], SIZE, seed=3,
-                                        num_cpus=0.25, deterministic=True)
-
-    raw = next(iter(build().iter_torch_batches(batch_size=4)))
+def test_rows_are_compact_uint8_and_float_batches_follow_the_contract(ray_local, prepared_shards):
+    raw = next(iter(_datasets(prepared_shards, seed=3).dataset(0).iter_torch_batches(batch_size=4)))
+    assert set(raw) == {"image", "mask", "id", "skipped", "pos"}
     assert raw["image"].dtype == torch.uint8 and raw["mask"].dtype == torch.uint8
     assert set(torch.unique(raw["mask"]).tolist()) <= {0, 1}
-    batch = inputs.to_float_batch(raw, include_masked=True)
+    batch = to_float_batch(raw)
+    assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.float32
     torch.testing.assert_close(batch["image"] * 255, raw["image"].float(), rtol=0, atol=1e-4)
-    torch.testing.assert_close(batch["masked"], batch["image"] * raw["mask"].float())
-    same = next(inputs.iter_batches(build(), 4))  # the collate path gives the same floats
-    torch.testing.assert_close(same["image"], batch["image"])
-    assert torch.equal(same["id"], raw["id"])
+    assert torch.equal(batch["mask"], raw["mask"].float()) and batch["input"] is batch["image"]
+    assert torch.equal(batch["id"], raw["id"])
+
+
+def _block(units: list[dict]) -> dict[str, np.ndarray]:
+    """A read/decode task's input block: ``units`` as one rank's whole epoch (plan.remaining_units from row 0)."""
+    todo = plan.remaining_units([{**u, "_rand": 0.1 * (j + 1)} for j, u in enumerate(units)], 0)
+    return {k: np.array([u[k] for u in todo]) for k in ("uri", "row_group", "_rand", "pos0", "skip", "lo", "hi")}
 
 
 def test_the_next_read_unit_is_fetched_while_one_is_decoded(prepared_shards, monkeypatch):
@@ -253,13 +190,11 @@ def test_the_next_read_unit_is_fetched_while_one_is_decoded(prepared_shards, mon
     (Decoding unit j waits until the read of unit j + 1 has started; a read-then-decode loop fails here.)"""
     import threading
 
-    from pconv.data import transforms
     units = stream.read_units(prepared_shards["images"], "train")[:3]
     assert len(units) == 3
     unit_of = {k: j for j, u in enumerate(units)
                for k in shards.read_row_group(u["uri"], u["row_group"], ["key"]).column("key").to_pylist()}
     bank = transforms.load_mask_bank(prepared_shards["masks"])
-    monkeypatch.setattr(stream, "_resolve_bank", lambda holder: bank)
     reads, cond = [], threading.Condition()
     real_rows, real_transform = stream._unit_rows, transforms.train_transform
 
@@ -278,11 +213,10 @@ def test_the_next_read_unit_is_fetched_while_one_is_decoded(prepared_shards, mon
 
     monkeypatch.setattr(stream, "_unit_rows", rows)
     monkeypatch.setattr(transforms, "train_transform", transform)
-    block = {"uri": np.array([u["uri"] for u in units]), "row_group": np.array([u["row_group"] for u in units]),
-             "_rand": np.array([0.1, 0.2, 0.3])}  # units are taken in _rand order
-    out = list(stream._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=0))
-    assert reads == [(u["uri"], u["row_group"]) for u in units]
+    out = list(stream.decode_train_units(_block(units), pairs=bank, image_size=SIZE, base_seed=0))
+    assert reads == [(u["uri"], u["row_group"]) for u in units]  # in the given (plan) order
     assert sum(len(o["id"]) for o in out) == sum(u["rows"] for u in units)
+    assert np.concatenate([o["pos"] for o in out]).tolist() == list(range(sum(u["rows"] for u in units)))
 
 
 _FAULTS_SCRIPT = """
@@ -330,47 +264,43 @@ def test_decode_tasks_and_training_workers_tune_malloc(prepared_shards, monkeypa
     import inspect
 
     from pconv.train import loop
-    from pconv.data import transforms
+
     calls = []
     monkeypatch.setattr(stream, "reuse_freed_memory", lambda: calls.append(1) or True)
-    monkeypatch.setattr(stream, "_resolve_bank", lambda holder: transforms.load_mask_bank(prepared_shards["masks"]))
     unit = stream.read_units(prepared_shards["images"], "train")[0]
-    block = {"uri": np.array([unit["uri"]]), "row_group": np.array([unit["row_group"]]), "_rand": np.array([0.5])}
-    next(stream._train_units_udf(block, bank=[None], image_size=SIZE, base_seed=0))
+    next(stream.decode_train_units(_block([unit]), pairs=transforms.load_mask_bank(prepared_shards["masks"]),
+                                   image_size=SIZE, base_seed=0))
     assert calls == [1]
-    next(stream._val_units_udf({"uri": block["uri"], "row_group": block["row_group"]}, bank=[None],
-                             image_size=SIZE, pairing={}))
-    assert calls == [1, 1]
     assert "reuse_freed_memory()" in inspect.getsource(loop.train_loop_per_worker)
 
 
 def test_read_ahead_reads_the_next_unit_while_the_caller_decodes_this_one(monkeypatch):
-    """Train and val decode tasks read unit j + 1 in a background thread while decoding unit j: units come back
-    in order, each read once, with its own shuffle flag, and unit 1's read starts before unit 0 is released."""
+    """Decode tasks read unit j + 1 in a background thread while decoding unit j: units come back in order, each
+    read once with its own seed, and unit 1's read starts before unit 0 is released."""
     import threading
 
     started = {i: threading.Event() for i in range(3)}
     reads = []
 
-    def fake_rows(uri, group, unit_rand, base_seed, shuffle):
-        reads.append((uri, group, base_seed, shuffle, threading.current_thread().name))
+    def fake_rows(uri, group, unit_rand, base_seed):
+        reads.append((uri, group, unit_rand, base_seed, threading.current_thread().name))
         started[group].set()
         return (np.array([f"{uri}/{group}"], dtype=object),) * 3
 
     monkeypatch.setattr(stream, "_unit_rows", fake_rows)
     todo = [("s3://b/a.parquet", g, 0.1 * g) for g in range(3)]
-    units = stream._read_ahead(todo, 7, shuffle=False)
+    units = stream._read_ahead(todo, 7)
     uri, group, (keys, _, _) = next(units)
     assert (uri, group, keys[0]) == ("s3://b/a.parquet", 0, "s3://b/a.parquet/0")
     assert started[1].wait(timeout=10), "unit 1 was not read while unit 0 was being decoded"
     assert [g for _, g, _ in units] == [1, 2]
-    assert [(r[1], r[2], r[3]) for r in reads] == [(0, 7, False), (1, 7, False), (2, 7, False)]
+    assert [(r[1], r[2], r[3]) for r in reads] == [(0, 0.0, 7), (1, 0.1, 7), (2, 0.2, 7)]
     assert all(r[4].startswith("pconv-read") for r in reads)
-    assert list(stream._read_ahead([], 0, shuffle=True)) == []
+    assert list(stream._read_ahead([], 0)) == []
 
 
-def test_scheduling_settings_exist_in_this_ray_and_stay_on_our_dataset(ray_cluster, prepared_shards):
-    """_tune_context sets two DataContext fields by name; a renamed field would be a silent no-op (dataclass
+def test_scheduling_settings_exist_in_this_ray_and_stay_on_our_dataset(ray_local, prepared_shards):
+    """WorkerDatasets sets two DataContext fields by name; a renamed field would be a silent no-op (dataclass
     instances accept any attribute), so check they are real fields and that other datasets keep the defaults."""
     import dataclasses
 
@@ -379,7 +309,9 @@ def test_scheduling_settings_exist_in_this_ray_and_stay_on_our_dataset(ray_clust
     fields = {f.name for f in dataclasses.fields(DataContext)}
     assert {"op_resource_reservation_enabled", "downstream_capacity_backpressure_ratio",
             "target_max_block_size"} <= fields
-    ds = stream.build_train_dataset(prepared_shards["images"], prepared_shards["masks"], SIZE, num_cpus=0.25)
+    ds = _datasets(prepared_shards, seed=0).dataset(0)
     assert ds.context.op_resource_reservation_enabled is False
     assert ds.context.downstream_capacity_backpressure_ratio is None
+    assert ds.context.execution_options.preserve_order is True
     assert DataContext.get_current().op_resource_reservation_enabled is True  # the process default is untouched
+    assert DataContext.get_current().execution_options.preserve_order is False

@@ -1,5 +1,6 @@
-"""benchmarks/data_throughput.py runs end to end (its own moto S3 server, Ray, a DataLoader) at a tiny size and
-prints the issue's two ratios and a CPU account in which the decode tasks are found. Speed is not asserted.
+"""benchmarks/data_throughput.py runs end to end (its own moto S3 server, its own Ray, a DataLoader) at a tiny size on
+the training workers' data path (pconv.data.stream.WorkerDatasets) and prints the issue's two ratios and a CPU account
+in which the decode tasks are found. Speed is not asserted.
 The account's bookkeeping (benchmarks/cpu_account.py) is also checked on its own, with processes of known CPU time."""
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import load_benchmark
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_data_benchmark_prints_both_ratios_and_where_the_cpu_went(datasets_dir):
+def test_data_benchmark_prints_both_ratios_and_where_the_cpu_went(datasets_dir, own_ray_cluster, own_servers):
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONWARNINGS": "ignore"}  # its own Ray, never a test's
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env.pop(name, None)  # it starts and configures its own S3 server

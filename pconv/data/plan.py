@@ -1,15 +1,16 @@
-"""The training stream of one Ray Train worker and its data position: what makes resume exact.
+"""The epoch plan and each rank's data position: what makes resume exact (pure: no Ray, no I/O).
 
 Epoch plan (:func:`epoch_plan`). The train split's read units (Parquet row groups, :func:`pconv.data.stream.read_units`)
 are put in a seeded order per ``(seed, epoch)``, and each unit gets a seeded number that fixes its row order and
-every row's crop, flip and mask (:func:`pconv.data.stream._unit_rows`, :func:`pconv.data.transforms.train_transform`). The
-units are dealt to the ranks in plan order, each to the rank with the fewest rows so far (ties: the lowest rank).
-Every worker computes the whole plan by itself: which worker reads what never depends on task timing (Ray Data's
-``streaming_split`` hands blocks to whichever consumer asks first, so it cannot be replayed).
+every row's crop, flip and pairing (:func:`pconv.data.stream.decode_train_units`,
+:func:`pconv.data.transforms.train_transform`). The units are dealt to the ranks in plan order, each to the rank with
+the fewest rows so far (ties: the lowest rank). Every worker computes the whole plan by itself: which worker reads
+what never depends on task timing (Ray Data's ``streaming_split`` hands blocks to whichever consumer asks first, so
+it cannot be replayed).
 
-Worker stream (:func:`build_worker_dataset`). A worker's epoch is its units in plan order, each unit's rows in
-their seeded order; a row's index in that sequence is its ``pos``. Ray Data still reads and decodes (one dataset per
-worker and epoch, order preserved, so what a worker consumed is always a prefix of its sequence).
+A worker's epoch is its units in plan order, each unit's rows in their seeded order; a row's index in that sequence
+is its ``pos``. :func:`remaining_units` is that sequence from a row on: what a worker's dataset of the epoch reads
+(:class:`pconv.data.stream.WorkerDatasets`).
 
 Data position (:class:`DataPosition`): the epoch and, per rank, how many rows of its sequence it consumed. Resuming
 at ``p`` rows does not read the units wholly before ``p`` and does not decode the rows of the unit holding ``p``
@@ -28,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from pconv.data import stream
 from pconv.data.transforms import derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,58 +93,11 @@ def remaining_units(units: list[dict[str, Any]], start: int) -> list[dict[str, A
     return out
 
 
-def build_worker_dataset(images_uri: str, masks_uri: str, image_size: int, units: list[dict[str, Any]], *,
-                         seed: int, epoch: int, rank: int, world: int, start: int = 0,
-                         num_cpus: float = stream.DEFAULT_NUM_CPUS, concurrency: int | None = None,
-                         block_mb: float = stream.DEFAULT_BLOCK_MB) -> "ray.data.Dataset | None":
-    """Rank ``rank``'s rows of ``epoch`` from row ``start`` on (``image``, ``mask``, ``id``, ``skipped``, ``pos``),
-    in order; None when nothing is left. ``concurrency`` defaults to the cluster's share divided by ``world``."""
-    import ray
-
-    todo = remaining_units(epoch_plan(units, seed, epoch, world)[rank], start)
-    if not todo:
-        return None
-    concurrency = concurrency or max(1, stream.default_concurrency(num_cpus) // world)
-    n_blocks = max(1, min(len(todo), 4 * concurrency))
-    ds = ray.data.from_items(todo, override_num_blocks=n_blocks)
-    ds = ds.map_batches(  # batch_size=None: one call gets the block's units, so it can read ahead
-        stream._train_units_udf, batch_size=None, batch_format="numpy",
-        fn_kwargs={"image_size": image_size, "base_seed": derive_seed("train", seed, epoch),
-                   "bank": [stream._bank_ref(masks_uri, "train")]},
-        num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=min(concurrency, n_blocks)))
-    stream._tune_context(ds.context, block_mb)
-    ds.context.execution_options.preserve_order = True  # consumed rows = a prefix of the sequence
-    return ds
-
-
-def worker_stream(images_uri: str, masks_uri: str, image_size: int, units: list[dict[str, Any]] | None, *,
-                  seed: int, batch_size: int, position: DataPosition | None, rank: int, world: int,
-                  device: Any = "cpu", decode_concurrency: int | None = None) -> "WorkerStream":
-    """Rank ``rank``'s stream inside a Ray Train worker group, from ``position``; the ranks agree on every step
-    with an all-reduce (MIN) on ``device``. ``units``: :func:`pconv.data.stream.read_units` (read here if None).
-    ``decode_concurrency``: the most read/decode tasks of ALL ranks (the driver's plan; this rank's share is
-    divided by ``world``); None: from the cluster as this worker sees it."""
-    import torch
-
-    units = units if units is not None else stream.read_units(images_uri, "train")
-    concurrency = max(1, decode_concurrency // world) if decode_concurrency else None
-
-    def build(epoch: int, start: int):
-        return build_worker_dataset(images_uri, masks_uri, image_size, units, seed=seed, epoch=epoch, rank=rank,
-                                    world=world, start=start, concurrency=concurrency)
-
-    def agree(has_batch: bool) -> bool:
-        ok = torch.tensor([1.0 if has_batch else 0.0], device=device)
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        return bool(ok.item() > 0)
-
-    return WorkerStream(build, batch_size, position, rank, world, agree)
-
-
 class WorkerStream:
     """Endless ``(epoch, batch)`` stream of one rank, starting at a :class:`DataPosition`; ``rows`` is this rank's
-    position after the last batch returned. ``agree(has_batch)`` returns True only when every rank has one."""
+    position after the last batch returned. ``build(epoch, start)`` gives the rank's dataset of ``epoch`` from row
+    ``start`` on (None: nothing left; :meth:`pconv.data.stream.WorkerDatasets.dataset`), whose batches carry
+    ``pos``. ``agree(has_batch)`` returns True only when every rank has one (an all-reduce; alone: ``has_batch``)."""
 
     def __init__(self, build: Callable[[int, int], "ray.data.Dataset | None"], batch_size: int,
                  position: DataPosition | None, rank: int, world: int,
@@ -184,4 +137,4 @@ class WorkerStream:
         self._it = None
 
 
-__all__ = ["DataPosition", "WorkerStream", "build_worker_dataset", "epoch_plan", "remaining_units", "worker_stream"]
+__all__ = ["DataPosition", "WorkerStream", "epoch_plan", "remaining_units"]

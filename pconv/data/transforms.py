@@ -1,25 +1,30 @@
-"""Per-sample work of the data pipeline, without Ray: decode, crop/flip, mask pairing, tensors, fixed val pairs.
+"""Per-sample work of the data pipeline, without Ray: decode, crop/flip, the pairing of each crop, fixed val pairs.
 
-:mod:`pconv.data.stream` runs these functions inside Ray Data tasks; :func:`pconv.data.stream.load_val_pairs` and the benchmark run
-them in-process. Images: the short side is resized to the training size (up or down, aspect kept; JPEGs are
-decoded at a reduced scale when possible), then a random square crop (train) or the centre crop (val); random
-horizontal flip for training. Masks: a random mask of the :class:`MaskBank` with the paper's training augmentation
-(:func:`pconv.core.masks.augment_mask`, nearest resizing only) for training; a fixed mask, centre square and nearest
-resize for validation. Output arrays are compact: ``image`` uint8 N x 3 x S x S (0..255), ``mask`` uint8
-N x 1 x S x S in {0, 1} (1 = valid), plus ``skipped`` (see :mod:`pconv.data.stream`); :mod:`pconv.data.inputs` makes
-the float32 model inputs. Shipping uint8 moves 4x fewer bytes through Ray's object store and to the GPU; the
-conversion to float is one cheap op at the consumer (on the GPU in training).
+:mod:`pconv.data.stream` runs these functions inside Ray Data tasks (training) and in-process (the validation pairs).
+Images: the short side is resized to the training size (up or down, aspect kept; JPEGs are decoded at a reduced
+scale when possible), then a random square crop (train) or the centre crop (val); random horizontal flip for
+training. Output arrays are compact: ``image`` uint8 N x 3 x S x S (0..255), ``mask`` uint8 N x 1 x S x S in {0, 1}
+(1 = valid), plus ``skipped`` (see :mod:`pconv.data.stream`) and the pair source's own columns;
+:mod:`pconv.data.inputs` makes the float32 model inputs. Shipping uint8 moves 4x fewer bytes through Ray's object
+store and to the GPU; the conversion to float is one cheap op at the consumer (on the GPU in training).
 
-Super-resolution (``task: sr``, paper Sec. 5): the pairing source is an :class:`SRPairs` instead of a mask bank.
-Each crop (the same random crop + flip, or centre crop) stays the ``image`` (the HR ground truth); the ``mask`` is
-the grid of :func:`pconv.core.sr_grid.sr_grid` (offset floor(K/2)); an extra column ``lr`` uint8 N x 3 x S/K x S/K holds
-the crop downsampled by K (:func:`pconv.core.images.downsample`, Pillow bicubic). The model's image input is the canvas
-of ``lr`` on the grid (:func:`pconv.data.inputs.to_float_batch`), NOT ``image * mask``: at the grid positions the
-net must see the downsampled values, as at inference, while the losses compare with the HR crop.
+Pairing. Every crop is paired by a :class:`PairSource`, the one interface of both tasks (:func:`pair_source` picks
+the task's):
+
+- inpainting, :class:`MaskBank`: a random mask of the split's mask shards with the paper's training augmentation
+  (:func:`pconv.core.masks.augment_mask`, nearest resizing only) for training; a fixed mask, centre square and
+  nearest resize, for validation. No extra columns.
+- super-resolution (``task: sr``, paper Sec. 5), :class:`SRPairs`: each crop stays the ``image`` (the HR ground
+  truth); the ``mask`` is the grid of :func:`pconv.core.sr_grid.sr_grid` (offset floor(K/2)) for training and
+  validation alike; the extra column ``lr`` uint8 N x 3 x S/K x S/K holds the crop downsampled by K
+  (:func:`pconv.core.images.downsample`, Pillow bicubic). The model's image input is the canvas of ``lr`` on the
+  grid (:func:`pconv.data.inputs.net_input`), NOT ``image * mask``: at the grid positions the net must see the
+  downsampled values, as at inference, while the losses compare with the HR crop.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import logging
@@ -29,10 +34,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pconv.core import images
-from pconv.core import masks as M
-from pconv.storage import shards
+from pconv.core import images, masks
+from pconv.core.config import SR_TASK, TrainConfig
 from pconv.core.sr_grid import check_scale, sr_grid
+from pconv.storage import shards
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +49,43 @@ def derive_seed(*parts: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Mask bank
+# Pair sources: what each crop is paired with
 # ---------------------------------------------------------------------------------------------
+class PairSource(abc.ABC):
+    """What a crop is paired with, for training and validation, and the columns the pairing adds to its rows.
+
+    Implementations are small picklable values (a training worker puts its one into Ray's object store once and
+    every read/decode task samples from it)."""
+
+    #: True when each validation pair has a mask of its own (inpainting); False when every pair has the same one
+    #: (SR's grid), so a sample grid need not show it.
+    mask_varies: bool = True
+
+    @abc.abstractmethod
+    def train_mask(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        """The uint8 ``size x size`` mask (1 = valid) of one training crop; every random draw from ``rng``."""
+
+    @property
+    @abc.abstractmethod
+    def n_val_masks(self) -> int:
+        """How many fixed validation masks there are (validation images are spread over them, :func:`val_pairing`)."""
+
+    @abc.abstractmethod
+    def val_mask(self, size: int, index: int) -> np.ndarray:
+        """The uint8 ``size x size`` mask (1 = valid) of fixed validation mask ``index`` (< :attr:`n_val_masks`)."""
+
+    @abc.abstractmethod
+    def describe(self, index: int) -> str:
+        """What fixed validation mask ``index`` is (a mask key; SR: its grid)."""
+
+    def extra_columns(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """The columns the pairing adds to the rows of uint8 ``N x S x S x 3`` crops (default: none)."""
+        return {}
+
+
 @dataclass
-class MaskBank:
-    """All stored mask PNGs of one split in one buffer, sorted by key (index i = i-th key)."""
+class MaskBank(PairSource):
+    """Inpainting's pair source: all stored mask PNGs of one split in one buffer, sorted by key (index i = i-th key)."""
 
     buf: np.ndarray        # uint8, concatenated PNG bytes
     offsets: np.ndarray    # int64, len(keys) + 1
@@ -59,12 +96,74 @@ class MaskBank:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def __repr__(self) -> str:  # not the arrays: it is logged
+        return f"MaskBank({len(self)} masks, {self.buf.nbytes / 1e6:.1f} MB)"
+
     def png(self, i: int) -> bytes:
         return self.buf[self.offsets[i]:self.offsets[i + 1]].tobytes()
 
     def mask(self, i: int) -> np.ndarray:
         """Decoded mask i, uint8 H x W, 1 = valid."""
-        return M.decode_stored_mask(self.png(i), name=self.keys[i])
+        return masks.decode_stored_mask(self.png(i), name=self.keys[i])
+
+    def train_mask(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        """A random mask of the bank with the paper's augmentation (:func:`pconv.core.masks.augment_mask`)."""
+        return masks.augment_mask(self.mask(int(rng.integers(len(self)))), rng, size)
+
+    @property
+    def n_val_masks(self) -> int:
+        return len(self)
+
+    def val_mask(self, size: int, index: int) -> np.ndarray:
+        """Mask ``index`` as is: centre square, nearest resize (:func:`center_square_mask`)."""
+        return center_square_mask(self.mask(index), size)
+
+    def describe(self, index: int) -> str:
+        return self.keys[index]
+
+
+@dataclass(frozen=True)
+class SRPairs(PairSource):
+    """Super-resolution's pair source (``task: sr``): every crop's mask is the grid of scale K, and its rows carry
+    the crop downsampled by K (column ``lr``)."""
+
+    scale: int
+    mask_varies = False  # one grid for every pair
+
+    def __post_init__(self) -> None:
+        check_scale(self.scale)
+
+    def lr(self, pixels: np.ndarray) -> np.ndarray:
+        """The LR image (uint8 ``S/K x S/K x 3``) of an HR crop ``S x S x 3``: :func:`pconv.core.images.downsample`."""
+        return images.downsample(pixels, self.scale)
+
+    def grid(self, size: int) -> np.ndarray:
+        """The ``size x size`` uint8 grid mask (1 = an LR pixel, :func:`pconv.core.sr_grid.sr_grid`)."""
+        return _grid(size, self.scale).copy()
+
+    def train_mask(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        return self.grid(size)
+
+    @property
+    def n_val_masks(self) -> int:
+        return 1
+
+    def val_mask(self, size: int, index: int) -> np.ndarray:
+        return self.grid(size)
+
+    def describe(self, index: int) -> str:
+        return f"sr-grid-x{self.scale}"
+
+    def extra_columns(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """``lr``: uint8 ``N x 3 x S/K x S/K``, each crop downsampled by K."""
+        k, s = self.scale, crops.shape[1]
+        lr = np.stack([self.lr(p) for p in crops]) if len(crops) else np.empty((0, s // k, s // k, 3), np.uint8)
+        return {"lr": np.ascontiguousarray(lr.transpose(0, 3, 1, 2))}
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int, scale: int) -> np.ndarray:
+    return sr_grid(size, size, scale)[0, 0].numpy().astype(np.uint8)
 
 
 def _split_with_rows(root: str, manifest: dict[str, Any], preferred: str) -> str:
@@ -77,50 +176,8 @@ def _split_with_rows(root: str, manifest: dict[str, Any], preferred: str) -> str
     raise ValueError(f"{root}: the manifest lists no rows (counts={counts})")
 
 
-@dataclass(frozen=True)
-class SRPairs:
-    """The pairing source of ``task: sr`` (stands where a :class:`MaskBank` / mask URI goes): one "mask", the grid
-    of scale K, so ``keys``, ``bins`` and ``border`` answer as a one-mask bank's would."""
-
-    scale: int
-
-    def __post_init__(self) -> None:
-        check_scale(self.scale)
-
-    def __len__(self) -> int:
-        return 1
-
-    @property
-    def keys(self) -> list[str]:
-        return [f"sr-grid-x{self.scale}"]
-
-    @property
-    def bins(self) -> np.ndarray:
-        return np.full(1, -1, dtype=np.int8)
-
-    @property
-    def border(self) -> np.ndarray:
-        return np.zeros(1, dtype=bool)
-
-    def lr(self, pixels: np.ndarray) -> np.ndarray:
-        """The LR image (uint8 ``S/K x S/K x 3``) of an HR crop ``S x S x 3``: :func:`pconv.core.images.downsample`."""
-        return images.downsample(pixels, self.scale)
-
-    def grid(self, size: int) -> np.ndarray:
-        """The ``size x size`` uint8 grid mask (1 = an LR pixel, :func:`pconv.core.sr_grid.sr_grid`)."""
-        return _grid(size, self.scale).copy()
-
-
-@functools.lru_cache(maxsize=8)
-def _grid(size: int, scale: int) -> np.ndarray:
-    return sr_grid(size, size, scale)[0, 0].numpy().astype(np.uint8)
-
-
-def load_mask_bank(masks_uri: "str | SRPairs", split: str = "train") -> "MaskBank | SRPairs":
-    """Read every mask of ``split`` (falling back to the other split if it is empty) into a :class:`MaskBank`
-    (an :class:`SRPairs` is its own bank)."""
-    if isinstance(masks_uri, SRPairs):
-        return masks_uri
+def load_mask_bank(masks_uri: str, split: str = "train") -> MaskBank:
+    """Read every mask of ``split`` (falling back to the other split if it is empty) into a :class:`MaskBank`."""
     manifest = shards.read_manifest(masks_uri, kind=shards.MASKS_KIND)
     split = _split_with_rows(masks_uri, manifest, split)
     table = shards.read_table(shards.shard_uris(masks_uri, manifest, split), ["key", "mask", "bin", "border"])
@@ -132,6 +189,12 @@ def load_mask_bank(masks_uri: "str | SRPairs", split: str = "train") -> "MaskBan
     buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
     return MaskBank(buf, offsets, table.column("key").to_pylist(), table.column("bin").to_numpy().astype(np.int8),
                     table.column("border").to_numpy(zero_copy_only=False).astype(bool))
+
+
+def pair_source(cfg: TrainConfig, split: str) -> PairSource:
+    """The pair source of ``cfg.task`` for ``split``: the SR grid of ``cfg.sr_scale``, or the mask bank of
+    ``cfg.masks`` (:func:`load_mask_bank`)."""
+    return SRPairs(cfg.sr_scale) if cfg.task == SR_TASK else load_mask_bank(cfg.masks, split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,27 +215,14 @@ def center_square_mask(mask: np.ndarray, size: int) -> np.ndarray:
     h, w = mask.shape
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    return M.resize_nearest(mask[top:top + side, left:left + side], size)
+    return masks.resize_nearest(mask[top:top + side, left:left + side], size)
 
 
-def _to_chw(pixels: np.ndarray, masks: np.ndarray, bank: "MaskBank | SRPairs | None" = None
-            ) -> dict[str, np.ndarray]:
-    """uint8 N x S x S x 3 and N x S x S -> uint8 N x 3 x S x S image, N x 1 x S x S mask (+ SR's ``lr``)."""
-    out = {"image": np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), "mask": masks[:, None]}
-    if isinstance(bank, SRPairs):
-        k, s = bank.scale, pixels.shape[1]
-        lr = np.stack([bank.lr(p) for p in pixels]) if len(pixels) else np.empty((0, s // k, s // k, 3), np.uint8)
-        out["lr"] = np.ascontiguousarray(lr.transpose(0, 3, 1, 2))
-    return out
-
-
-def _mask_for(bank: "MaskBank | SRPairs", s: int, rng: np.random.Generator | None, index: int = 0) -> np.ndarray:
-    """The S x S mask of one sample: SR's grid; a random augmented bank mask (``rng``); or fixed mask ``index``."""
-    if isinstance(bank, SRPairs):
-        return bank.grid(s)
-    if rng is not None:
-        return M.augment_mask(bank.mask(int(rng.integers(len(bank)))), rng, s)
-    return center_square_mask(bank.mask(index), s)
+def _rows(pixels: np.ndarray, hole_masks: np.ndarray, pairs: PairSource) -> dict[str, np.ndarray]:
+    """uint8 N x S x S x 3 crops and their N x S x S masks -> uint8 N x 3 x S x S ``image``, N x 1 x S x S
+    ``mask`` and the pair source's columns."""
+    return {"image": np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), "mask": hole_masks[:, None],
+            **pairs.extra_columns(pixels)}
 
 
 def _skipped_column(n_out: int, skipped: int) -> np.ndarray:
@@ -183,14 +233,13 @@ def _skipped_column(n_out: int, skipped: int) -> np.ndarray:
 
 
 def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed: int,
-                    bank: "MaskBank | SRPairs") -> dict[str, np.ndarray]:
+                    pairs: PairSource) -> dict[str, np.ndarray]:
     """Training samples from a batch of shard rows (``key``, ``image``, ``_rand``, optional ``pos``): decode +
-    crop + flip each image, pair it with a random mask of ``bank`` augmented by :func:`pconv.core.masks.augment_mask`.
+    crop + flip each image, pair it (:meth:`PairSource.train_mask`, :meth:`PairSource.extra_columns`).
     Output rows keep the input order (corrupt rows dropped); ``pos`` rides along when given.
 
     Row i's randomness comes only from ``(base_seed, _rand[i])``, so results do not depend on batching.
     """
-    masks_bank = bank
     keys, blobs, rands = batch["key"], batch["image"], batch["_rand"]
     n = len(keys)
     s = image_size
@@ -204,7 +253,7 @@ def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed:
         try:
             img = images.open_image(bytes(blobs[i]), draft_size=s, name=key)
             pixels[ok] = random_crop_flip(img, s, rng)
-            masks_out[ok] = _mask_for(masks_bank, s, rng)
+            masks_out[ok] = pairs.train_mask(s, rng)
         except (ValueError, OSError) as exc:
             skipped += 1
             log.warning("training data: skipped corrupt row %s: %s", key, exc)
@@ -213,7 +262,7 @@ def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed:
         ok += 1
     if skipped and not ok:
         log.warning("training data: a decode batch of %d rows was entirely corrupt (count not in 'skipped')", n)
-    out = _to_chw(pixels[:ok], masks_out[:ok], masks_bank)  # input order (the caller's rows are already in a seeded order)
+    out = _rows(pixels[:ok], masks_out[:ok], pairs)  # input order (the caller's rows are already in a seeded order)
     out["id"] = ids[:ok]
     out["skipped"] = _skipped_column(ok, skipped)
     if "pos" in batch:  # the data position of each surviving row (pconv.data.plan)
@@ -221,10 +270,10 @@ def train_transform(batch: dict[str, np.ndarray], *, image_size: int, base_seed:
     return out
 
 
-def val_transform(batch: dict[str, np.ndarray], *, image_size: int, bank: "MaskBank | SRPairs",
+def val_transform(batch: dict[str, np.ndarray], *, image_size: int, pairs: PairSource,
                   pairing: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
-    """Validation samples: rows whose key is in ``pairing`` (key -> (index, mask index)), centre crop, fixed mask."""
-    masks_bank = bank
+    """Validation samples: rows whose key is in ``pairing`` (key -> (index, mask index)), centre crop, fixed mask
+    (:meth:`PairSource.val_mask`)."""
     rows = [i for i, k in enumerate(batch["key"]) if str(k) in pairing]
     s = image_size
     pixels = np.empty((len(rows), s, s, 3), dtype=np.uint8)
@@ -241,16 +290,17 @@ def val_transform(batch: dict[str, np.ndarray], *, image_size: int, bank: "MaskB
             log.warning("validation data: skipped corrupt row %s: %s", key, exc)
             continue
         index[ok], mask_index[ok] = pairing[key]
-        masks_out[ok] = _mask_for(masks_bank, s, None, int(mask_index[ok]))
+        masks_out[ok] = pairs.val_mask(s, int(mask_index[ok]))
         ok += 1
-    out = _to_chw(pixels[:ok], masks_out[:ok], masks_bank)
+    out = _rows(pixels[:ok], masks_out[:ok], pairs)
     out["index"], out["mask_index"] = index[:ok], mask_index[:ok]
     out["skipped"] = _skipped_column(ok, skipped)
     return out
 
 
 def val_pairing(image_keys: list[str], n_masks: int, limit: int | None = None) -> dict[str, tuple[int, int]]:
-    """key -> (index, mask index): sorted keys (first ``limit``), mask ``(i * stride) mod n_masks``."""
+    """key -> (index, mask index): sorted keys (first ``limit``), mask ``(i * stride) mod n_masks`` with stride
+    ``max(1, n_masks // n)``: spread over the whole mask set, so every hole-ratio bin of the NVIDIA set appears."""
     keys = sorted(image_keys)[: limit if limit is not None else None]
     if n_masks < 1:
         raise ValueError("no masks to pair validation images with")
