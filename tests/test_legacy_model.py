@@ -9,8 +9,9 @@
   module already imported. So it runs in a fresh interpreter (where the old code answers), and the old ``pconv``
   cannot leak into this process.
 - Through :func:`pconv.tracking.loading.load_model`: the version registered into a fresh SQLite MLflow store (no
-  server) and loaded by ``models:/NAME/VERSION`` and ``models:/NAME@ALIAS``, and the local folder; both give exactly
-  the net rebuilt by hand from the state dict.
+  server) and loaded by ``models:/NAME/VERSION`` and ``models:/NAME@ALIAS`` (with the environment naming another
+  store, as a Serve replica's may), and the local folder; both give exactly the net rebuilt by hand from the state
+  dict.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from PIL import Image
 from pconv.core.unet import build_model
 from pconv.inference.pyfunc import PConvPyfunc
 from pconv.tracking import registry
-from pconv.tracking.loading import load_model
+from pconv.tracking.loading import load_model, model_config
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "model_v0_1_0"
 OLD_LOADER = "pconv.pyfunc_model"
@@ -162,10 +163,18 @@ def register_fixture(tracking_uri: str, artifacts: Path, name: str, monkeypatch)
 
 
 def test_load_model_loads_the_old_version_from_the_registry_and_the_folder(tmp_path, reference_net, monkeypatch):
+    from mlflow import MlflowClient
+
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     version, model_id = register_fixture(tracking_uri, tmp_path / "artifacts", "pconv-legacy", monkeypatch)
     assert version == "1"
     want = net_outputs(reference_net)
+    # The store is the one named, whatever the environment says: a Serve replica or Ray worker may run with an
+    # MLFLOW_TRACKING_URI of another store (here an empty one), and MLflow resolves models:/ URIs through it.
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    MlflowClient(elsewhere).search_experiments()  # creates it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    assert model_config("models:/pconv-legacy/1", tracking_uri)["layer_size"] == LAYER_SIZE
 
     for uri in ("models:/pconv-legacy/1", f"models:/pconv-legacy@{registry.CANDIDATE}"):
         model, info = load_model(uri, tracking_uri=tracking_uri)

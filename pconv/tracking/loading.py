@@ -175,17 +175,15 @@ def model_config(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
     what a caller reads to dispatch on the model's ``task`` before the (slow) load."""
     uri = str(uri)
     if uri.startswith(REGISTRY_SCHEME):
-        import mlflow
         from mlflow.exceptions import MlflowException
 
         store = registry_store(uri, tracking_uri)
         try:
             name, version = resolve_version(uri, store)
             with tempfile.TemporaryDirectory(prefix="pconv-config-") as tmp:
-                local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{REGISTRY_SCHEME}{name}/{version}/{registry.EXTRA_FILES_DIR}/{ckpt.CONFIG_FILE}",
-                    dst_path=tmp, tracking_uri=store, registry_uri=store)
-                return ckpt.load_config_dict(Path(local).parent)  # where MLflow put it (it keeps sub-paths)
+                local = registry.download_model_files(name, version, tmp, store,
+                                                      path=f"{registry.EXTRA_FILES_DIR}/{ckpt.CONFIG_FILE}")
+                return ckpt.load_config_dict(local.parent)  # where MLflow put it (it keeps sub-paths)
         except MlflowException as exc:
             detail = redact_uri(str(getattr(exc, "message", exc))).splitlines()[0][:300]
             raise ValueError(f"{uri}: no such registered model, alias or version in the MLflow store "

@@ -377,13 +377,23 @@ def logged_model_id(name: str, version: str, tracking_uri: str | None = None) ->
     return source[len("models:/"):] if source.startswith("models:/m-") else None
 
 
-def download_model_files(name: str, version: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
-    """Download only ``extra_files/`` (state dict + config, no pickles) of a registered version into ``dst``."""
+def download_model_files(name: str, version: str, dst: str | Path, tracking_uri: str | None = None,
+                         path: str = EXTRA_FILES_DIR) -> Path:
+    """Download ``path`` of a registered version's model (default ``extra_files/``: state dict + config, no
+    pickles) from the store ``tracking_uri`` into ``dst``; returns where it landed.
+
+    The version is looked up with a client bound to that store, and its files are downloaded from the version's
+    own location, not through a ``models:/NAME/VERSION/...`` URI: MLflow 3.17 resolves such a URI through the
+    process-wide registry URI (``ModelsArtifactRepository._get_model_uri_infos`` ignores the ``registry_uri`` it
+    is given), so a process whose ``MLFLOW_TRACKING_URI`` names another store (a Ray worker or Serve replica
+    started with another environment) would look the version up there and not find it.
+    """
     import mlflow
 
     resolved = resolve_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/{EXTRA_FILES_DIR}",
-                                                dst_path=str(dst), tracking_uri=resolved, registry_uri=resolved)
+    location = client_for(resolved).get_model_version_download_uri(name, version).rstrip("/")
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{path}", dst_path=str(dst),
+                                                tracking_uri=resolved)
     return Path(local)
 
 
