@@ -127,3 +127,19 @@ def test_the_export_latency_benchmark_times_the_three_runtimes(capsys):
     assert "ratio onnxruntime/eager (cpu, 64px): " in out and "ratio torchscript/eager (cpu, 64px): " in out
     differences = [float(line.split()[-1]) for line in out.splitlines() if "max |difference|" in line]
     assert len(differences) == 3 and max(differences) <= TOLERANCE
+
+
+def test_version_tags_keep_their_names_across_the_package_move(tmp_path):
+    """Tag keys are data, not module paths: `pconv.checkpoint` stays `pconv.checkpoint` (readers filter on it)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = TrainConfig(images="x", masks="y", image_size=32, layer_size=LAYER_SIZE, run_name="tags",
+                      experiment="tags-exp", phase1_steps=1, phase2_steps=0)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        version = registry.log_and_register_model(build_model(LAYER_SIZE).eval(), cfg, None, tracking_uri=uri,
+                                                  checkpoint_uri="s3://bucket/runs/tags/checkpoint_000001")
+    tags = MlflowClient(uri).get_model_version(registry.INPAINTING_MODEL, version).tags
+    assert tags["pconv.checkpoint"] == "s3://bucket/runs/tags/checkpoint_000001"
+    assert not [key for key in tags if key.startswith(("pconv.tracking", "pconv.core", "pconv.train"))]

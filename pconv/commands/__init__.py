@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "batch-inpaint": ("batch_inpaint", "offline inpainting at scale with Ray Data"),
     "super-resolve": ("super_resolve", "super-resolve an image (a model trained with task: sr)"),
     "serve": ("serve", "HTTP API + web page with Ray Serve"),
+    "export": ("export", "export a model as ONNX or TorchScript for other runtimes"),
     "demo": ("demo", "the whole pipeline on sample photos (a source checkout)"),
 }
 

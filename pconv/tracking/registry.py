@@ -316,7 +316,7 @@ def log_and_register_model(model: torch.nn.Module, config: TrainConfig | Mapping
     tags = {"pconv.image_size": cfg.image_size, "pconv.layer_size": cfg.layer_size, "pconv.conv": cfg.conv,
             "pconv.task": cfg.task, "pconv.sr_scale": cfg.sr_scale if cfg.task == SR_TASK else None,
             "pconv.step": step, "pconv.serialization": serialization, "pconv.run_name": cfg.run_name,
-            "pconv.tracking.checkpoints": checkpoint_uri or (str(checkpoint_dir) if checkpoint_dir else None)}
+            "pconv.checkpoint": checkpoint_uri or (str(checkpoint_dir) if checkpoint_dir else None)}
     for key, value in tags.items():
         if value is not None:
             client.set_model_version_tag(name, version, key, str(value))
