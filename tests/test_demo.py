@@ -102,7 +102,7 @@ def test_cli_exits_2_with_a_clear_error_without_datasets(tmp_path):
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_tiny_demo_end_to_end(tmp_path, datasets_dir):
+def test_tiny_demo_end_to_end(tmp_path, datasets_dir, own_ray_cluster):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "AWS_", "RAY_ADDRESS", "DEMO_"))}
     out = tmp_path / "out"

@@ -125,7 +125,7 @@ def test_up_rejects_an_unknown_auth_mode(tmp_path):
 
 # ---------------------------------------------------------------- pconv.apps.local_s3
 @pytest.mark.integration
-def test_local_s3_points_the_aws_environment_at_itself_only_while_entered(tmp_path, monkeypatch):
+def test_local_s3_points_the_aws_environment_at_itself_only_while_entered(tmp_path, monkeypatch, own_servers):
     from pconv.storage import uris
     from pconv.apps.local_s3 import LocalS3
 
@@ -148,7 +148,7 @@ def test_local_s3_points_the_aws_environment_at_itself_only_while_entered(tmp_pa
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(420)
-def test_stack_up_answers_and_down_stops_only_what_it_started(tmp_path):
+def test_stack_up_answers_and_down_stops_only_what_it_started(tmp_path, own_ray_cluster, own_servers):
     import boto3
 
     stack_dir = tmp_path / "stack"

@@ -33,7 +33,7 @@ TOTAL_STEPS = 60
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
+def ray_cluster(own_ray_cluster, s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
     """`ray start --head --block` in its own process group; stopped by killing that group (only ours)."""
     import secrets
 

@@ -144,7 +144,9 @@ class VGG16FeatureExtractor(nn.Module):
       * ``"imagenet"`` - torchvision's VGG16_Weights.IMAGENET1K_V1 (torch hub cache or download);
       * a local path or an object-storage URI (``s3://...``) to a torchvision ``vgg16()`` state dict
         (keys ``features.N.weight`` ...; classifier keys are ignored, missing feature keys are an error);
-      * ``"random"`` - seeded random init (``seed``), for tests only; logs a warning.
+      * ``"random"`` - seeded random init (``seed``): no ImageNet features, so the perceptual and style terms are
+        not the paper's; for machines that cannot obtain the weights (the offline demo) and the unit tests. Logs a
+        warning.
 
     ``read_bytes`` reads a URI's bytes (the core knows no object storage; training passes
     :func:`pconv.storage.uris.read_bytes`).
@@ -161,7 +163,7 @@ class VGG16FeatureExtractor(nn.Module):
         if weights == "random":
             logger.warning(
                 "VGG16FeatureExtractor uses RANDOM weights (seed %d): perceptual/style losses are not the "
-                "paper's; use this for tests only",
+                "paper's; train with weights='imagenet' or a path / URI to ImageNet weights for real results",
                 seed,
             )
             self._init_random(seed)
