@@ -2,8 +2,8 @@
 """Export a trained model for other runtimes: ONNX (ONNX Runtime, TensorRT, Triton) or TorchScript (LibTorch).
 
 Examples:
-  pconv export --model models:/pconv-unet@champion --format onnx --out pconv-unet.onnx
-  pconv export --model runs/demo/checkpoint_000040 --format torchscript --out pconv-unet.pt
+  python pipelines/export.py --model models:/pconv-unet@champion --format onnx --out pconv-unet.onnx
+  python pipelines/export.py --model runs/demo/checkpoint_000040 --format torchscript --out pconv-unet.pt
 
 The file holds the network's own contract: inputs `image` (float32 N×3×H×W in [0, 1], holes zeroed) and `mask`
 (float32 N×1×H×W, 1 = valid), output `output` (the raw prediction; paste the valid pixels back yourself). H and W
