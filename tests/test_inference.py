@@ -182,7 +182,8 @@ def test_inpaint_cli_errors_are_clear(registered, tmp_path):
     assert proc.returncode == 2 and "1 image(s) without a mask: b" in proc.stderr
     proc = _cli("--model", "models:/pconv-unet@candidate", "--image", str(tmp_path / "in"), "--mask",
                 str(tmp_path / "masks"), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 2 and "--hole-color" in proc.stderr  # polarity is never guessed
+    # no --hole-color: white = hole (every edge's default), so the run gets as far as the pairing error
+    assert proc.returncode == 2 and "1 image(s) without a mask: b" in proc.stderr
     Image.new("L", (10, 20)).save(tmp_path / "small.png")
     with pytest.raises(ValueError, match="must match their image"):
         inpaint_job(registered["model"], Job(str(tmp_path / "in" / "a.png"), str(tmp_path / "small.png"),

@@ -65,12 +65,15 @@ def test_missing_source_is_an_error_before_work(repo_root, tmp_path):
     assert not dst.exists()
 
 
-def test_bad_hole_color_and_missing_option(repo_root, mask_zip, tmp_path):
+def test_bad_hole_color_and_the_white_default(repo_root, mask_zip, tmp_path):
     dst = tmp_path / "out"
     res = run_cli(repo_root, "masks", mask_zip, dst, "--hole-color", "grey")
     assert res.returncode == 2 and "hole-color" in res.stderr and "white" in res.stderr
-    res = run_cli(repo_root, "masks", mask_zip, dst)
-    assert res.returncode == 2 and "--hole-color" in res.stderr
+    default, white = tmp_path / "default", tmp_path / "white"  # no --hole-color: white = hole, as at every edge
+    assert run_cli(repo_root, "masks", mask_zip, default).returncode == 0
+    assert run_cli(repo_root, "masks", mask_zip, white, "--hole-color", "white").returncode == 0
+    by_default, explicit = shards.read_manifest(str(default)), shards.read_manifest(str(white))
+    assert by_default["counts"] == explicit["counts"] and by_default["out_of_bins"] == explicit["out_of_bins"] == 0
     res = run_cli(repo_root, "masks", "--generate", "3", dst, "extra")
     assert res.returncode == 2
     assert not dst.exists()

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Callable
 
-from pconv.core.masks import HOLE_COLORS
+from pconv.core.masks import HOLE_COLORS, WHITE
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 USAGE_ERROR = 2  # exit status of a refused input (argparse uses the same for bad flags)
@@ -27,13 +27,13 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
 
 
-def add_hole_color(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None,
-                   flag: str = "--hole-color") -> None:
-    """``--hole-color white|black``: which colour marks HOLES in mask files. Required where a wrong guess would
-    inpaint the wrong pixels; masks in memory are always 1 = valid (pconv.core.masks)."""
-    parser.add_argument(flag, required=required, default=default, choices=HOLE_COLORS,
-                        help="which colour marks HOLES in the mask files (NVIDIA's test masks: white)"
-                             + ("; required: the polarity is never guessed" if required else ""))
+def add_hole_color(parser: argparse.ArgumentParser, flag: str = "--hole-color") -> None:
+    """``--hole-color white|black``: which colour marks HOLES in mask files; white by default at every edge (CLI,
+    HTTP, pyfunc, Python API), as NVIDIA's test masks, diffusers and LaMa have it. Masks in memory are always
+    1 = valid (pconv.core.masks)."""
+    parser.add_argument(flag, default=WHITE, choices=HOLE_COLORS,
+                        help="which colour marks HOLES in the mask files (default: white, as NVIDIA's test masks, "
+                             "diffusers and LaMa; black for masks drawn the other way round)")
 
 
 def setup_logging(level: str | int) -> None:

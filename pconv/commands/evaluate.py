@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--masks",
                         help="inpainting: test masks, mask shard root or folder/zip of files (+ --hole-color)")
     parser.add_argument("--scale", type=int, default=None, help="super-resolution models: K (default: the model's)")
-    common.add_hole_color(parser, required=False)  # only raw mask files need it; mask shards store their polarity
+    common.add_hole_color(parser)  # only raw mask files need it; mask shards store their polarity
     parser.add_argument("--limit", type=int, default=None,
                         help="use at most N images (each is paired with every group)")
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="evaluation size in px (paper: 512)")

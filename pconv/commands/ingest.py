@@ -55,13 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     masks = sub.add_parser("masks", parents=[shared],
                            help="mask archive/folder/prefix, or generated masks -> mask shards",
-                           usage="%(prog)s SRC DST --hole-color white|black [--threshold T] [options]\n"
+                           usage="%(prog)s SRC DST [--hole-color white|black] [--threshold T] [options]\n"
                                  "       %(prog)s --generate N DST [--size 512] [--seed S] [options]",
                            description="Store binary masks (1-bit PNG, white = valid) with hole ratio, paper bin "
-                                       "and border flag. Give SRC and DST with --hole-color, or --generate N and DST.")
+                                       "and border flag. Give SRC and DST (white = hole unless --hole-color black), or "
+                                       "--generate N and DST. A set that looks inverted is refused unless --force.")
     masks.add_argument("paths", nargs="+", metavar="PATH",
                        help="SRC (folder, .zip, or s3:// prefix) and DST; only DST with --generate")
-    common.add_hole_color(masks, required=False)  # required with SRC (checked below): the polarity is never guessed
+    common.add_hole_color(masks)
     masks.add_argument("--threshold", type=float, default=0.5,
                        help="grey level (0-1] at or above which a pixel counts as white (default 0.5; use 0.6 for "
                             "NVIDIA's soft training masks)")
@@ -93,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "masks" and len(args.paths) != (1 if args.generate is not None else 2):
         parser.error("masks takes SRC and DST, or --generate N and only DST")
-    if args.command == "masks" and args.generate is None and args.hole_color is None:
-        parser.error("masks SRC DST needs --hole-color white|black (the polarity of the source files)")
     common.setup_logging(logging.WARNING if args.quiet else logging.INFO)
     return common.run(lambda: print(_ingest(args, progress=not args.quiet)), prog="prepare_data: error",
                       expected=(local.IngestError,))
