@@ -203,9 +203,7 @@ def test_pair_files_by_relative_stem(tmp_path):
 # Ray Data batch inference into S3
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_batch_inpaint_with_ray_writes_to_s3(registered, s3_bucket, tmp_path):
-    import ray
-
+def test_batch_inpaint_with_ray_writes_to_s3(registered, s3_bucket, ray_local, tmp_path):
     from pconv.inference.batch import batch_inpaint
 
     pairs = {stem: _write_pair(tmp_path / "in", tmp_path / "masks", stem, 40 + 3 * i, 37, i)
@@ -214,12 +212,8 @@ def test_batch_inpaint_with_ray_writes_to_s3(registered, s3_bucket, tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "masks" / "broken.png")
     uris.upload_dir(str(tmp_path / "in"), f"{s3_bucket}/in")
     uris.upload_dir(str(tmp_path / "masks"), f"{s3_bucket}/masks")
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        summary = batch_inpaint("models:/pconv-unet@candidate", f"{s3_bucket}/in", f"{s3_bucket}/masks",
-                                f"{s3_bucket}/out", hole_color="white", batch_size=2, num_actors=1)
-    finally:
-        ray.shutdown()
+    summary = batch_inpaint("models:/pconv-unet@candidate", f"{s3_bucket}/in", f"{s3_bucket}/masks",
+                            f"{s3_bucket}/out", hole_color="white", batch_size=2, num_actors=1)
     assert summary["total"] == 4 and summary["written"] == 3 and summary["skipped"] == 1
     assert summary["polarity_warning"] is None  # the masks are ~ 9 % holes: nothing to warn about
     assert summary["errors"][0][0].endswith("broken.png") and "ValueError" in summary["errors"][0][1]

@@ -40,8 +40,7 @@ def chromium_paths() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    import ray
+def app_url(ray_local, tmp_path_factory):
     from ray import serve
 
     from pconv.inference.serve import APP_NAME, build_app
@@ -53,15 +52,13 @@ def app_url(tmp_path_factory):
              "data_seed": 0}
     directory = checkpoints.save(tmp_path_factory.mktemp("ckpt") / "checkpoint_000001", state, cfg.to_yaml(), {"step": 1})
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
+    try:  # on the session's local Ray (ray_local); the Serve instance is this module's
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(str(directory), min_replicas=1, max_replicas=1, num_cpus=0.5, device="cpu"),
                   name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}/"
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture

@@ -55,9 +55,8 @@ def photo_and_mask(datasets_dir):
 
 
 @pytest.fixture(scope="module")
-def served(mlflow_server, tmp_path_factory):
+def served(mlflow_server, ray_local, tmp_path_factory):
     """Two registered versions; champion -> the first; the app follows models:/pconv-unet@champion (poll 1 s)."""
-    import ray
     from mlflow import MlflowClient
     from ray import serve
 
@@ -68,8 +67,7 @@ def served(mlflow_server, tmp_path_factory):
     client = MlflowClient(mlflow_server.url)
     client.set_registered_model_alias(registry.INPAINTING_MODEL, registry.CHAMPION, v1)
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
+    try:  # on the session's local Ray (ray_local); the Serve instance is this module's
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(f"models:/{registry.INPAINTING_MODEL}@{registry.CHAMPION}", mlflow_server.url,
                             min_replicas=1, max_replicas=1, max_ongoing_requests=4, max_queued_requests=6,
@@ -78,7 +76,6 @@ def served(mlflow_server, tmp_path_factory):
         yield {"url": f"http://127.0.0.1:{port}", "v1": v1, "v2": v2, "client": client, "tracking": mlflow_server.url}
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def post(url: str, image: bytes | None, mask: bytes | None, hole_color: str | None = "white",
