@@ -107,6 +107,78 @@ def test_two_ranks_read_disjoint_rows_covering_the_epoch(prepared_shards, monkey
     assert len(ids) == len(set(ids)) == sum(u["rows"] for u in stream.read_units(prepared_shards["images"], "train"))
 
 
+# ---------------------------------------------------------------------------------------------
+# data/skipped across resume (issue 25 item 5)
+# ---------------------------------------------------------------------------------------------
+def _png(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _train_root(root: Path, blobs: dict[str, bytes], monkeypatch) -> str:
+    """An image shard root whose train split is one shard of ``blobs`` (key -> bytes) in row groups of 10 rows."""
+    from pconv.storage import shards, uris
+
+    monkeypatch.setattr(shards, "ROW_GROUP_MAX_ROWS", 10)
+    writer = shards.ShardWriter(str(root), "train", shards.IMAGE_SCHEMA, 2**40, "test", "image")
+    for key, blob in blobs.items():
+        writer.add({"key": key, "image": blob, "height": 40, "width": 48, "format": "png", "split": "train"})
+    writer.flush()
+    manifest = {"schema_version": shards.SCHEMA_VERSION, "kind": shards.IMAGES_KIND, "source": "test",
+                "run_id": "test", "counts": {"train": len(blobs), "val": 0}, "shards": writer.shards}
+    uris.write_bytes_atomic(uris.join(str(root), shards.MANIFEST), json.dumps(manifest).encode())
+    return str(root)
+
+
+def _rows_from(images_uri: str, bank, size: int, start: int) -> dict[str, np.ndarray]:
+    """One rank's rows of epoch 0 from ``start`` on, through the Ray Data task function in-process."""
+    units = stream.read_units(images_uri, "train")
+    todo = train_stream.remaining_units(train_stream.epoch_plan(units, 9, 0, 1)[0], start)
+    block = {k: np.array([u[k] for u in todo]) for k in ("uri", "row_group", "_rand", "pos0", "skip", "lo", "hi")}
+    out = list(stream.decode_train_units(block, pairs=bank, image_size=size,
+                                         base_seed=transforms.derive_seed("train", 9, 0)))
+    return {k: np.concatenate([o[k] for o in out] or [np.zeros(0, np.int64)]) for k in ("id", "pos", "skipped")}
+
+
+def test_skipped_rows_are_counted_once_whatever_row_a_checkpoint_falls_after(prepared_shards, tmp_path, monkeypatch):
+    """Corrupt rows placed in the seeded order so that checkpoints fall between a decode piece's first surviving row
+    and a corrupt row of the same piece, and after a unit's last surviving row with corrupt rows still to come. For
+    every position a checkpoint can record (after any row the worker consumed), the corrupt rows counted before it
+    plus those the resumed stream counts equal the uninterrupted stream's count, which is every corrupt row."""
+    from pconv.storage import shards
+
+    size = 512  # stream.rows_per_block(512) == 8: a unit of 10 rows is decoded as pieces of 8 and 2 rows
+    assert stream.rows_per_block(size) == 8
+    bank = transforms.load_mask_bank(prepared_shards["masks"])
+    keys = [f"img{i:02d}.png" for i in range(20)]
+    good = {k: _png(i) for i, k in enumerate(keys)}
+    order = _rows_from(_train_root(tmp_path / "good", good, monkeypatch), bank, size, 0)["id"]
+    by_id = {shards.key_id(k): k for k in keys}
+    seq = [by_id[int(i)] for i in order]  # the keys in the worker's epoch sequence (position -> key)
+    assert len(seq) == 20
+    # unit 1 = positions 0..9 (pieces 0..7, 8..9), unit 2 = 10..19 (pieces 10..17, 18..19): corrupt rows in the
+    # middle of a piece, at a unit's start, and after a unit's last good row (a piece of corrupt rows only)
+    corrupt = {3, 8, 9, 10, 15, 16, 19}
+    blobs = {k: (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40 if seq.index(k) in corrupt else b) for k, b in good.items()}
+    root = _train_root(tmp_path / "corrupt", blobs, monkeypatch)
+
+    full = _rows_from(root, bank, size, 0)
+    assert sorted(full["pos"].tolist()) == sorted(set(range(20)) - corrupt)
+    uninterrupted = int(full["skipped"].sum())
+    resumed = {}  # checkpoint position -> the resumed run's count
+    for p in [int(q) + 1 for q in full["pos"]]:  # every position a checkpoint can record
+        before = int(full["skipped"][full["pos"] < p].sum())  # what the checkpointed run had counted
+        tail = _rows_from(root, bank, size, p)
+        resumed[p] = before + int(tail["skipped"].sum())
+    assert resumed == {p: uninterrupted for p in resumed}
+    assert uninterrupted == len(corrupt)  # every corrupt row once (none after a unit's last good row is lost)
+
+
 class _FakeStream:
     """WorkerStream's input: datasets are lists of batches per (epoch, start)."""
 

@@ -23,9 +23,14 @@ Rows (compact, uint8, so 4x fewer bytes move through the object store and to the
 - ``id``     int64 stable id of the source key (:func:`pconv.storage.shards.key_id`) — for checks and debugging;
 - ``pos``    int64 the row's place in the worker's epoch sequence (its data position, :mod:`pconv.data.plan`);
 - ``skipped`` int32: the number of corrupt rows dropped while building this data. Rows that fail to decode are
-  logged (key + reason) and dropped; the count is put on the next surviving row of the same unit, so the SUM of
-  ``skipped`` over everything a consumer sees equals the number of dropped rows (re-batching preserves sums).
-  A unit whose rows are ALL corrupt has no row to carry its count: it is only logged (as an error).
+  logged (key + reason) and dropped; each surviving row counts the corrupt rows between the previous surviving
+  row of its unit and itself, and a unit's last surviving row also counts the corrupt rows after it. So the SUM
+  of ``skipped`` over everything a consumer sees equals the number of dropped rows (re-batching preserves sums),
+  and it stays exact across a resume (issue 25): a data position is the row after a consumed (surviving) row, so
+  the corrupt rows before it were all counted on rows the checkpointed run consumed, and those after it on rows
+  the resumed stream yields — what the resumed stream counts depends on the positions only, not on where its
+  decode pieces begin. A unit slice whose rows are ALL corrupt has no row to carry its count: it is only logged
+  (as an error).
 
 Epochs. Each epoch's dataset is built anew: a new seeded unit order and deal (:func:`pconv.data.plan.epoch_plan`),
 new row orders, crops, flips and masks, all from ``(seed, epoch)`` — the same on every run, different per epoch.
@@ -139,7 +144,8 @@ def decode_train_units(units: dict[str, np.ndarray], *, pairs: PairSource, image
     unit read while the previous one is decoded.
 
     Of each unit's seeded row order, the slice ``[lo, hi)`` is this rank's; its first ``skip`` rows are dropped
-    before decoding, and every row carries ``pos`` = ``pos0`` + its index in the slice (its data position)."""
+    before decoding, and every row carries ``pos`` = ``pos0`` + its index in the slice (its data position) and
+    ``skipped`` = the corrupt rows it stands for (:func:`_count_dropped`)."""
     reuse_freed_memory()
     step = rows_per_block(image_size)
     n = len(units["uri"])
@@ -149,20 +155,38 @@ def decode_train_units(units: dict[str, np.ndarray], *, pairs: PairSource, image
         keys, blobs, rands = keys[lo:hi], blobs[lo:hi], rands[lo:hi]
         pos = int(units["pos0"][i]) + np.arange(len(keys), dtype=np.int64)
         keys, blobs, rands, pos = keys[skip:], blobs[skip:], rands[skip:], pos[skip:]
-        carry = 0  # corrupt rows not yet reported on a surviving row
+        held = None  # the last piece with rows: yielded once the next one has rows or the unit ends (its last
+        #             row may still have to count the corrupt rows after it); one extra piece (<= 8 MB) in memory
+        last = int(pos[0]) - 1 if len(pos) else 0  # the position of the last surviving row (before: none yet)
         for s in range(0, len(keys), step):
             rows = {"key": keys[s:s + step], "image": blobs[s:s + step], "_rand": rands[s:s + step],
                     "pos": pos[s:s + step]}
             out = transforms.train_transform(rows, image_size=image_size, base_seed=base_seed, pairs=pairs)
             if len(out["id"]) == 0:
-                carry += len(rows["key"])
                 continue
-            out["skipped"][0] += carry
-            carry = 0
-            yield out
-        if carry:
-            log.error("training data: %s row group %d: %d corrupt rows after the last good one (not counted "
-                      "in 'skipped')", uri, group, carry)
+            out["skipped"] = _count_dropped(out["pos"], last)
+            last = int(out["pos"][-1])
+            if held is not None:
+                yield held
+            held = out
+        trailing = int(pos[-1]) - last if len(pos) else 0  # corrupt rows after the last surviving row
+        if held is not None:
+            held["skipped"][-1] += trailing
+            yield held
+        elif trailing and skip:
+            log.debug("training data: %s row group %d: %d corrupt rows after row %d, counted before the data "
+                      "position", uri, group, trailing, int(pos[0]) - 1)
+        elif trailing:
+            log.error("training data: %s row group %d: all %d rows of this rank's slice are corrupt (not counted "
+                      "in 'skipped')", uri, group, trailing)
+
+
+def _count_dropped(kept: np.ndarray, last: int) -> np.ndarray:
+    """``skipped`` of the surviving rows at positions ``kept`` (increasing, in one unit; the previous surviving row
+    at ``last``): each row counts the corrupt rows between the previous surviving row and itself. Which row counts a
+    corrupt row depends on the positions alone, not on where a decode piece starts, which keeps the count exact
+    across a resume (see the module docstring)."""
+    return (np.diff(kept, prepend=last) - 1).astype(np.int32)
 
 
 def _decode_task(units: dict[str, np.ndarray], *, pairs: list, image_size: int,
