@@ -173,9 +173,11 @@ SESSION_RAY = _SessionRay()
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
     """The session's local Ray (2 CPUs), started by the first test that asks for it and shared by all of them.
-    Tests on it must not call ``ray.init`` or ``ray.shutdown`` themselves."""
+    Tests on it must not call ``ray.init`` or ``ray.shutdown`` themselves. It starts after the session's S3 server,
+    so its workers, actors and replicas inherit that server's AWS_* environment (Ray fixes a worker's environment
+    when the cluster starts; a test order in which Ray came first would leave them without the endpoint)."""
     SESSION_RAY.start()
     yield
     SESSION_RAY.stop()
