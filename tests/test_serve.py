@@ -96,6 +96,19 @@ def test_page_and_health(served):
     assert health["status"] == "ok" and health["version"] == served["v1"]
 
 
+def test_openapi_docs_declare_the_upload_fields(served):
+    """GET /docs is the Swagger page; its schema declares the multipart fields the routes read themselves."""
+    docs = requests.get(served["url"] + "/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = requests.get(served["url"] + "/openapi.json", timeout=30).json()
+    inpaint = spec["paths"]["/inpaint"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(inpaint["properties"]) == {"image", "mask", "hole_color"} and inpaint["required"] == ["image", "mask"]
+    assert inpaint["properties"]["hole_color"]["default"] == "white"
+    sr = spec["paths"]["/super-resolve"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(sr["properties"]) == {"image"}
+    assert "image/png" in spec["paths"]["/inpaint"]["post"]["responses"]["200"]["content"]
+
+
 def test_inpaint_real_photo_keeps_valid_pixels_and_fills_holes(served, photo_and_mask):
     image, mask, arr, valid = photo_and_mask
     resp = post(served["url"], image, mask)

@@ -11,6 +11,7 @@ Routes (one deployment, :class:`InpaintServer`, FastAPI ingress):
   JSON error naming the other when the served model is of the other task.
 - ``GET /``: the page (``serve_page.html``: paint holes on a photo, inpaint, compare, download).
 - ``GET /healthz``: ``{"status": "ok", "model": ..., "version": ...}``.
+- ``GET /docs``: the OpenAPI (Swagger) page, with the upload fields of both POST routes declared.
 
 Requests are batched on the replica with ``@serve.batch`` (same-size images run as one forward pass). Queues are
 bounded: each replica takes ``max_ongoing_requests`` at a time and each proxy holds at most ``max_queued_requests``
@@ -53,7 +54,28 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
 }
 
-app = FastAPI(title="PConv inpainting", docs_url=None, redoc_url=None)
+app = FastAPI(title="PConv inpainting",
+              description="Partial-convolution inpainting (Liu et al., ECCV 2018) and its super-resolution variant. "
+                          "Masks: white = hole by default (hole_color=black for the other way round).",
+              docs_url="/docs", redoc_url=None)
+
+
+def _multipart(fields: dict[str, dict[str, Any]], required: list[str]) -> dict[str, Any]:
+    """OpenAPI of a multipart form (the routes read it themselves, for clear 4xx errors; this documents it)."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "properties": fields, "required": required}}}}}
+
+
+_PNG = {200: {"description": "the result as a PNG", "content": {"image/png": {}}},
+        400: {"description": "a missing or undecodable file"}, 409: {"description": "a model of the other task"},
+        413: {"description": "an image above the pixel limit"}, 415: {"description": "not multipart/form-data"}}
+_FILE = {"type": "string", "format": "binary"}
+INPAINT_FORM = _multipart({"image": {**_FILE, "description": "the photo (PNG, JPEG, ...)"},
+                           "mask": {**_FILE, "description": "the mask, same size as the photo"},
+                           "hole_color": {"type": "string", "enum": ["white", "black"], "default": "white",
+                                          "description": "which colour marks the holes in the mask"}},
+                          ["image", "mask"])
+SUPER_RESOLVE_FORM = _multipart({"image": {**_FILE, "description": "the low-resolution image"}}, ["image"])
 
 
 async def _read_form(request: Request, files: tuple[str, ...] = ("image", "mask")) -> dict[str, Any]:
@@ -162,7 +184,8 @@ class InpaintServer:
             if self.task == SR_TASK else "an inpainting model: POST /inpaint with the files image and mask"
         return JSONResponse({"error": f"this server serves {self.model_uri}, {what}"}, status_code=409)
 
-    @app.post("/super-resolve")
+    @app.post("/super-resolve", openapi_extra=SUPER_RESOLVE_FORM, response_class=Response, responses=_PNG,
+              summary="A K-times larger image (super-resolution models)")
     async def super_resolve_route(self, request: Request) -> Response:
         if (wrong := self._wrong_task(SR_TASK)) is not None:
             return wrong
@@ -176,7 +199,8 @@ class InpaintServer:
         png = await asyncio.to_thread(lambda: encode_image(super_resolve(model, lr, self.scale)))
         return Response(png, media_type="image/png", headers={VERSION_HEADER: version})
 
-    @app.post("/inpaint")
+    @app.post("/inpaint", openapi_extra=INPAINT_FORM, response_class=Response,
+              responses={**_PNG, 422: {"description": "an unusable mask"}}, summary="Fill the holes of a photo")
     async def inpaint(self, request: Request) -> Response:
         if (wrong := self._wrong_task(INPAINTING_TASK)) is not None:
             return wrong
