@@ -20,7 +20,7 @@ from pconv.commands import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     parser.add_argument("--model", required=True,
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
     parser.add_argument("--images", required=True, help="folder or s3:// prefix of images")

@@ -16,6 +16,18 @@ USAGE_ERROR = 2  # exit status of a refused input (argparse uses the same for ba
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's ``--help``: the description as written (examples keep their lines), and each option's default
+    shown (``(default: X)``) unless its help already states it; switches and options without a default add nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and not action.required and "default" not in text.lower()
+                and action.default not in (None, False, True, "", argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_log_level(parser: argparse.ArgumentParser) -> None:
     """``--log-level`` (default INFO)."""
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -24,7 +36,7 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
 def add_device(parser: argparse.ArgumentParser) -> None:
     """``--device auto|cpu|cuda`` (default auto: cuda if available, resolved by
     pconv.tracking.loading.resolve_device)."""
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the net runs (default: auto = cuda if available, else cpu)")
 
 
 def add_hole_color(parser: argparse.ArgumentParser, flag: str = "--hole-color") -> None:

@@ -28,7 +28,7 @@ from pconv.core.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     defaults = DemoSettings()
     parser.add_argument("--tiny", action="store_true",
                         help="few images/masks, 32 px, 2 + 2 steps (CI, fresh-clone check)")

@@ -32,7 +32,7 @@ from pconv.tracking.registry import CHAMPION
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     parser.add_argument("--model", required=True,
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
     parser.add_argument("--images", required=True, help="evaluation images: shard root or folder/zip/s3:// of files")
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None,
                         help="use at most N images (each is paired with every group)")
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="evaluation size in px (paper: 512)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="image/mask pairs scored per forward pass; the scores do not depend on it")
     common.add_device(parser)
     parser.add_argument("--no-baseline", action="store_true", help="skip the non-learned baseline")
     parser.add_argument("--experiment", default=EVAL_EXPERIMENT, help="MLflow experiment for the evaluation run")

@@ -21,7 +21,7 @@ from pconv.inference.export import FORMATS, export
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--model", required=True,
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint (folder or s3:// prefix) or a local "
                         "MLflow model folder")

@@ -31,7 +31,7 @@ from pconv.ingest import local
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     parser.add_argument("--engine", choices=ingest.ENGINES, default="ray", help="see 'Engines' below (default ray)")
     shared = argparse.ArgumentParser(add_help=False)  # -q also accepted after the subcommand
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--replace-kind", action="store_true", help="replace a DST holding the other kind")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    images = sub.add_parser("images", parents=[shared], help="photos (JPEG/PNG/WebP) -> image shards",
+    images = sub.add_parser("images", parents=[shared], formatter_class=common.HelpFormatter, help="photos (JPEG/PNG/WebP) -> image shards",
                             description="Decode every image once to validate it (EXIF orientation, any mode -> RGB) "
                                         "and store its original bytes in Parquet shards with a deterministic "
                                         "train/val split.")
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--max-side", type=int, default=None, metavar="N",
                         help="downscale (and re-encode) images whose longer side exceeds N pixels; default: keep all")
 
-    masks = sub.add_parser("masks", parents=[shared],
+    masks = sub.add_parser("masks", parents=[shared], formatter_class=common.HelpFormatter,
                            help="mask archive/folder/prefix, or generated masks -> mask shards",
                            usage="%(prog)s SRC DST [--hole-color white|black] [--threshold T] [options]\n"
                                  "       %(prog)s --generate N DST [--size 512] [--seed S] [options]",

@@ -19,7 +19,7 @@ from pconv.tracking.registry import CANDIDATE, CHAMPION, INPAINTING_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint folder or s3:// prefix (state.pt + config.yaml + meta.json), or a folder of "
                              "checkpoints (the latest is used)")

@@ -21,7 +21,7 @@ from pconv.commands import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     parser.add_argument("--model", required=True,
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

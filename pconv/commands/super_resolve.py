@@ -22,7 +22,7 @@ from pconv.commands import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     parser.add_argument("--model", required=True,
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint URI or path")
     parser.add_argument("--image", required=True, help="the low-resolution image file (local or s3://)")

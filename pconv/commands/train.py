@@ -27,7 +27,7 @@ from pconv.core.config import ConfigError, TrainConfig, default_text, merge
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     parser.add_argument("--config", help="YAML file with the same keys as these flags; flags override it")
     common.add_log_level(parser)
     for f in fields(TrainConfig):

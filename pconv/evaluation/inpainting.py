@@ -73,9 +73,13 @@ def evaluate_fills(eval_set: EvalSet, fills: dict[str, Fill], batch_size: int = 
     last chunk is padded with a repeated pair; a net's float result can depend on the batch size), and the per-pair
     values (3 floats per pair and fill) are added to the tables in the fixed pair order at the end. Pairs of
     unreadable images are left out (``eval_set.skipped`` says which)."""
+    from tqdm import tqdm
+
     values = {name: np.full((len(eval_set.pairs), len(metrics.METRIC_NAMES)), np.nan) for name in fills}
     done = np.zeros(len(eval_set.pairs), dtype=bool)
     pixels: dict[int, np.ndarray] = {}
+    bar = tqdm(total=len(eval_set.pairs), desc=f"evaluate ({', '.join(fills)})", unit="pair", disable=None,
+               dynamic_ncols=True)  # on stderr, and off when it is not a terminal
 
     def score(chunk: list[int]) -> None:
         padded = chunk + chunk[:1] * (batch_size - len(chunk))
@@ -89,6 +93,7 @@ def evaluate_fills(eval_set: EvalSet, fills: dict[str, Fill], batch_size: int = 
             scores = [metrics.l1_percent(pred, gt), metrics.psnr(pred, gt), metrics.ssim(pred, gt)]
             values[name][chunk] = torch.stack(scores, 1)[:len(chunk)].cpu().numpy()
         done[chunk] = True
+        bar.update(len(chunk))
 
     todo: list[int] = []
     for batch in eval_set.image_batches():
@@ -101,6 +106,7 @@ def evaluate_fills(eval_set: EvalSet, fills: dict[str, Fill], batch_size: int = 
         pixels = {j: pixels[j] for j in kept}
     if todo:
         score(todo)
+    bar.close()
     if not done.any():
         raise ValueError(f"none of the {len(eval_set.image_keys)} evaluation images could be decoded: "
                          f"{eval_set.skipped[:3]}")
