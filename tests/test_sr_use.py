@@ -207,3 +207,55 @@ def test_streamed_sr_evaluation_equals_the_in_memory_one_and_counts_unreadable_f
     # --limit 2 takes the first two LISTED files (sorted keys): the broken one and one photo, nothing more is read
     _, _, first_two = sr_evaluation.evaluate_stream(str(folder), 32, 2, 2, None, True)
     assert first_two == keys[:1]
+
+
+class RecordingNet(torch.nn.Module):
+    """A net that records every (image, mask) it is called with, then runs the tiny net on it."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.layer_size = net.layer_size
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor):
+        self.calls.append((image.detach().clone(), mask.detach().clone()))
+        return self.net(image, mask)
+
+
+def coded_lr(h: int, w: int) -> torch.Tensor:
+    """A float LR image whose pixel (i, j) says where it is: red (i + 1) / 1024, green (j + 1) / 1024 (exact)."""
+    i = torch.arange(1, h + 1, dtype=torch.float32)[:, None].expand(h, w) / 1024
+    j = torch.arange(1, w + 1, dtype=torch.float32)[None, :].expand(h, w) / 1024
+    return torch.stack([i, j, torch.full((h, w), 0.5)])[None]
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+@pytest.mark.parametrize("h,w", [(13, 21), (9, 9), (10, 14), (12, 8)])
+@pytest.mark.parametrize("max_side", [4096, 32])
+def test_every_known_pixel_the_net_sees_is_on_the_training_grid(scale, h, w, max_side):
+    """Issue 25 item 1: training shows the net LR pixel (i, j) at (K i + K//2, K j + K//2) of its input. Every net
+    input of super_resolve (whole canvases, padded to the net's multiple, and tiles when the canvas is larger than
+    max_side) must do the same: each known pixel at a position = K//2 (mod K) in both axes, all of them one
+    translation of the canvas (no mirrored or replicated LR pixel in the padding), and exactly the LR pixels the input
+    covers (nothing padded is marked known)."""
+    net = RecordingNet(tiny_model())
+    lr = coded_lr(h, w)
+    out = super_resolve(net, lr, scale, max_side=max_side)
+    assert out.shape == (1, 3, h * scale, w * scale)
+    assert net.calls and (max(h, w) * scale <= max_side or len(net.calls) > 1)  # tiled when larger
+    off = scale // 2
+    for image, mask in net.calls:
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        ys, xs = torch.nonzero(mask[0, 0] == 1, as_tuple=True)
+        assert len(ys) > 0
+        assert set((ys % scale).tolist()) == {off} and set((xs % scale).tolist()) == {off}, "off the training grid"
+        i = (image[0, 0, ys, xs] * 1024).round().long() - 1  # which LR pixel each known pixel is
+        j = (image[0, 1, ys, xs] * 1024).round().long() - 1
+        dy, dx = set((scale * i + off - ys).tolist()), set((scale * j + off - xs).tolist())
+        assert len(dy) == 1 and len(dx) == 1, "a known pixel that is not a translation of the canvas (padding)"
+        top, left = dy.pop(), dx.pop()  # the input's corner on the canvas: the LR pixels it covers, all of them
+        rows = [a for a in range(h) if 0 <= scale * a + off - top < mask.shape[-2]]
+        cols = [b for b in range(w) if 0 <= scale * b + off - left < mask.shape[-1]]
+        assert len(ys) == len(rows) * len(cols), "a padded pixel is marked known"
+    torch.testing.assert_close(take_from_grid(out, scale), lr, rtol=0, atol=0)

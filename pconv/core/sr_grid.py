@@ -67,3 +67,17 @@ def take_from_grid(hr: torch.Tensor, scale: int) -> torch.Tensor:
         raise ValueError(f"an SR canvas of {hr.shape[-2]}x{hr.shape[-1]} is not a multiple of the scale {k}")
     off = k // 2
     return hr[..., off::k, off::k]
+
+
+def paste_on_grid(hr: torch.Tensor, lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """A copy of ``hr`` (``... x C x hK x wK``) with the LR pixels ``lr`` (``... x C x h x w``, same dtype) at their
+    grid positions: the one paste of the SR protocol, for the model's output (what super-resolution returns) and for
+    any baseline's alike."""
+    k = check_scale(scale)
+    if hr.shape[:-2] != lr.shape[:-2] or hr.shape[-2] != lr.shape[-2] * k or hr.shape[-1] != lr.shape[-1] * k:
+        raise ValueError(f"cannot paste an LR image of shape {tuple(lr.shape)} on an HR image of shape "
+                         f"{tuple(hr.shape)} at scale {k}")
+    out = hr.clone()
+    off = k // 2
+    out[..., off::k, off::k] = lr.to(hr.dtype)
+    return out

@@ -4,7 +4,8 @@ Inpainting (:func:`inpaint`) returns the composite ``mask * image + (1 - mask) *
 input's, bit for bit. Sizes that are not a multiple of ``2**layer_size`` are padded by REFLECTION (image and mask
 alike, so the padded border looks like real context rather than a band of holes, which would enlarge the
 hole the net has to explain) and cropped back; images larger than ``max_side`` are processed in overlapping
-tiles blended with linear ramps, skipping tiles without holes.
+tiles blended with linear ramps, skipping tiles without holes. A super-resolution canvas is padded with holes instead,
+keeping its grid of known pixels (:func:`raw_output`, ``grid``).
 
 Files (:func:`pair_files`, :func:`inpaint_job`, :func:`inpaint_files`): single files or folders (local or s3://)
 of images and masks paired by relative path without suffix (the one pairing rule for files, also used by
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,23 +58,35 @@ def net_multiple(model: torch.nn.Module) -> int:
     return 2 ** int(net.layer_size)
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+def _pad_to_multiple(x: torch.Tensor, multiple: int,
+                     grid: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Pad ``x`` (the known image and the mask, stacked) to a multiple of ``multiple``: by reflection, about half
+    on each side (``grid`` None), or for an SR canvas (``grid`` = K) with zeros = HOLES and a left / top pad that is a
+    multiple of K, so the known pixels keep their positions mod K and none is invented. Returns the pad (left,
+    right, top, bottom)."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
-    pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # left, right, top, bottom
+    if grid is None:
+        pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # left, right, top, bottom
+    else:
+        left, top = (pw // 2) // grid * grid, (ph // 2) // grid * grid
+        pad = (left, pw - left, top, ph - top)
     if not any(pad):
         return x, pad
+    if grid is not None:
+        return torch.nn.functional.pad(x, pad, mode="constant", value=0.0), pad
     mode = "reflect" if max(pad[0], pad[1]) < w and max(pad[2], pad[3]) < h else "replicate"
     return torch.nn.functional.pad(x, pad, mode=mode), pad
 
 
 @torch.no_grad()
-def _forward(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, multiple: int) -> torch.Tensor:
+def _forward(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, multiple: int,
+             grid: int | None = None) -> torch.Tensor:
     """Raw network output for N×3×H×W / N×1×H×W at any H, W (pad, run, crop)."""
     h, w = image.shape[-2:]
     # Holes are zeroed with where(), not multiplied: whatever the input holds there (even NaN) cannot leak.
     known = torch.where(mask >= 0.5, image, torch.zeros((), dtype=image.dtype, device=image.device))
-    both, pad = _pad_to_multiple(torch.cat([known, mask], dim=1), multiple)
+    both, pad = _pad_to_multiple(torch.cat([known, mask], dim=1), multiple, grid)
     out, _ = model(both[:, :3], both[:, 3:])
     return out[..., pad[2]:pad[2] + h, pad[0]:pad[0] + w].float()
 
@@ -98,8 +112,10 @@ def _starts(length: int, tile: int, overlap: int) -> list[int]:
 
 @torch.no_grad()
 def _forward_tiled(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, multiple: int, tile: int,
-                   overlap: int) -> torch.Tensor:
-    """Overlapping tiles (each padded as needed), blended with linear ramps; tiles without holes are skipped."""
+                   overlap: int, grid: int | None = None) -> torch.Tensor:
+    """Overlapping tiles (each padded as needed), blended with linear ramps; tiles without holes are skipped. Tiles
+    start at multiples of ``tile - overlap`` and at ``length - tile``: with ``grid`` K, all multiples of K (the
+    caller's tile, overlap and sizes are)."""
     _, _, h, w = image.shape
     out = torch.zeros_like(image, dtype=torch.float32)
     weight = torch.zeros((1, 1, h, w), dtype=torch.float32, device=image.device)
@@ -110,7 +126,7 @@ def _forward_tiled(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tens
             m = mask[..., y:y + th, x:x + tw]
             if bool((m >= 0.5).all()):
                 continue
-            o = _forward(model, image[..., y:y + th, x:x + tw], m, multiple)
+            o = _forward(model, image[..., y:y + th, x:x + tw], m, multiple, grid)
             wy = _ramp(th, min(overlap, th), y == ys[0], y == ys[-1]).to(image.device)
             wx = _ramp(tw, min(overlap, tw), x == xs[0], x == xs[-1]).to(image.device)
             wt = (wy[:, None] * wx[None, :])[None, None]
@@ -119,14 +135,8 @@ def _forward_tiled(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tens
     return out / weight.clamp_min(1e-8)
 
 
-@torch.no_grad()
-def inpaint(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, device: str | torch.device | None = None,
-            multiple: int | None = None, max_side: int = DEFAULT_MAX_SIDE,
-            tile_overlap: int = DEFAULT_TILE_OVERLAP, batch_size: int = 8) -> torch.Tensor:
-    """Fill the holes of ``image`` (3×H×W or N×3×H×W, [0, 1]) where ``mask`` (H×W, 1×H×W or N×1×H×W; 1 = valid,
-    binarised at 0.5) is 0. Returns the composite on the input's device, float32, same shape as ``image``:
-    valid pixels are exactly the input's, holes come from the network (clamped to [0, 1]).
-    """
+def _as_batch(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(image N×3×H×W float, valid N×1×H×W bool, whether image was 3×H×W)``; ValueError on shapes that differ."""
     squeeze = image.dim() == 3
     img = image.unsqueeze(0) if squeeze else image
     if img.dim() != 4 or img.shape[1] != 3:
@@ -137,25 +147,59 @@ def inpaint(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, dev
     if msk.shape[1] != 1 or msk.shape[-2:] != img.shape[-2:] or msk.shape[0] not in (1, img.shape[0]):
         raise ValueError(f"mask {tuple(mask.shape)} does not match image {tuple(image.shape)} "
                          "(expected N×1×H×W with the image's H and W)")
-    msk = msk.expand(img.shape[0], 1, *img.shape[-2:])
-    img = img.float()
-    valid = msk >= 0.5
+    return img.float(), msk.expand(img.shape[0], 1, *img.shape[-2:]) >= 0.5, squeeze
+
+
+@torch.no_grad()
+def raw_output(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor,
+               device: str | torch.device | None = None, multiple: int | None = None,
+               max_side: int = DEFAULT_MAX_SIDE, tile_overlap: int = DEFAULT_TILE_OVERLAP, batch_size: int = 8,
+               grid: int | None = None) -> torch.Tensor:
+    """The network's raw output (the paper's I_out, clamped to [0, 1]) for ``image`` with holes where ``mask`` is 0,
+    at any size: float32, on the input's device, shaped as ``image`` (arguments as :func:`inpaint`, which composites
+    it). Inputs are padded to the net's multiple and cut into overlapping tiles above ``max_side``.
+
+    ``grid``: None for inpainting (padding by reflection, see the module doc). For a super-resolution canvas, whose
+    known pixels lie on the period-K grid of :mod:`pconv.core.sr_grid`, ``grid=K``: H and W must be multiples of K,
+    the padding is HOLES (image and mask 0) with a multiple of K on the left and top, and tiles start at multiples of
+    K. So every known pixel of every net input sits where training put it (``K//2`` mod K in both axes) and no
+    padded pixel is marked known: a reflected canvas would move or mirror the grid (issue 25).
+    """
+    img, valid, squeeze = _as_batch(image, mask)
+    if grid is not None and (grid < 1 or img.shape[-2] % grid or img.shape[-1] % grid):
+        raise ValueError(f"a {img.shape[-2]}x{img.shape[-1]} canvas is not a multiple of its grid {grid}")
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
     multiple = multiple or net_multiple(model)
-    tile = max(multiple, (max_side // multiple) * multiple)
-    overlap = min(tile // 2, max(multiple, (tile_overlap // multiple) * multiple)) if tile_overlap > 0 else 0
+    unit = math.lcm(multiple, grid or 1)  # tile sizes and overlaps in units of both: tile origins stay on the grid
+    tile = max(unit, (max_side // unit) * unit)
+    overlap = min(tile // 2, max(unit, (tile_overlap // unit) * unit)) if tile_overlap > 0 else 0
+    overlap -= overlap % (grid or 1)  # tile // 2 may not be: then the step tile - overlap would leave the grid
 
     outputs = []
     for i in range(0, img.shape[0], batch_size):
         x, m = img[i:i + batch_size].to(dev), valid[i:i + batch_size].to(dev).float()
         if max(x.shape[-2:]) > max_side:
-            o = torch.cat([_forward_tiled(model, x[j:j + 1], m[j:j + 1], multiple, tile, overlap)
+            o = torch.cat([_forward_tiled(model, x[j:j + 1], m[j:j + 1], multiple, tile, overlap, grid)
                            for j in range(x.shape[0])])
         else:
-            o = _forward(model, x, m, multiple)
+            o = _forward(model, x, m, multiple, grid)
         outputs.append(o.clamp(0, 1).to(img.device))
     out = torch.cat(outputs)
+    return out[0] if squeeze else out
+
+
+@torch.no_grad()
+def inpaint(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, device: str | torch.device | None = None,
+            multiple: int | None = None, max_side: int = DEFAULT_MAX_SIDE,
+            tile_overlap: int = DEFAULT_TILE_OVERLAP, batch_size: int = 8) -> torch.Tensor:
+    """Fill the holes of ``image`` (3×H×W or N×3×H×W, [0, 1]) where ``mask`` (H×W, 1×H×W or N×1×H×W; 1 = valid,
+    binarised at 0.5) is 0. Returns the composite on the input's device, float32, same shape as ``image``:
+    valid pixels are exactly the input's, holes come from the network (clamped to [0, 1]; :func:`raw_output`).
+    """
+    img, valid, squeeze = _as_batch(image, mask)
+    out = raw_output(model, img, valid.float(), device=device, multiple=multiple, max_side=max_side,
+                     tile_overlap=tile_overlap, batch_size=batch_size)
     comp = torch.where(valid, img, out)
     return comp[0] if squeeze else comp
 
@@ -316,4 +360,5 @@ def inpaint_files(model_uri: str, image: str, mask: str, out: str, hole_color: s
 
 
 __all__ = ["DEFAULT_MAX_SIDE", "LOSSLESS_SUFFIXES", "LOSSY_SUFFIXES", "Job", "encode_image", "inpaint",
-           "inpaint_files", "inpaint_job", "net_multiple", "output_suffix", "pair_files", "read_image", "read_mask"]
+           "inpaint_files", "inpaint_job", "net_multiple", "output_suffix", "pair_files", "raw_output", "read_image",
+           "read_mask"]

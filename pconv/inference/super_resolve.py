@@ -3,8 +3,11 @@
 The paper's Sec. 5 ("Extension to Image Super Resolution") recasts SR as inpainting: the LR pixels are placed on
 the K-times larger canvas at their grid positions (:mod:`pconv.core.sr_grid`, offset floor(K/2)), every other canvas
 pixel is a hole, and the net fills the holes. The result is the COMPOSITE: the net's output in the holes and the LR
-pixels, bit for bit, at their grid positions (``take_from_grid(out, K) == lr``). Any input size works: the canvas
-goes through :func:`pconv.inference.inpaint.inpaint` (padding to the net's multiple, overlapping tiles above ``max_side``).
+pixels, bit for bit, at their grid positions (``take_from_grid(out, K) == lr``; :func:`pconv.core.sr_grid.paste_on_grid`,
+the paste the SR protocol of docs/variants.md applies to every method); ``paste=False`` gives the raw output. Any
+input size works: the canvas goes through :func:`pconv.inference.inpaint.raw_output` with ``grid=K`` (padding to the
+net's multiple with holes, a multiple of K on the left and top; tiles above ``max_side`` starting at multiples of K),
+so every net input holds the LR pixels where training put them.
 
 Size limit (the same rule as inpainting's inputs): an output with more pixels than Pillow's decompression-bomb
 limit (``PIL.Image.MAX_IMAGE_PIXELS``; an inpainting input that large is refused the same way) is refused before
@@ -22,10 +25,10 @@ import numpy as np
 import torch
 
 from pconv.storage import uris
-from pconv.inference.inpaint import DEFAULT_MAX_SIDE, encode_image, inpaint, output_suffix, read_image
+from pconv.inference.inpaint import DEFAULT_MAX_SIDE, encode_image, output_suffix, raw_output, read_image
 from pconv.core.config import SR_TASK
 from pconv.tracking.loading import ModelInfo, load_model, resolve_device
-from pconv.core.sr_grid import check_scale, place_on_grid
+from pconv.core.sr_grid import check_scale, paste_on_grid, place_on_grid
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +93,25 @@ def _as_batch(lr: Any) -> tuple[torch.Tensor, bool, str]:
 
 @torch.no_grad()
 def super_resolve(model: torch.nn.Module, lr: Any, scale: int, device: str | torch.device | None = None,
-                  max_side: int = DEFAULT_MAX_SIDE, batch_size: int = 8) -> Any:
+                  max_side: int = DEFAULT_MAX_SIDE, batch_size: int = 8, paste: bool = True) -> Any:
     """The ``scale``-times larger image of ``lr``: a uint8 tensor / numpy ``h x w x 3`` array gives the same kind
     (uint8), a float tensor in [0, 1] gives float32. ``3 x h x w`` or ``N x 3 x h x w``.
 
-    The LR pixels are kept exactly at their grid positions (``take_from_grid(out, scale) == lr``); the holes come
-    from the net (clamped to [0, 1]); canvases larger than ``max_side`` are tiled (see :func:`inpaint`).
+    The net's output (clamped to [0, 1]) with, when ``paste`` (the default: what every use returns), the LR pixels
+    kept exactly at their grid positions (``take_from_grid(out, scale) == lr``); ``paste=False``: the raw output,
+    grid positions included (the SR evaluation scores both). Canvases larger than ``max_side`` are tiled.
     """
     k = check_scale(scale)
     x, single, kind = _as_batch(lr)
     canvas, mask = place_on_grid(x, k)
-    hr = inpaint(model, canvas, mask, device=device, max_side=max_side, batch_size=batch_size)
+    hr = raw_output(model, canvas, mask, device=device, max_side=max_side, batch_size=batch_size, grid=k)
     if kind != "float":
-        u8 = (hr * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
-        off = k // 2
-        u8[..., off::k, off::k] = (x * 255.0 + 0.5).to(torch.uint8)  # the LR bytes, exactly (no float round trip)
-        if kind == "numpy":
-            return u8[0].permute(1, 2, 0).numpy()
-        return u8[0] if single else u8
+        hr = (hr * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+        x = (x * 255.0 + 0.5).to(torch.uint8)  # the LR bytes, exactly (no float round trip)
+    if paste:
+        hr = paste_on_grid(hr, x, k)
+    if kind == "numpy":
+        return hr[0].permute(1, 2, 0).numpy()
     return hr[0] if single else hr
 
 
