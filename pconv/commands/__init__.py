@@ -38,12 +38,12 @@ class _OneLineHelp(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pconv", description=__doc__, formatter_class=_OneLineHelp)
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="pconv", description=__doc__, formatter_class=_OneLineHelp)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name, (_, help_line) in COMMANDS.items():
         sub.add_parser(name, help=help_line, add_help=False)
-    return p
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
