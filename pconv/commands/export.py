@@ -23,12 +23,12 @@ from pconv.inference.export import FORMATS, export
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     parser.add_argument("--model", required=True,
-                   help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint (folder or s3:// prefix) or a local "
-                        "MLflow model folder")
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint (folder or s3:// prefix) or a local "
+                             "MLflow model folder")
     parser.add_argument("--format", required=True, choices=FORMATS, help="onnx (.onnx) or torchscript (.pt)")
     parser.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
     parser.add_argument("--no-log", dest="log_artifact", action="store_false",
-                   help="do not log the export to the registered version's MLflow run (default: log it)")
+                        help="do not log the export to the registered version's MLflow run (default: log it)")
     common.add_log_level(parser)
     return parser
 
