@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Serve a PConv model over HTTP with Ray Serve: POST /inpaint (multipart image + mask -> PNG), GET / (a page to
-paint holes and inpaint), GET /healthz.
+"""Serve a PConv model over HTTP with Ray Serve: POST /inpaint (multipart image + mask, white = hole -> PNG),
+POST /super-resolve (a super-resolution model: multipart image -> PNG), GET / (a page to paint holes and inpaint),
+GET /docs (the OpenAPI page), GET /healthz.
 
 Examples:
   python pipelines/serve.py --model models:/pconv-unet@champion            # follows the alias as it moves
