@@ -36,3 +36,19 @@ def test_unsupported_scale_is_a_clear_error(bad):
 def test_canvas_not_a_multiple_of_the_scale_is_rejected():
     with pytest.raises(ValueError, match="not a positive multiple"):
         sr_grid.sr_grid(10, 12, 4)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_the_downsampler_centres_an_lr_pixel_half_a_pixel_before_the_grid_for_even_k(scale):
+    """What the module doc says: Pillow's bicubic downsampling (the SR degradation, pconv.core.images.downsample)
+    centres LR pixel x at HR position K*x + K/2 - 0.5 (a linear ramp keeps its value there), while the paper's grid
+    puts it at K*x + floor(K/2): for even K half an HR pixel further."""
+    import numpy as np
+
+    from pconv.core import images
+
+    ramp = np.broadcast_to((2 * np.arange(64))[None, :, None], (16, 64, 3)).astype(np.uint8)  # value 2 * column
+    lr = images.downsample(np.ascontiguousarray(ramp), scale)[1, 2:-2, 0].astype(float)  # away from the borders
+    columns = scale * np.arange(2, 64 // scale - 2)
+    np.testing.assert_allclose(lr / 2, columns + scale / 2 - 0.5, atol=0.25)  # the block centre
+    assert np.all(np.abs(lr / 2 - (columns + sr_grid.grid_offset(scale))) >= 0.5 - 1e-9)  # not the grid position
