@@ -212,3 +212,6 @@ def test_tiny_sr_training_registers_pconv_sr_with_task_and_scale(prepared_shards
     assert str(client.get_model_version_by_alias("pconv-sr", "champion").version) == "1"  # no holder: promoted
     evals = client.search_runs([client.get_experiment_by_name("pconv-evaluation").experiment_id])
     assert evals and evals[0].data.tags["pconv.task"] == "sr" and "eval/psnr_y" in evals[0].data.metrics
+    # the run says which SR protocol it scored with, and has both outputs of both methods (docs/variants.md)
+    assert evals[0].data.params["protocol"] == "lr-pasted"
+    assert {"eval/raw_psnr_y", "baseline/psnr_y", "baseline/raw_psnr_y"} <= set(evals[0].data.metrics)

@@ -175,6 +175,13 @@ def test_sr_evaluation_run_reports_y_headline_and_rejects_bad_sizes(tmp_path, ph
                                              experiment=None)
     assert result["scale"] == 2 and result["images"] == 2 and result["headline"] == "psnr_y"
     assert "Headline: PSNR on Y" in result["markdown"] and "bicubic upsampling (Pillow)" in result["markdown"]
+    # the table names its protocol (issue 25 item 2), and shows both outputs of both methods
+    assert result["protocol"] == "lr-pasted" and "Protocol: lr-pasted (" in result["markdown"]
+    for method in ("model: ", "bicubic upsampling (Pillow)"):
+        for output in ("LR pasted (headline)", "raw"):
+            assert sum(line.startswith(f"| {method}") and f" | {output} | " in line
+                       for line in result["markdown"].splitlines()) == 1, (method, output)
+    assert {"raw_psnr_y", "psnr_y"} <= set(result["baseline"]["overall"]) & set(result["model"]["overall"])
     assert result["model"]["overall"]["count"] == 2 and result["baseline"]["overall"]["count"] == 2
     with pytest.raises(ValueError, match="must be a multiple of the scale 2"):
         sr_evaluation.run_sr_evaluation(str(model_dir), str(photo_dir / "scenes"), image_size=33, experiment=None)
@@ -259,3 +266,37 @@ def test_every_known_pixel_the_net_sees_is_on_the_training_grid(scale, h, w, max
         cols = [b for b in range(w) if 0 <= scale * b + off - left < mask.shape[-1]]
         assert len(ys) == len(rows) * len(cols), "a padded pixel is marked known"
     torch.testing.assert_close(take_from_grid(out, scale), lr, rtol=0, atol=0)
+
+
+def test_model_and_bicubic_are_scored_alike_raw_and_with_the_lr_pixels_pasted(photo_dir):
+    """Issue 25 item 2: the SR protocol scores BOTH methods as their raw output and as the composite with the LR
+    pixels pasted at the grid (the same paste); the model's pasted composite is what inference returns and is the
+    headline. The old evaluation pasted the LR pixels into the model's output only."""
+    scale, off = 2, 1
+    hr = [images.center_crop(images.open_image(p.read_bytes()), 48)
+          for p in sorted((photo_dir / "scenes").glob("*.png"))[:3]]
+    lr = [images.downsample(x, scale) for x in hr]
+
+    def pasted(up: np.ndarray, small: np.ndarray) -> np.ndarray:
+        out = up.copy()
+        out[off::scale, off::scale] = small
+        return out
+
+    def mean(preds: list[np.ndarray], name: str) -> float:
+        return float(np.mean([sr_evaluation.score(p, x, scale)[name] for p, x in zip(preds, hr)]))
+
+    bicubic = sr_evaluation.evaluate_bicubic(hr, scale).overall()
+    raw = [sr_evaluation.bicubic_upsample(small, scale) for small in lr]
+    assert bicubic["psnr_y"] == pytest.approx(mean([pasted(up, small) for up, small in zip(raw, lr)], "psnr_y"))
+    assert bicubic["raw_psnr_y"] == pytest.approx(mean(raw, "psnr_y"))
+    assert bicubic["psnr"] == bicubic["psnr_y"] != pytest.approx(bicubic["raw_psnr_y"])  # the paste matters at x2
+
+    net = tiny_model()
+    model = sr_evaluation.evaluate_sr_model(net, hr, scale, batch_size=2).overall()
+    returned = [super_resolve(net, small, scale) for small in lr]  # what every use of the model returns
+    unpasted = [super_resolve(net, small, scale, paste=False) for small in lr]
+    for out, bare, small in zip(returned, unpasted, lr):
+        np.testing.assert_array_equal(out, pasted(bare, small))  # raw and pasted differ by the paste only
+    assert model["psnr_y"] == pytest.approx(mean(returned, "psnr_y"))
+    assert model["raw_psnr_y"] == pytest.approx(mean(unpasted, "psnr_y"))
+    assert model["psnr_y"] != pytest.approx(model["raw_psnr_y"])

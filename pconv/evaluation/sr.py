@@ -9,15 +9,23 @@ and each decoded batch is scored by the model and the baseline in one pass and d
   evaluation): this is the HR ground truth;
 - the LR input is the HR crop downsampled by K with Pillow's BICUBIC filter (antialiased: Pillow widens the kernel
   when it shrinks, as MATLAB's ``imresize``, the SR literature's usual degradation), rounded to 8 bit;
-- the model's output is :func:`pconv.inference.super_resolve.super_resolve` (LR pixels exact at the grid, holes filled);
-  the baseline is bicubic upsampling of the same LR image by K (Pillow BICUBIC), also rounded to 8 bit;
+- the model's raw output is :func:`pconv.inference.super_resolve.super_resolve` with ``paste=False`` (8 bit); the
+  baseline's is bicubic upsampling of the same LR image by K (Pillow BICUBIC), also 8 bit;
+- the SR protocol (:data:`PROTOCOL`, docs/variants.md "Super-resolution protocol"): EACH method is scored twice, as
+  its raw output and as the composite with the LR pixels pasted at the grid (:func:`pconv.core.sr_grid.paste_on_grid`,
+  the same paste for both). The pasted model output is exactly what inference returns (``super_resolve``'s default),
+  so the pasted composite is the HEADLINE (columns ``psnr_y`` ...; the raw ones are ``raw_psnr_y`` ...). Pasting LR
+  pixels (anti-aliased block averages, half a pixel off for even K: :mod:`pconv.core.sr_grid`) instead of HR
+  pixels costs a method PSNR, at x2 on photos about half a dB for bicubic; scoring only the model pasted and the
+  baseline raw handicapped the model (issue 25). Both views of both methods are in the table;
 - PSNR and SSIM (``pconv.core.metrics``) on the BT.601 luma Y (:func:`pconv.core.metrics.rgb_to_y`) and on RGB, with a
   border of K pixels shaved off (the SR literature's convention), averaged over the images.
 
-Headline: PSNR on Y. The SR literature reports Y-channel PSNR / SSIM (the eye is most sensitive to luma, and
-chroma is often upsampled separately), so the Y numbers are the ones to compare with published tables; RGB is
-reported beside them. Promotion (``promote_alias``) calls :func:`pconv.evaluation.inpainting.promote`, the same rule as for
-inpainting: the candidate's mean headline PSNR over the same images must be strictly higher than the holder's.
+Headline: PSNR on Y of the pasted composite. The SR literature reports Y-channel PSNR / SSIM (the eye is most
+sensitive to luma, and chroma is often upsampled separately), so the Y numbers are the ones to compare with
+published tables (which score raw outputs: compare those with the raw rows); RGB is reported beside them.
+Promotion (``promote_alias``) calls :func:`pconv.evaluation.inpainting.promote`, the same rule as for inpainting: the
+candidate's mean headline PSNR over the same images must be strictly higher than the holder's.
 """
 
 from __future__ import annotations
@@ -40,33 +48,42 @@ from pconv.core import images
 
 from pconv.core import metrics
 from pconv.core.config import SR_TASK
+from pconv.core.sr_grid import paste_on_grid
 from pconv.tracking.loading import ModelInfo, parse_registry_uri, resolve_device, resolve_version
 from pconv.inference.super_resolve import load_sr_model, super_resolve
 
 log = logging.getLogger(__name__)
 
-SR_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
+SR_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")  # of the composite with the LR pixels pasted (headline)
+RAW_METRICS = tuple(f"raw_{name}" for name in SR_METRICS)  # the same of the raw output
 HEADLINE = "psnr_y"            # what promotion compares and what the README reports first (see the module doc)
+#: The SR scoring protocol (docs/variants.md, "Super-resolution protocol"): its name, in the table, the results and
+#: MLflow (param ``protocol``), and what it means.
+PROTOCOL = "lr-pasted"
+PROTOCOL_TEXT = ("model and bicubic each scored as the composite with the LR pixels pasted at the grid (K*x + K//2), "
+                 "what inference returns (headline), and as the raw output")
 RESAMPLE = images.SR_RESAMPLE  # the degradation (training's, pconv.core.images.downsample) and the baseline (upsampling)
 BASELINE_NAME = "bicubic upsampling (Pillow)"
 
 
 class SRMetrics:
-    """Per-image SR metrics (:data:`SR_METRICS`) and their means; ``overall()["psnr"]`` / ``["ssim"]`` are the
-    Y-channel headline, so :func:`pconv.evaluation.inpainting.beats` / ``promote`` apply unchanged."""
+    """Per-image SR metrics of one method (:data:`SR_METRICS` of the pasted composite, :data:`RAW_METRICS` of the raw
+    output) and their means; ``overall()["psnr"]`` / ``["ssim"]`` are the headline (pasted, Y), so
+    :func:`pconv.evaluation.inpainting.beats` / ``promote`` apply unchanged."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
 
     def add(self, **values: float) -> None:
-        self.rows.append({k: float(values[k]) for k in SR_METRICS})
+        self.rows.append({k: float(values[k]) for k in SR_METRICS + RAW_METRICS})
 
     @property
     def count(self) -> int:
         return len(self.rows)
 
     def overall(self) -> dict[str, Any]:
-        means = {k: (sum(r[k] for r in self.rows) / len(self.rows) if self.rows else math.nan) for k in SR_METRICS}
+        means = {k: (sum(r[k] for r in self.rows) / len(self.rows) if self.rows else math.nan)
+                 for k in SR_METRICS + RAW_METRICS}
         return {"count": self.count, **means, "psnr": means["psnr_y"], "ssim": means["ssim_y"]}
 
     def as_dict(self) -> dict[str, Any]:
@@ -88,22 +105,41 @@ def score(pred: np.ndarray, gt: np.ndarray, scale: int) -> dict[str, float]:
             "psnr_rgb": metrics.psnr(p, g), "ssim_rgb": metrics.ssim(p, g)}
 
 
+def paste_lr(hr: np.ndarray, lr: np.ndarray, scale: int) -> np.ndarray:
+    """uint8 ``hK x wK x 3`` with the uint8 LR pixels ``h x w x 3`` at the grid: the paste inference applies
+    (:func:`pconv.core.sr_grid.paste_on_grid`)."""
+    pasted = paste_on_grid(torch.from_numpy(np.ascontiguousarray(hr.transpose(2, 0, 1))),
+                           torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1))), scale)
+    return pasted.permute(1, 2, 0).numpy()
+
+
+def score_protocol(raw: np.ndarray, lr: np.ndarray, gt: np.ndarray, scale: int) -> dict[str, float]:
+    """The protocol's scores of one method's raw uint8 output ``raw`` for the LR image ``lr`` of ``gt``:
+    :data:`SR_METRICS` of the pasted composite, :data:`RAW_METRICS` of ``raw`` itself."""
+    pasted = score(paste_lr(raw, lr, scale), gt, scale)
+    return {**pasted, **{f"raw_{k}": v for k, v in score(raw, gt, scale).items()}}
+
+
 def evaluate_sr_model(model: torch.nn.Module, hr_images: list[np.ndarray], scale: int, batch_size: int = 4,
                       device: str | torch.device | None = None) -> SRMetrics:
+    """The model's :class:`SRMetrics` on ``hr_images`` (uint8 ``H x W x 3``, H and W multiples of ``scale``)."""
     table = SRMetrics()
     for i in range(0, len(hr_images), batch_size):
         hr = hr_images[i:i + batch_size]
-        lr = torch.from_numpy(np.stack([images.downsample(x, scale) for x in hr])).permute(0, 3, 1, 2).contiguous()
-        out = super_resolve(model, lr, scale, device=device, batch_size=batch_size).permute(0, 2, 3, 1).numpy()
-        for pred, gt in zip(out, hr):
-            table.add(**score(pred, gt, scale))
+        lr = np.stack([images.downsample(x, scale) for x in hr])
+        batch = torch.from_numpy(lr).permute(0, 3, 1, 2).contiguous()
+        out = super_resolve(model, batch, scale, device=device, batch_size=batch_size, paste=False)
+        for raw, small, gt in zip(out.permute(0, 2, 3, 1).numpy(), lr, hr):
+            table.add(**score_protocol(raw, small, gt, scale))
     return table
 
 
 def evaluate_bicubic(hr_images: list[np.ndarray], scale: int) -> SRMetrics:
+    """Bicubic upsampling's :class:`SRMetrics` on ``hr_images``, under the same protocol as the model."""
     table = SRMetrics()
     for gt in hr_images:
-        table.add(**score(bicubic_upsample(images.downsample(gt, scale), scale), gt, scale))
+        lr = images.downsample(gt, scale)
+        table.add(**score_protocol(bicubic_upsample(lr, scale), lr, gt, scale))
     return table
 
 
@@ -130,15 +166,18 @@ def evaluate_stream(uri: str, image_size: int, limit: int | None, scale: int, mo
 
 def result_markdown(model_label: str, scale: int, image_size: int, table: SRMetrics,
                     base: SRMetrics | None) -> str:
-    lines = [f"Super-resolution x{scale}: {table.count} held-back photos, {image_size}x{image_size} HR centre crops, "
-             f"LR = bicubic downsampling by {scale}; metrics with {scale} px shaved off each border. "
-             "Headline: PSNR on Y (BT.601 luma), the SR literature's convention.", "",
-             "| method | PSNR Y (dB) | SSIM Y | PSNR RGB (dB) | SSIM RGB |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [(f"Super-resolution x{scale}: {table.count} held-back photos, {image_size}x{image_size} HR centre "
+              f"crops, LR = bicubic downsampling by {scale}; metrics with {scale} px shaved off each border. "
+              f"Protocol: {PROTOCOL} ({PROTOCOL_TEXT}). "
+              "Headline: PSNR on Y (BT.601 luma, the SR literature's convention) of the LR-pasted output."), "",
+             "| method | output | PSNR Y (dB) | SSIM Y | PSNR RGB (dB) | SSIM RGB |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for label, tab in ((f"model: {model_label}", table), (BASELINE_NAME, base)):
-        if tab is not None:
-            o = tab.overall()
-            lines.append(f"| {label} | {o['psnr_y']:.2f} | {o['ssim_y']:.4f} | {o['psnr_rgb']:.2f} | "
-                         f"{o['ssim_rgb']:.4f} |")
+        if tab is None:
+            continue
+        o = tab.overall()
+        for output, (py, sy, prgb, srgb) in (("LR pasted (headline)", SR_METRICS), ("raw", RAW_METRICS)):
+            lines.append(f"| {label} | {output} | {o[py]:.2f} | {o[sy]:.4f} | {o[prgb]:.2f} | {o[srgb]:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +205,7 @@ def run_sr_evaluation(model_uri: str, images: str, scale: int | None = None,
     log.info("SR model evaluated on %d images in %.1fs", len(keys), time.perf_counter() - t0)
     result: dict[str, Any] = {"model_uri": model_uri, "model_info": info.as_dict(), "task": SR_TASK, "scale": k,
                               "image_size": image_size, "images": len(keys), "image_keys": keys,
-                              "headline": HEADLINE, "model": table.as_dict(),
+                              "headline": HEADLINE, "protocol": PROTOCOL, "model": table.as_dict(),
                               "baseline": base.as_dict() if base else None,
                               "baseline_name": BASELINE_NAME if base else None, "promotion": None,
                               "skipped": skipped}
@@ -193,7 +232,8 @@ def run_sr_evaluation(model_uri: str, images: str, scale: int | None = None,
 
 def _log_result(result: dict[str, Any], info: ModelInfo, table: SRMetrics, base: SRMetrics | None,
                 experiment: str, tracking_uri: str | None) -> str | None:
-    """One MLflow run: ``eval/<metric>`` and ``baseline/<metric>`` (:data:`SR_METRICS`), table and JSON."""
+    """One MLflow run: ``eval/<metric>`` and ``baseline/<metric>`` (:data:`SR_METRICS`, the headline pasted
+    composite, and :data:`RAW_METRICS`), param ``protocol`` (:data:`PROTOCOL`), table and JSON."""
     from pconv.tracking.runs import Tracker
     from pconv.tracking.store import start_or_resume_run
 
@@ -206,12 +246,13 @@ def _log_result(result: dict[str, Any], info: ModelInfo, table: SRMetrics, base:
         return None
     tracker.log_params({"model_uri": result["model_uri"], "task": SR_TASK, "scale": result["scale"],
                         "image_size": result["image_size"], "images": result["images"],
-                        "baseline": result["baseline_name"], "headline": HEADLINE, "shave_px": result["scale"],
+                        "baseline": result["baseline_name"], "headline": HEADLINE, "protocol": PROTOCOL,
+                        "shave_px": result["scale"],
                         "downsampling": "Pillow BICUBIC (antialiased)", "model_version": info.version,
                         "model_layer_size": info.layer_size})
-    values = {f"eval/{k}": table.overall()[k] for k in SR_METRICS}
+    values = {f"eval/{k}": table.overall()[k] for k in SR_METRICS + RAW_METRICS}
     if base is not None:
-        values.update({f"baseline/{k}": base.overall()[k] for k in SR_METRICS})
+        values.update({f"baseline/{k}": base.overall()[k] for k in SR_METRICS + RAW_METRICS})
     tracker.log_metrics(values, step=0, model_id=info.model_id)
     tracker.log_text(result["markdown"], "evaluation/table.md")
     tracker.log_dict({k: v for k, v in result.items() if k != "markdown"}, "evaluation/results.json")
@@ -219,5 +260,6 @@ def _log_result(result: dict[str, Any], info: ModelInfo, table: SRMetrics, base:
     return run_id
 
 
-__all__ = ["BASELINE_NAME", "HEADLINE", "SR_METRICS", "SRMetrics", "bicubic_upsample",
-           "evaluate_bicubic", "evaluate_sr_model", "evaluate_stream", "result_markdown", "run_sr_evaluation", "score"]
+__all__ = ["BASELINE_NAME", "HEADLINE", "PROTOCOL", "PROTOCOL_TEXT", "RAW_METRICS", "SR_METRICS", "SRMetrics",
+           "bicubic_upsample", "evaluate_bicubic", "evaluate_sr_model", "evaluate_stream", "paste_lr",
+           "result_markdown", "run_sr_evaluation", "score", "score_protocol"]

@@ -3,11 +3,12 @@
 The paper's Sec. 5 ("Extension to Image Super Resolution") recasts SR as inpainting: the LR pixels are placed on
 the K-times larger canvas at their grid positions (:mod:`pconv.core.sr_grid`, offset floor(K/2)), every other canvas
 pixel is a hole, and the net fills the holes. The result is the COMPOSITE: the net's output in the holes and the LR
-pixels, bit for bit, at their grid positions (``take_from_grid(out, K) == lr``; :func:`pconv.core.sr_grid.paste_on_grid`,
-the paste the SR protocol of docs/variants.md applies to every method); ``paste=False`` gives the raw output. Any
-input size works: the canvas goes through :func:`pconv.inference.inpaint.raw_output` with ``grid=K`` (padding to the
-net's multiple with holes, a multiple of K on the left and top; tiles above ``max_side`` starting at multiples of K),
-so every net input holds the LR pixels where training put them.
+pixels, bit for bit, at their grid positions (``take_from_grid(out, K) == lr``; the paste of
+:func:`pconv.core.sr_grid.paste_on_grid`, which the SR protocol of docs/variants.md applies to every method);
+``paste=False`` gives the raw output. Any input size works: the canvas goes through
+:func:`pconv.inference.inpaint.raw_output` with ``grid=K`` (padding to the net's multiple with holes, a multiple of K
+on the left and top; tiles above ``max_side`` starting at multiples of K), so every net input holds the LR pixels
+where training put them.
 
 Size limit (the same rule as inpainting's inputs): an output with more pixels than Pillow's decompression-bomb
 limit (``PIL.Image.MAX_IMAGE_PIXELS``; an inpainting input that large is refused the same way) is refused before
