@@ -215,3 +215,28 @@ def test_tiny_sr_training_registers_pconv_sr_with_task_and_scale(prepared_shards
     # the run says which SR protocol it scored with, and has both outputs of both methods (docs/variants.md)
     assert evals[0].data.params["protocol"] == "lr-pasted"
     assert {"eval/raw_psnr_y", "baseline/psnr_y", "baseline/raw_psnr_y"} <= set(evals[0].data.metrics)
+
+
+def test_the_sr_loss_composite_keeps_the_lr_canvas_as_inference_does():
+    """Issue 25 item 2: I_comp (perceptual, style_comp, tv) keeps the pixels inference keeps. Inpainting: the ground
+    truth (the paper's eq., the default). SR: the LR canvas the net took (``known=``), not the HR pixels at the grid."""
+    from pconv.core.losses import InpaintingLoss, VGG16FeatureExtractor
+    from pconv.core.sr_grid import paste_on_grid, place_on_grid
+
+    loss = InpaintingLoss(VGG16FeatureExtractor(weights="random"))
+    gen = torch.Generator().manual_seed(0)
+    gt, output = torch.rand(2, 3, SIZE, SIZE, generator=gen), torch.rand(2, 3, SIZE, SIZE, generator=gen)
+    lr = torch.nn.functional.avg_pool2d(gt, 4)  # not the HR pixels at the grid
+    canvas, grid = place_on_grid(lr, 4)
+    terms = loss(grid, output, gt, known=canvas)
+    # the composite is the output with the LR pixels pasted: scored as an output, its style term is style_comp
+    as_output = loss(grid, paste_on_grid(output, lr, 4), gt)
+    torch.testing.assert_close(terms["style_comp"], as_output["style_out"])
+    torch.testing.assert_close(terms["valid"], loss(grid, output, gt)["valid"])  # L_valid: the raw output vs HR
+    assert not torch.allclose(terms["style_comp"], loss(grid, output, gt)["style_comp"])  # HR at the grid differs
+    # inpainting: unchanged, the known pixels are the ground truth's
+    holes = (torch.rand(2, 1, SIZE, SIZE, generator=gen) > 0.3).float()
+    for name, value in loss(holes, output, gt).items():
+        torch.testing.assert_close(value, loss(holes, output, gt, known=gt)[name])
+    with pytest.raises(ValueError, match="known .* differ in shape"):
+        loss(grid, output, gt, known=lr)

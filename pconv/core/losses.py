@@ -4,6 +4,13 @@ Notation (paper): ``I_in`` masked input, ``I_out`` network output, ``I_gt`` grou
 mask (1 = valid, 0 = hole), ``I_comp = M * I_gt + (1 - M) * I_out`` (the raw output with the known pixels
 pasted back), ``Psi_p`` the VGG-16 activation after pool layer ``p`` (pool1, pool2, pool3; ImageNet weights).
 
+The known pixels of ``I_comp``: the paper sets "the non-hole pixels directly to ground truth" (Sec. 3.4), because in
+inpainting the input's valid pixels ARE the ground truth's, and inference returns the composite with them. In
+super-resolution (Sec. 5) the known pixels inference keeps are the LR pixels on the grid (downsampled values, not
+the HR pixels there), so the SR composite takes them from the net's input canvas: ``known=`` of
+:meth:`InpaintingLoss.forward` (default: ``I_gt``, the paper's eq. for inpainting). L_valid stays on ``I_gt``: it
+trains the raw output, which the SR evaluation reports beside the composite (docs/variants.md).
+
 Normalisations, as read from the paper:
 
 * ``L_valid = ||M * (I_out - I_gt)||_1 / N_Igt`` and ``L_hole = ||(1 - M) * (I_out - I_gt)||_1 / N_Igt``
@@ -254,14 +261,22 @@ class InpaintingLoss(nn.Module):
         self.extractor = extractor
         self.weights = weights
 
-    def forward(self, mask: torch.Tensor, output: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, mask: torch.Tensor, output: torch.Tensor, gt: torch.Tensor,
+                known: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The terms for ``output`` against ``gt``; ``known``: the pixels ``I_comp`` keeps where ``mask`` is 1
+        (default ``gt``, the paper's I_comp; super-resolution passes the LR canvas the net took, whose grid pixels
+        inference keeps: see the module doc)."""
         if output.shape != gt.shape:
             raise ValueError(f"output {tuple(output.shape)} and gt {tuple(gt.shape)} differ in shape")
+        if known is None:
+            known = gt
+        elif known.shape != gt.shape:
+            raise ValueError(f"known {tuple(known.shape)} and gt {tuple(gt.shape)} differ in shape")
         if mask.dim() != 4 or mask.shape[0] != gt.shape[0] or mask.shape[2:] != gt.shape[2:]:
             raise ValueError(f"mask {tuple(mask.shape)} does not match images {tuple(gt.shape)} (need N x 1 x H x W)")
         if not mask.is_floating_point():
             mask = mask.float()
-        comp = mask * gt + (1.0 - mask) * output  # I_comp; dtype follows type promotion (fp32 if any is fp32)
+        comp = mask * known + (1.0 - mask) * output  # I_comp; dtype follows type promotion (fp32 if any is fp32)
 
         # Pixel terms in fp32; mask broadcasts over channels; mean over N*C*H*W = N_Igt.
         diff = (output - gt).float()

@@ -161,7 +161,7 @@ def _train_step(state: TrainState, ctx: WorkerContext, loss_fn: InpaintingLoss,
     state.model.train()
     with torch.autocast(ctx.device.type, dtype=ctx.amp.dtype, enabled=ctx.amp.enabled):
         output, _ = state.model(x, mask)
-        terms = loss_fn(mask, output.float(), image)
+        terms = loss_fn(mask, output.float(), image, known=x)  # I_comp keeps the input's known pixels (sr: LR canvas)
     state.optimizer.zero_grad(set_to_none=True)
     counters = state.counters
     if ctx.every_rank(torch.isfinite(terms["total"].detach())):
@@ -316,7 +316,7 @@ def _validate(state: TrainState, ctx: WorkerContext, loss_fn: InpaintingLoss, va
     with torch.autocast(image.device.type, dtype=ctx.amp.dtype, enabled=ctx.amp.enabled):
         output, _ = model(x, mask)
     output = output.float()
-    terms = loss_fn(mask, output, image)
+    terms = loss_fn(mask, output, image, known=x)  # I_comp as in training: the known pixels of the net's input
     comp = (mask * x + (1 - mask) * output).clamp(0, 1)  # sr: the LR pixels kept, as super-resolution returns
     out = {runs.val_metric(k): float(v) for k, v in terms.items()}
     out[runs.VAL_PSNR] = float(torch.as_tensor(metrics.psnr(comp, image)).float().mean())
