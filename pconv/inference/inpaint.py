@@ -349,8 +349,10 @@ def inpaint_files(model_uri: str, image: str, mask: str, out: str, hole_color: s
              info.image_size)
     if len(jobs) == 1 and not _is_dir(image):
         return [inpaint_job(model, jobs[0], hole_color, threshold, max_side=max_side)]
+    from tqdm import tqdm
+
     rows = []
-    for job in jobs:
+    for job in tqdm(jobs, desc="inpaint", unit="image", disable=None, dynamic_ncols=True):  # stderr; off if no TTY
         try:
             rows.append(inpaint_job(model, job, hole_color, threshold, max_side=max_side))
         except (ValueError, OSError) as exc:  # one bad pair never stops the folder: skipped, counted, listed
