@@ -99,7 +99,7 @@ def test_a_non_editable_install_ships_the_command(tmp_path):
     pconv.commands, pconv.apps and the Serve page); installed outside the source tree, `pconv` runs from there."""
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
     for folder in ("pconv", "pipelines"):
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -109,9 +109,10 @@ def test_a_non_editable_install_ships_the_command(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("pconv-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {p.relative_to(REPO).as_posix() for p in (REPO / "pconv").rglob("*.py")} | {
-        "pconv/inference/serve_page.html"}
+        "pconv/inference/serve_page.html", "pconv/py.typed"}
     assert expected <= names, sorted(expected - names)
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"pconv"}, sorted(names)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "the Apache-2.0 text ships in the wheel"
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "pconv = pconv.commands:main" in zipfile.ZipFile(wheel).read(entry).decode()
 

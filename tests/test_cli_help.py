@@ -114,3 +114,19 @@ def test_folder_inpaint_shows_a_progress_bar_on_a_terminal_and_none_in_a_pipe(fo
     assert piped.returncode == 0, piped.stderr
     assert "%|" not in piped.stderr and "3/3" not in piped.stderr, piped.stderr
     assert len(list((root / "out-pipe").glob("*.png"))) == 3
+
+
+def test_super_resolve_shows_its_tiles_on_a_terminal_and_nothing_in_a_pipe(tmp_path):
+    from test_sr_use import save_checkpoint as save_sr_checkpoint
+
+    model = save_sr_checkpoint(tmp_path / "sr", scale=2)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "lr.png")
+    args = [sys.executable, "pipelines/super_resolve.py", "--model", str(model), "--image", str(tmp_path / "lr.png"),
+            "--device", "cpu", "--max-side", "32"]  # an 80×120 canvas in 32-px tiles
+    code, shown = run_in_terminal(args + ["--out", str(tmp_path / "tty.png")])
+    assert code == 0, shown
+    assert "tiles: " in shown and "tile/s" in shown, shown
+    piped = subprocess.run(args + ["--out", str(tmp_path / "pipe.png")], capture_output=True, text=True, cwd=REPO,
+                           timeout=240)
+    assert piped.returncode == 0, piped.stderr
+    assert "tiles: " not in piped.stderr and Image.open(tmp_path / "pipe.png").size == (120, 80)

@@ -119,9 +119,14 @@ def _forward_tiled(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tens
     _, _, h, w = image.shape
     out = torch.zeros_like(image, dtype=torch.float32)
     weight = torch.zeros((1, 1, h, w), dtype=torch.float32, device=image.device)
+    from tqdm import tqdm
+
     ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
+    bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", disable=None, leave=False,
+               dynamic_ncols=True)  # a large image's tiles (super-resolution canvases): on stderr, off without a TTY
     for y in ys:
         for x in xs:
+            bar.update()
             th, tw = min(tile, h - y), min(tile, w - x)
             m = mask[..., y:y + th, x:x + tw]
             if bool((m >= 0.5).all()):
@@ -132,6 +137,7 @@ def _forward_tiled(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tens
             wt = (wy[:, None] * wx[None, :])[None, None]
             out[..., y:y + th, x:x + tw] += o * wt
             weight[..., y:y + th, x:x + tw] += wt
+    bar.close()
     return out / weight.clamp_min(1e-8)
 
 
