@@ -21,6 +21,7 @@ from pconv.tracking import registry
 LAYER_SIZE = 4          # stride 16
 H, W = 320, 480         # a CBSD68 photo (321×481) cropped to multiples of the stride
 TOLERANCE = 1e-4
+CHECKPOINT_URI = "s3://bucket/runs/export/checkpoint_000001"  # recorded as the version's source tag
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def registered(tmp_path_factory):
                       experiment="export-exp", phase1_steps=1, phase2_steps=0)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", uri)
-        version = registry.log_and_register_model(net, cfg, None, tracking_uri=uri)
+        version = registry.log_and_register_model(net, cfg, None, tracking_uri=uri, checkpoint_uri=CHECKPOINT_URI)
     return {"net": net, "uri": uri, "model": f"models:/{registry.INPAINTING_MODEL}/{version}", "version": version}
 
 
@@ -129,17 +130,10 @@ def test_the_export_latency_benchmark_times_the_three_runtimes(capsys):
     assert len(differences) == 3 and max(differences) <= TOLERANCE
 
 
-def test_version_tags_keep_their_names_across_the_package_move(tmp_path):
+def test_version_tags_keep_their_names_across_the_package_move(registered):
     """Tag keys are data, not module paths: `pconv.checkpoint` stays `pconv.checkpoint` (readers filter on it)."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = TrainConfig(images="x", masks="y", image_size=32, layer_size=LAYER_SIZE, run_name="tags",
-                      experiment="tags-exp", phase1_steps=1, phase2_steps=0)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", uri)
-        version = registry.log_and_register_model(build_model(LAYER_SIZE).eval(), cfg, None, tracking_uri=uri,
-                                                  checkpoint_uri="s3://bucket/runs/tags/checkpoint_000001")
-    tags = MlflowClient(uri).get_model_version(registry.INPAINTING_MODEL, version).tags
-    assert tags["pconv.checkpoint"] == "s3://bucket/runs/tags/checkpoint_000001"
+    tags = MlflowClient(registered["uri"]).get_model_version(registry.INPAINTING_MODEL, registered["version"]).tags
+    assert tags["pconv.checkpoint"] == CHECKPOINT_URI
     assert not [key for key in tags if key.startswith(("pconv.tracking", "pconv.core", "pconv.train"))]
