@@ -1,14 +1,19 @@
-"""Exact resume (issue 15): the data position a checkpoint records, the stream continuing from it, the grad scaler
-across the phase switch and resume, and whole training runs interrupted (a worker process killed; the job killed
-and re-submitted) that end with the uninterrupted run's weights and saw the same sample ids at every step.
+"""Exact resume (issue 15): the data position a checkpoint records, the stream continuing from it (with its corrupt
+row count, issue 25), the grad scaler across the phase switch and resume, DDP's gradient buckets across resume with
+3 workers (issue 25), and whole training runs interrupted (a worker process of 3 killed; the job killed and
+re-submitted) that end with the uninterrupted run's weights and ``data/skipped`` and saw the same sample ids at
+every step.
 
-The unit tests run without Ray (the read/decode function of the Ray Data tasks is called in-process); the runs use
-a local Ray (under `flock /tmp/pconv-ray.lock` in CI).
+The unit tests run without Ray (the read/decode function of the Ray Data tasks is called in-process; DDP on a gloo
+group of 3 processes); the runs use a local Ray (under `flock /tmp/pconv-ray.lock` in CI).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ from pconv.train.state import AmpSettings, WorkerContext
 from pconv.data import plan as train_stream
 from pconv.data import transforms
 from pconv.data.plan import DataPosition
+from conftest import free_port
 from fault_hooks import fault_hooks
 
 SIZE = 32
@@ -295,22 +301,95 @@ def test_checkpoint_records_the_data_position_in_state_and_meta(tmp_path):
     assert checkpoints.load_state(tmp_path)["data_position"] == {"epoch": 1, "rows": [5, 7], "world": 2}
     assert checkpoints.load_meta(tmp_path)["data_position"]["rows"] == [5, 7]
 
+# ---------------------------------------------------------------------------------------------
+# DDP's bucket layout across resume (issue 25 item 6)
+# ---------------------------------------------------------------------------------------------
+DDP_WORKER = textwrap.dedent("""
+    import json, sys
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pconv.core.config import TrainConfig
+    from pconv.core.unet import build_model
+    from pconv.train.loop import ddp_options
+
+    rank, port = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    gen = torch.Generator().manual_seed(rank)
+    batches = [(torch.rand(2, 3, 32, 32, generator=gen), (torch.rand(2, 1, 32, 32, generator=gen) > 0.3).float())
+               for _ in range(2)]
+
+    def grads(model, steps):
+        for image, mask in steps:  # forward + backward (DDP all-reduces the gradients); no optimiser step
+            model.zero_grad(set_to_none=True)
+            output, _ = model(image * mask, mask)
+            (output - image).abs().mean().backward()
+        return [p.grad for p in model.parameters()]
+
+    out = {}
+    for name, options in (("pconv", ddp_options(TrainConfig(images="i", masks="m"))), ("ddp defaults", {})):
+        torch.manual_seed(0)
+        weights = build_model(4).state_dict()
+        running, resumed = build_model(4), build_model(4)
+        running.load_state_dict(weights)
+        resumed.load_state_dict(weights)
+        later = grads(DistributedDataParallel(running, **options), batches)  # batch 2 = a DDP's second step
+        first = grads(DistributedDataParallel(resumed, **options), batches[1:])  # batch 2 = a new DDP's first
+        out[name] = all(torch.equal(a, b) for a, b in zip(later, first))
+    dist.destroy_process_group()
+    print(json.dumps(out))
+""")
+
+
+def test_a_new_ddp_reduces_its_first_step_like_a_running_one_with_three_workers(tmp_path):
+    """A resumed worker group builds a new DDP. Its first step must all-reduce the gradients bit for bit as the
+    uninterrupted run's DDP does at that step: three gloo processes compute the gradients of one batch as the second
+    step of a DDP and as the first step of a new one, from the same weights. With :func:`pconv.train.loop.ddp_options`
+    they are equal; with DDP's defaults (the control: what the test sees) they are not, because DDP regroups its
+    buckets after its first step and a ring all-reduce over 3 ranks adds each element in an order set by its offset
+    in the bucket (with 2 ranks, a + b is b + a)."""
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(DDP_WORKER)
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(3)]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert outs == [{"pconv": True, "ddp defaults": False}] * 3
+
+
 
 # ---------------------------------------------------------------------------------------------
 # Whole runs: interrupted + resumed == uninterrupted (local Ray, real workers, CPU)
 # ---------------------------------------------------------------------------------------------
 def _run(prepared_shards, tmp_path, name: str, workers: int, crash: dict | None = None, **kw):
-    """Train ``name`` (8 steps over ~1.5 epochs, both phases, --deterministic) with sample ids traced."""
+    """Train ``name`` (8 steps over ~1.5 epochs, both phases, --deterministic; ``kw`` overrides) with sample ids
+    traced."""
     from pconv.core.config import TrainConfig
     from pconv.train.driver import run
 
     trace = tmp_path / f"trace-{name}"
     trace.mkdir(exist_ok=True)
-    cfg = TrainConfig(images=prepared_shards["images"], masks=prepared_shards["masks"], image_size=SIZE,
-                      batch_size=2 * workers, workers=workers, phase1_steps=4, phase2_steps=4, checkpoint_every=2,
-                      val_every=100, sample_every=100, log_every=4, val_size=2, vgg_weights="random",
-                      storage=str(tmp_path / "runs"), run_name=name, register_as="", deterministic=True, **kw)
+    settings = {"image_size": SIZE, "batch_size": 2 * workers, "workers": workers, "phase1_steps": 4,
+                "phase2_steps": 4, "checkpoint_every": 2, "val_every": 100, "sample_every": 100, "log_every": 4,
+                "val_size": 2, "vgg_weights": "random", "storage": str(tmp_path / "runs"), "run_name": name,
+                "register_as": "", "deterministic": True}
+    cfg = TrainConfig(images=prepared_shards["images"], masks=prepared_shards["masks"], **{**settings, **kw})
     return run(cfg, step_hook=fault_hooks(str(trace), crash)), trace
+
+
+def _resumed_at(trace: Path, crashed_after: int) -> int:
+    """The step a worker group restarted after a crash right after the checkpoint of ``crashed_after`` resumed from:
+    Ray resumes from the newest checkpoint whose report reached its controller from every rank, which may be an
+    earlier one; the steps after it are traced again."""
+    steps = [json.loads(line)["step"] for line in (trace / "rank0.jsonl").read_text().splitlines()]
+    again = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
+    return steps[again] - 1 if again is not None else crashed_after
 
 
 def _steps(trace: Path, workers: int) -> dict[int, list]:
@@ -353,18 +432,22 @@ def test_a_killed_job_resubmitted_ends_like_an_uninterrupted_run(prepared_shards
 
 @pytest.fixture(scope="module")
 def corrupt_images(prepared_shards, tmp_path_factory) -> str:
-    """prepared_shards' images with 2 corrupt rows added to each train shard (the val split as is): a 2-worker run
-    drops rows on both ranks, so its ``data/skipped`` must be their sum."""
-    from pconv.storage import shards
-    from pconv.storage import uris
+    """prepared_shards' images with each train row twice (the copy under another key: enough rows for 3 workers)
+    and a corrupt row after them (the val split as is): every rank drops rows, so ``data/skipped`` must be their
+    sum over the ranks; and in the seeded row orders corrupt rows sit between good rows of a unit, where a checkpoint
+    can fall (issue 25 item 5)."""
+    from pconv.storage import shards, uris
+
     src = prepared_shards["images"]
     manifest = shards.read_manifest(src)
     root, entries = str(tmp_path_factory.mktemp("corrupt") / "images"), []
     for i, entry in enumerate(manifest["shards"]):
         rows = shards.read_table([uris.join(src, entry["path"])], shards.IMAGE_SCHEMA.names).to_pylist()
         if entry["split"] == "train":
-            rows.insert(1, {**rows[0], "key": f"bad/{i}-truncated", "image": rows[0]["image"][:200]})
-            rows.append({**rows[0], "key": f"bad/{i}-garbage.png", "image": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40})
+            bad = [{**row, "key": f"bad/{i}-{j}-truncated", "image": row["image"][:200]} if j % 2 else
+                   {**row, "key": f"bad/{i}-{j}-garbage.png", "image": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40}
+                   for j, row in enumerate(rows)]
+            rows = [r for j, row in enumerate(rows) for r in (row, {**row, "key": f"copy/{row['key']}"}, bad[j])]
         writer = shards.ShardWriter(root, entry["split"], shards.IMAGE_SCHEMA, 2**40, f"c{i}", "image")
         for row in rows:
             writer.add(row)
@@ -376,23 +459,64 @@ def corrupt_images(prepared_shards, tmp_path_factory) -> str:
     return root
 
 
+def _rows_counting_after_the_position(images_uri: str, masks_uri: str, position: dict, seed: int) -> list[set]:
+    """Per rank: the ids of the rows of the unit ``position`` falls inside (none on a unit boundary), from the
+    position on, that count corrupt rows: corrupt rows after the position and before the unit's end, which the
+    uninterrupted run had counted on the unit's (decode piece's) first row, before the position, when a decode piece
+    counted its corrupt rows on its first row (issue 25 item 5)."""
+    units = stream.read_units(images_uri, "train")
+    bank = transforms.load_mask_bank(masks_uri)
+    out = []
+    for rank, start in enumerate(position["rows"]):
+        plan = train_stream.epoch_plan(units, seed, position["epoch"], position["world"])[rank]
+        pos0 = np.cumsum([0] + [u["rows"] for u in plan])
+        if not any(pos0[k] < start < pos0[k + 1] for k in range(len(plan))):
+            out.append(set())  # on a unit boundary
+            continue
+        todo = train_stream.remaining_units(plan, start)[:1]  # the unit holding the position, from it on
+        block = {k: np.array([u[k] for u in todo]) for k in ("uri", "row_group", "_rand", "pos0", "skip", "lo", "hi")}
+        rows = list(stream.decode_train_units(block, pairs=bank, image_size=SIZE,
+                                              base_seed=transforms.derive_seed("train", seed, position["epoch"])))
+        out.append({int(i) for r in rows for i, n in zip(r["id"], r["skipped"]) if n > 0})
+    return out
+
+
 @pytest.mark.slow
-def test_a_lost_worker_restarted_by_ray_ends_like_an_uninterrupted_run(prepared_shards, corrupt_images, tmp_path,
-                                                                       ray_local, monkeypatch):
+def test_a_lost_worker_of_three_restarted_by_ray_ends_like_an_uninterrupted_run(prepared_shards, corrupt_images,
+                                                                                tmp_path, ray_local, monkeypatch):
+    """3 workers (issue 25 item 6: with 2, a ring all-reduce adds a + b either way; with 3 the order depends on an
+    element's offset in DDP's bucket, which DDP regroups after a new group's first step) on the session Ray's 2
+    CPUs, and a worker lost after the checkpoint of step 6. The phase switch (a new DDP in both runs) is at step 3,
+    between checkpoints, so whichever checkpoint the group resumes from, its first step is a new DDP's first step
+    where the uninterrupted run's DDP had regrouped; the data position there falls inside a unit with corrupt rows
+    still to come (item 5). The restarted group ends with the uninterrupted run's weights, bit for bit, and the same
+    ``data/skipped``."""
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    inputs = {**prepared_shards, "images": corrupt_images}  # corrupt rows on both ranks (data/skipped below)
-    whole, trace_a = _run(inputs, tmp_path, "whole2", 2)
-    crash = {"rank": 1, "step": 4, "marker": str(tmp_path / "crashed-worker")}
-    summary, trace_b = _run(inputs, tmp_path, "lost2", 2, crash=crash, max_failures=1)
+    inputs = {**prepared_shards, "images": corrupt_images}  # corrupt rows on every rank (data/skipped below)
+    # 3 x 0.3 CPU + the 1 CPU the driver keeps for Ray Data's decode tasks; every checkpoint kept (the resume
+    # point); seed 1: the data positions of the checkpoints at steps 2, 4 and 6 all fall inside a unit with corrupt
+    # rows still to come that the run goes on to consume (item 5)
+    three = {"cpus_per_worker": 0.3, "phase1_steps": 3, "phase2_steps": 5, "num_to_keep": 4, "seed": 1}
+    whole, trace_a = _run(inputs, tmp_path, "whole3", 3, **three)
+    crash = {"rank": 1, "step": 6, "marker": str(tmp_path / "crashed-worker")}
+    summary, trace_b = _run(inputs, tmp_path, "lost3", 3, crash=crash, max_failures=1, **three)
     assert Path(crash["marker"]).exists() and summary.status == "finished" and summary.step == 8
-    meta = checkpoints.load_meta(checkpoints.latest(str(tmp_path / "runs" / "lost2"))[0])
-    assert meta["data_position"]["world"] == 2 and len(meta["data_position"]["rows"]) == 2
-    _assert_same_run(tmp_path, "whole2", "lost2", trace_a, trace_b, 2)
-    # data/skipped (logged by rank 0) is the corrupt rows the batches of BOTH ranks carried, summed over the run
+    resumed_at = _resumed_at(trace_b, crash["step"])
+    assert resumed_at in (2, 4, 6), resumed_at  # from a checkpoint inside a phase, not from scratch
+    meta = checkpoints.load_meta(tmp_path / "runs" / "lost3" / f"checkpoint_step_{resumed_at:08d}")
+    position = meta["data_position"]
+    assert position["world"] == 3 and len(position["rows"]) == 3
+    counting = _rows_counting_after_the_position(corrupt_images, prepared_shards["masks"], position, three["seed"])
+    steps = _steps(trace_b, 3)
+    consumed = [{i for step in steps if step > resumed_at and steps[step][r][0] == position["epoch"]
+                 for i in steps[step][r][1]} for r in range(3)]
+    assert any(ids & seen for ids, seen in zip(counting, consumed)), (position, counting, consumed)
+    _assert_same_run(tmp_path, "whole3", "lost3", trace_a, trace_b, 3)
+    # data/skipped (logged by rank 0) is the corrupt rows the batches of ALL ranks carried, summed over the run
     per_rank = [sum(json.loads(line)["skipped"] for line in (trace_a / f"rank{r}.jsonl").read_text().splitlines())
-                for r in (0, 1)]
+                for r in range(3)]
     assert min(per_rank) > 0, per_rank
     for run in (whole, summary):  # the restarted group continues the count from its checkpoint
         logged = {m.step: m.value for m in MlflowClient().get_metric_history(run.mlflow_run_id, "data/skipped")}
