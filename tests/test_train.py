@@ -74,6 +74,21 @@ def test_register_as_auto_is_the_inpainting_model_name():
     assert registered_name(TrainConfig(register_as="my-model")) == "my-model"
 
 
+@pytest.mark.parametrize("amp", [(True, torch.float16, True), (True, torch.bfloat16, False), (False, None, False)],
+                         ids=["fp16+scaler", "bf16", "fp32"])
+def test_grad_compression_help_names_the_hook_the_loop_uses(amp):
+    """`--grad-compression fp16` sends fp16 only with a GradScaler and bf16 otherwise (issue 25 item 4): the help
+    text (--help and README's configuration table) names the hook the loop picks for each precision."""
+    from dataclasses import fields
+
+    from pconv.train.loop import compress_hook
+    from pconv.train.state import AmpSettings, WorkerContext
+
+    ctx = WorkerContext(TrainConfig(grad_compression="fp16"), 0, 2, torch.device("cpu"), AmpSettings(*amp), None)
+    text = next(f for f in fields(TrainConfig) if f.name == "grad_compression").metadata["help"]
+    assert f"`{compress_hook(ctx).__name__}`" in text, text
+
+
 def test_one_worker_runs_both_phases_and_logs_to_mlflow(prepared_shards, tmp_path, sqlite_tracking, ray_local):
     from pconv.train.driver import run
 

@@ -105,8 +105,10 @@ class TrainConfig:
                                    "(× √(batch/6)); see docs/scaling.md", choices=LR_SCALING_CHOICES)
     compile: bool = _key(False, "`torch.compile` the model and the loss (first steps are slower while it compiles); "
                                 "eager by default")
-    grad_compression: str = _key("none", "DDP gradient all-reduce: `none` (fp32) or `fp16` (DDP's "
-                                         "`fp16_compress_hook`, half the bytes on the network); see docs/scaling.md", choices=GRAD_COMPRESSION_CHOICES)
+    grad_compression: str = _key("none", "DDP gradient all-reduce: `none` (fp32) or `fp16` (16-bit gradients, half "
+                                         "the bytes on the network: DDP's `fp16_compress_hook` with a GradScaler, i.e. "
+                                         "amp fp16 on CUDA; else `bf16_compress_hook`, as unscaled gradients fall "
+                                         "below fp16's range); see docs/scaling.md", choices=GRAD_COMPRESSION_CHOICES)
     ddp_bucket_mb: float | None = _key(None, "DDP gradient bucket size in MB (larger: fewer, bigger all-reduces)",
                                        shown="25 (DDP's)")
     max_nan_steps: int = _key(10, "consecutive non-finite losses tolerated (steps skipped) before the run stops")
