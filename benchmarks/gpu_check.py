@@ -14,6 +14,10 @@ Rows:
 - MFU: the step's FLOPs counted by torch.utils.flop_counter over the GPU's dense fp16/bf16 peak;
 - what a host read of the step's loss terms costs per step (the loop keeps its sums on the device and reads them at
   log time; this row shows the cost that avoids);
+- what the loop's finiteness check costs per step: ``WorkerContext.every_rank(isfinite(loss))``, an all-reduce and a
+  host read between forward and backward, so the device idles while the host queues the backward (on one GPU the
+  all-reduce is a no-op: the row is the host read; N GPUs add one small NCCL all-reduce). Both steps are timed with
+  a sync after each, as the loop's data agreement at the start of every step syncs anyway;
 - inference p50 at 512² (pad + net + composite), against the paper's 0.23 s on a V100 (Liu et al. 2018, Sec. 5);
 - serve p50 at 512², in-process vs HTTP through Ray Serve (benchmarks/serve_latency.py).
 """
@@ -36,9 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from pconv.core.config import TrainConfig  # noqa: E402
 from pconv.core.losses import InpaintingLoss, VGG16FeatureExtractor  # noqa: E402
 from pconv.core.unet import build_model, default_layer_size  # noqa: E402
 from pconv.inference.inpaint import inpaint  # noqa: E402
+from pconv.train.state import AmpSettings, WorkerContext  # noqa: E402
 
 PAPER_INFERENCE_S = 0.23  # Liu et al. 2018, Sec. 5: 0.23 s per 512x512 image on a V100 (their reported speed)
 # Dense fp16/bf16 tensor-core peaks (vendor data sheets, SXM parts): what MFU is measured against.
@@ -97,8 +103,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(s: Settings, dtype: torch.dtype | None, compiled: bool, read_loss: bool = False):
-    """One training step of the U-Net + the paper's loss (random VGG: the same FLOPs), as a closure."""
+def make_step(s: Settings, dtype: torch.dtype | None, compiled: bool, read_loss: bool = False,
+              check_finite: bool = False):
+    """One training step of the U-Net + the paper's loss (random VGG: the same FLOPs), as a closure; with
+    ``check_finite``, the training loop's finiteness check between forward and backward (one worker)."""
     torch.manual_seed(0)
     model = build_model(s.layer_size).to(s.device).train()
     loss_fn = InpaintingLoss(VGG16FeatureExtractor("random")).to(s.device)
@@ -113,12 +121,16 @@ def make_step(s: Settings, dtype: torch.dtype | None, compiled: bool, read_loss:
     mask = (torch.rand(s.batch, 1, s.size, s.size, generator=g) > 0.3).float().to(s.device)
     image = torch.rand(s.batch, 3, s.size, s.size, generator=g).to(s.device)
     x, mask = (image * mask).contiguous(memory_format=fmt), mask.contiguous(memory_format=fmt)
+    worker = WorkerContext(TrainConfig(), 0, 1, s.device, AmpSettings(dtype is not None, dtype, scaler.is_enabled()),
+                           None)
 
     def step() -> None:
         with torch.autocast(s.device.type, dtype=dtype, enabled=dtype is not None):
             output, _ = model(x, mask)
             terms = loss_fn(mask, output.float(), image)
         optimizer.zero_grad(set_to_none=True)
+        if check_finite and not worker.every_rank(torch.isfinite(terms["total"].detach())):
+            return  # the loop skips the step on every rank (never here: the loss is finite)
         scaler.scale(terms["total"]).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -178,6 +190,10 @@ def train_rows(s: Settings) -> list[Row]:
     with_read = timed(make_step(s, dtype, False, read_loss=True)[0], s)
     rows.append(Row("host read of loss terms", f"{(with_read - without) * 1e3:+.1f} ms/step",
                     f"{with_read / without - 1:+.1%} of an eager step (the loop reads them at log time only)"))
+    with_check = timed(make_step(s, dtype, False, check_finite=True)[0], s)
+    rows.append(Row("finiteness check per step", f"{(with_check - without) * 1e3:+.1f} ms/step",
+                    f"{with_check / without - 1:+.1%} of an eager step: the loop's all-reduce + host read of "
+                    "isfinite(loss) between forward and backward (1 GPU: the read)"))
     return rows
 
 

@@ -160,3 +160,26 @@ def test_metric_window_add_does_not_synchronise_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert window.flush(state, ctx)[runs.loss_metric("total")] > 0
+
+
+def test_gpu_checks_finiteness_row_times_the_loops_own_check_once_per_step(monkeypatch):
+    """benchmarks/gpu_check.py's "finiteness check per step" row (issue 25: the loop reads on the host, once per
+    step, whether the loss is finite on every worker) times the loop's own check, WorkerContext.every_rank on
+    isfinite(loss) between forward and backward, once per step, and the step without it calls nothing of the kind."""
+    from conftest import load_benchmark
+
+    gpu_check = load_benchmark("gpu_check")
+    calls = []
+    real = WorkerContext.every_rank
+
+    def every_rank(self, flag):
+        calls.append(bool(torch.as_tensor(flag)))
+        return real(self, flag)
+
+    monkeypatch.setattr(WorkerContext, "every_rank", every_rank)
+    s = gpu_check.settings(dry_run=True)
+    checked, plain = gpu_check.make_step(s, None, False, check_finite=True)[0], gpu_check.make_step(s, None, False)[0]
+    for _ in range(2):
+        checked()
+    plain()
+    assert calls == [True, True]  # one all-reduce + host read per checked step; none in the plain step

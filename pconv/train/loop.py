@@ -182,6 +182,8 @@ def _train_step(state: TrainState, ctx: WorkerContext, loss_fn: InpaintingLoss,
         terms = loss_fn(mask, output.float(), image, known=x)  # I_comp keeps the input's known pixels (sr: LR canvas)
     state.optimizer.zero_grad(set_to_none=True)
     counters = state.counters
+    # One all-reduce + host read per step, between forward and backward (the device idles while the host queues the
+    # backward): its cost is the "finiteness check per step" row of benchmarks/gpu_check.py.
     if ctx.every_rank(torch.isfinite(terms["total"].detach())):
         counters.consecutive_nan = 0
         state.scaler.scale(terms["total"]).backward()
