@@ -22,8 +22,9 @@ lock:
 	$(PY) -m uv pip compile pyproject.toml --extra test --extra export --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
 		--annotation-style line $(UPGRADE) -o requirements.lock
 
+# --durations: CI's log names the slowest tests, so the suite's 14-minute budget has a visible owner.
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests --durations=25 $(PYTEST_ARGS)
 
 # The fast tier: every test that starts no Ray, no MLflow server and no S3 server (tests/conftest.py marks the
 # others `server` from their fixtures, and fails a fast-tier test that starts one anyway).
