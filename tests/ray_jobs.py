@@ -31,7 +31,10 @@ def cluster_env(s3_env: dict[str, str], tracking_uri: str) -> dict[str, str]:
     """The environment of a test cluster's head and of its jobs: this process's, the S3 server's, the MLflow
     server, this venv's bin first on PATH, no usage stats."""
     return {**os.environ, **s3_env, "MLFLOW_TRACKING_URI": tracking_uri,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+            # A test cluster is torn down whole (its head's process group): Ray 2.60's head first spends up to 30 s
+            # trying to drain itself through a GCS that is already gone. Nothing survives it to hand work to.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 REPO = Path(__file__).resolve().parents[1]
 
 
