@@ -250,8 +250,18 @@ def pytest_collection_modifyitems(config, items):
                                     f"(tests/conftest.py): request the fixture that starts the server instead")
         if server_tier(item):
             item.add_marker(pytest.mark.server)
-    # no Ray first, then the session Ray's tests, then the tests that start their own cluster (stable otherwise)
-    order = {id(item): (_ray_order(item), i) for i, item in enumerate(items)}
+    # No Ray first, then the session Ray's tests, then the tests that start their own cluster. A module stays in one
+    # piece (its module-scoped fixtures, e.g. an MLflow server, start once): its tests without Ray run with its
+    # session-Ray tests; only its own-cluster tests, which must come after every session-Ray test, are split off.
+    group: dict[str, int] = {}
+    for item in items:
+        if _ray_order(item) < 2:
+            group[item.module.__name__] = max(group.get(item.module.__name__, 0), _ray_order(item))
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.module.__name__, i)
+    order = {id(item): (2 if _ray_order(item) == 2 else group[item.module.__name__], first[item.module.__name__], i)
+             for i, item in enumerate(items)}
     items.sort(key=lambda item: order[id(item)])
 
 
