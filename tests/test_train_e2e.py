@@ -29,7 +29,7 @@ from ray_jobs import BIN, JobsCli, cluster_env, submit_job, token_auth, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[1]
-TOTAL_STEPS = 60
+TOTAL_STEPS = 30
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,8 @@ def submit(cluster, bucket: str, submission_id: str) -> None:
            "python", "pipelines/train.py", "--images", f"s3://{bucket}/images", "--masks", f"s3://{bucket}/masks",
            "--storage", f"s3://{bucket}/runs", "--run-name", "e2e", "--workers", "2", "--no-use-gpu",
            "--image-size", "32", "--batch-size", "4", "--phase1-steps", str(TOTAL_STEPS // 2),
-           "--phase2-steps", str(TOTAL_STEPS // 2), "--checkpoint-every", "10", "--val-every", "30",
-           "--sample-every", "30", "--log-every", "5", "--vgg-weights", "random", "--max-failures", "2",
+           "--phase2-steps", str(TOTAL_STEPS // 2), "--checkpoint-every", "5", "--val-every", "15",
+           "--sample-every", "15", "--log-every", "5", "--vgg-weights", "random", "--max-failures", "2",
            "--experiment", "e2e"]
     deadline = time.monotonic() + 120
     while True:  # right after start-up the job agent may not be registered yet: Ray says so, and we try again
@@ -157,10 +157,12 @@ def test_job_submit_survives_a_killed_worker_and_rerun_is_a_noop(ray_cluster, s3
     # Resumed from a checkpoint after the kill, not from step 0, and finished at the expected step.
     resumed = [int(line.split("resumed from checkpoint at step ")[1].split()[0])
                for line in logs.splitlines() if "resumed from checkpoint at step" in line]
-    assert resumed and min(resumed) >= 10, logs[-4000:]
+    assert resumed and min(resumed) >= 5, logs[-4000:]
     metas = checkpoint_metas(bucket)
     assert max(metas) == TOTAL_STEPS
     assert f"finished at step {TOTAL_STEPS}" in logs
+    # The ranks' Ray Data streams draw no progress bars into the job log (they did: 30,000 lines for 60 steps).
+    assert "row/s" not in logs and len(logs.splitlines()) < 2000, len(logs.splitlines())
 
     # Phase 2 froze encoder BN: running stats identical between two phase-2 checkpoints in object storage.
     import boto3
