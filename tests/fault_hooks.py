@@ -1,4 +1,4 @@
-"""Crash injection, failures and sample tracing for the training loop, as a step hook (``run(cfg, step_hook=...)``,
+"""Crash injection, failures, spot notices and sample tracing for the training loop, as a step hook (``run(cfg, step_hook=...)``,
 the loop's documented hook :class:`pconv.train.loop.StepEvent`).
 
 The resume tests (tests/test_resume.py) kill a worker process right after a checkpoint and compare the sample ids
@@ -24,13 +24,18 @@ class FaultHooks:
     """``trace_dir``: append ``{step, epoch, ids, skipped}`` per step to ``rank<r>.jsonl``. ``crash`` = ``{rank,
     step, marker}``: ``os._exit`` once, right after the checkpoint of that step, unless the marker file exists (it is
     created first, so the restarted worker goes on). ``fail`` = ``{rank, step, message}``: raise ``RuntimeError``
-    with that message when that rank draws the batch of that step (0: the first), every time."""
+    with that message when that rank draws the batch of that step (0: the first), every time. ``notice`` = ``{step,
+    marker}``: rank 0 creates the marker file when it draws the batch of that step (a spot notice server in the test
+    answers with a notice from then on)."""
 
     trace_dir: str | None = None
     crash: dict | None = None
     fail: dict | None = None
+    notice: dict | None = None
 
     def __call__(self, event: StepEvent) -> None:
+        if event.kind == "batch" and self.notice and event.rank == 0 and event.step == self.notice["step"]:
+            open(self.notice["marker"], "w").close()
         fail = self.fail
         if event.kind == "batch" and fail and fail["rank"] == event.rank and fail["step"] == event.step:
             raise RuntimeError(fail["message"])
@@ -49,9 +54,10 @@ class FaultHooks:
                 os._exit(1)
 
 
-def fault_hooks(trace_dir: str | None = None, crash: dict | None = None, fail: dict | None = None) -> FaultHooks:
+def fault_hooks(trace_dir: str | None = None, crash: dict | None = None, fail: dict | None = None,
+                notice: dict | None = None) -> FaultHooks:
     """A :class:`FaultHooks` that pickles by value, so Ray workers need not import this test module."""
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return FaultHooks(trace_dir, crash, fail)
+    return FaultHooks(trace_dir, crash, fail, notice)

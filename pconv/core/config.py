@@ -34,6 +34,7 @@ AMP_CHOICES = ("auto", "fp16", "bf16", "off")
 LR_SCALING_CHOICES = ("none", "linear", "sqrt")  # lr x (global batch / 6)^1, ^1/2, or as given
 GRAD_COMPRESSION_CHOICES = ("none", "fp16")      # DDP gradient all-reduce in fp32 or fp16 (fp16_compress_hook)
 TRAIN_EXPERIMENT = "pconv-inpainting"  # default MLflow experiment of training runs
+SPOT_NOTICE_EC2 = "ec2"  # spot_notice_url: EC2's instance metadata service (pconv.train.spot)
 REGISTER_AUTO = "auto"  # register_as: the task's default registered name (resolved by pconv.train.driver via the registry)
 INPAINTING_TASK, SR_TASK = "inpainting", "sr"  # `task`: the paper's hole filling, or its Sec. 5 super-resolution
 TASKS = (INPAINTING_TASK, SR_TASK)
@@ -80,6 +81,12 @@ class TrainConfig:
     cpus_per_worker: float | None = _key(None, "CPUs reserved per worker; `auto`: 1 with GPUs, 0.5 on CPU-only "
                                                "clusters (leaving CPUs to Ray Data)", shown="auto")
     max_failures: int = _key(3, "worker-group restarts Ray Train may do before the run fails")
+    spot_notice_url: str = _key(SPOT_NOTICE_EC2, "where a worker looks for its node's spot interruption notice, to "
+                                                 "checkpoint at once (all ranks at the same step): `ec2` (instance "
+                                                 "metadata, IMDSv2; off by itself where there is none), an "
+                                                 "`http(s)://` URL answering as EC2's `spot/instance-action` does, or "
+                                                 "`''` (off); see docs/operations.md")
+    spot_notice_poll_s: float = _key(5.0, "seconds between two looks for a spot notice (AWS recommends 5)")
     # --- model -------------------------------------------------------------------------------
     layer_size: int | None = _key(None, "U-Net depth; by default the depth the image size allows "
                                         "(`pconv.core.unet.default_layer_size`: 8 at 512, 7 at 256 and 384, 6 at 128)", shown="from `image_size`")
@@ -212,6 +219,11 @@ class TrainConfig:
                 problems.append(f"{name}: must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
         if cfg.ddp_bucket_mb is not None and not cfg.ddp_bucket_mb > 0:
             problems.append(f"ddp_bucket_mb: must be > 0, got {cfg.ddp_bucket_mb}")
+        if not (cfg.spot_notice_url in ("", SPOT_NOTICE_EC2) or cfg.spot_notice_url.startswith(("http://", "https://"))):
+            problems.append(f"spot_notice_url: `{SPOT_NOTICE_EC2}`, an http(s):// URL or '' (off), got "
+                            f"{cfg.spot_notice_url!r}")
+        if not cfg.spot_notice_poll_s > 0:
+            problems.append(f"spot_notice_poll_s: must be > 0, got {cfg.spot_notice_poll_s}")
         if cfg.cpus_per_worker is not None and not cfg.cpus_per_worker > 0:
             problems.append(f"cpus_per_worker: must be > 0, got {cfg.cpus_per_worker}")
         if not cfg.vgg_weights:

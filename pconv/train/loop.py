@@ -33,6 +33,7 @@ from pconv.data.inputs import to_float_batch
 from pconv.storage import uris
 from pconv.tracking import checkpoints, runs
 from pconv.tracking.loading import load_model
+from pconv.train.spot import start_watcher
 from pconv.train.state import TrainState, WorkerContext, report
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                    position=state.position, rank=ctx.rank, world=ctx.world, agree=ctx.every_rank,
                                    decode_concurrency=loop_config.get("decode_concurrency"))
     hook: StepHook = loop_config.get("step_hook") or _no_hook
+    spot = start_watcher(cfg.spot_notice_url, cfg.spot_notice_poll_s)  # None on every rank, or a watcher on each
+    spot_checkpointed = False
     window = MetricWindow(ctx.device)
     log.info("rank %d/%d on %s: starting at step %d (phase %d) of %d, amp=%s", ctx.rank, ctx.world, ctx.device,
              state.step, state.phase, cfg.total_steps, ctx.amp)
@@ -163,10 +166,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _log_progress(state, ctx, window, tracker)
         if val is not None and (state.step % cfg.val_every == 0 or state.step % cfg.sample_every == 0 or last):
             _validate(state, ctx, loss_fn, val, tracker, grid=state.step % cfg.sample_every == 0 or last)
-        if state.step % cfg.checkpoint_every == 0 or last:
-            report(state, ctx, batches)  # every rank (a barrier); rank 0 writes the checkpoint
+        reason = "final" if last else "periodic" if state.step % cfg.checkpoint_every == 0 else None
+        # A spot notice on any rank's node (one all-reduce, every rank): checkpoint now, once, on every rank.
+        if spot is not None and not spot_checkpointed and not ctx.every_rank(not spot.seen):
+            spot_checkpointed = True
+            reason = reason or "spot notice"
+            if ctx.rank == 0:
+                log.warning("step %d: a spot interruption notice reached the group: checkpointing now", state.step)
+        if reason:
+            report(state, ctx, batches, reason)  # every rank (a barrier); rank 0 writes the checkpoint
             hook(StepEvent("checkpoint", ctx.rank, state.step, state.epoch))
     batches.close()
+    if spot is not None:
+        spot.stop()
 
 
 def _train_step(state: TrainState, ctx: WorkerContext, loss_fn: InpaintingLoss,

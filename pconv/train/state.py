@@ -167,10 +167,11 @@ class TrainState:
         self.counters = Counters.from_record(saved.get("counters"), ctx.rank)
 
 
-def report(state: TrainState, ctx: WorkerContext, stream: WorkerStream) -> None:
+def report(state: TrainState, ctx: WorkerContext, stream: WorkerStream, reason: str = "periodic") -> None:
     """Every rank reports to Ray Train (a barrier); rank 0 attaches a complete checkpoint directory: ``state.pt``
     (:meth:`TrainState.record`, with every rank's data position and the counters summed over the ranks, both
-    gathered here), ``config.yaml`` and ``meta.json``, which a resume continues."""
+    gathered here), ``config.yaml`` and ``meta.json`` (with ``reason``: periodic, final or spot notice), which a
+    resume continues."""
     import ray.train
 
     rows = torch.tensor([stream.rows if r == ctx.rank else 0 for r in range(ctx.world)], dtype=torch.int64)
@@ -183,7 +184,7 @@ def report(state: TrainState, ctx: WorkerContext, stream: WorkerStream) -> None:
     cfg = ctx.cfg
     meta = {"mlflow_run_id": ctx.run_id, "run_name": cfg.run_name, "step": state.step, "phase": state.phase,
             "total_steps": cfg.total_steps, "finished": state.step >= cfg.total_steps,
-            "data_position": position.to_dict()}
+            "data_position": position.to_dict(), "reason": reason}
     with tempfile.TemporaryDirectory(prefix="pconv-ckpt-") as tmp:
         checkpoints.save(tmp, state.record(cfg.seed, position, totals), cfg.to_yaml(), meta)
         ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(tmp),
