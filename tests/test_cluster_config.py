@@ -621,3 +621,38 @@ def test_docs_state_the_kuberay_release_that_has_auth_options_secret_name():
     readme = K8S_README.read_text()
     for field in ("ttlSecondsAfterFinished", "backoffLimit", "preRunningDeadlineSeconds", "activeDeadlineSeconds"):
         assert field in readme, field
+
+
+def test_the_spot_v100_types_mirror_the_on_demand_ones_and_ray_launches_them_first():
+    """Issue 26 item 4: gpu.p3.2xlarge.spot is gpu.p3.2xlarge on spot capacity (same resources, image, metadata
+    settings; InstanceMarketOptions spot, terminated when reclaimed), and so is gpu.p3.16xlarge.spot. Ray 2.60's own
+    scheduler (the function the autoscaler calls, with its default scorer) launches the spot type for a 1-GPU
+    worker and the 8-GPU spot type for 8 workers, and between the two 1-GPU types the spot one up to its max_workers
+    and the on-demand one beyond: what the file's comments say."""
+    from functools import partial
+
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+
+    cluster_config = load_cluster()
+    types = cluster_config["available_node_types"]
+    assert {t for t in types if t.endswith(".spot")} == {"gpu.p3.2xlarge.spot", "gpu.p3.16xlarge.spot"}
+    for name in ("gpu.p3.2xlarge", "gpu.p3.16xlarge"):
+        spot, on_demand = types[f"{name}.spot"], types[name]
+        assert spot["resources"] == on_demand["resources"] and spot["min_workers"] == 0
+        assert spot["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot", "SpotOptions": {
+            "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
+        assert "InstanceMarketOptions" not in on_demand["node_config"]
+        assert {k: v for k, v in spot["node_config"].items() if k != "InstanceMarketOptions"} == on_demand["node_config"]
+    spot = types["gpu.p3.2xlarge.spot"]
+    scorer = partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({}))
+    head = cluster_config["head_node_type"]
+    worker = {"CPU": 1, "GPU": 1}
+    added, left = get_nodes_for(types, {}, head, 100, [worker], scorer)
+    assert not left and dict(added) == {"gpu.p3.2xlarge.spot": 1}, added  # the whole file: spot first
+    # between the two 1-GPU types (they fill alike): spot up to its max_workers, then on demand
+    pair = {k: types[k] for k in (head, "gpu.p3.2xlarge", "gpu.p3.2xlarge.spot")}
+    added, left = get_nodes_for(pair, {}, head, 100, [worker] * (spot["max_workers"] + 2), scorer)
+    assert not left and dict(added) == {"gpu.p3.2xlarge.spot": spot["max_workers"], "gpu.p3.2xlarge": 2}, added
+    added, left = get_nodes_for(types, {}, head, 100, [worker] * 8, scorer)  # 8 workers fill an 8-GPU node best
+    assert not left and dict(added) == {"gpu.p3.16xlarge.spot": 1}, added
