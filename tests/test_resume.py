@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from pconv.tracking import checkpoints
+from pconv.tracking import checkpoints, lineage
 from pconv.data import stream
 from pconv.core import images
 from pconv.train import loop
@@ -498,7 +498,8 @@ def test_a_lost_worker_of_three_restarted_by_ray_ends_like_an_uninterrupted_run(
     # 3 x 0.3 CPU + the 1 CPU the driver keeps for Ray Data's decode tasks; every checkpoint kept (the resume
     # point); seed 1: the data positions of the checkpoints at steps 2, 4 and 6 all fall inside a unit with corrupt
     # rows still to come that the run goes on to consume (item 5)
-    three = {"cpus_per_worker": 0.3, "phase1_steps": 3, "phase2_steps": 5, "num_to_keep": 4, "seed": 1}
+    three = {"cpus_per_worker": 0.3, "phase1_steps": 3, "phase2_steps": 5, "num_to_keep": 4, "seed": 1,
+             "lineage": True}
     whole, trace_a = _run(inputs, tmp_path, "whole3", 3, **three)
     crash = {"rank": 1, "step": 6, "marker": str(tmp_path / "crashed-worker")}
     summary, trace_b = _run(inputs, tmp_path, "lost3", 3, crash=crash, max_failures=1, **three)
@@ -521,6 +522,25 @@ def test_a_lost_worker_of_three_restarted_by_ray_ends_like_an_uninterrupted_run(
     for run in (whole, summary):  # the restarted group continues the count from its checkpoint
         logged = {m.step: m.value for m in MlflowClient().get_metric_history(run.mlflow_run_id, "data/skipped")}
         assert logged[8] == sum(per_rank), (run.mlflow_run_id, logged, per_rank)
+    # Lineage (issue 26 item 3): each run's lineage/ files give, for every step and rank, the epoch and ids the
+    # trace saw (for the restarted run: the redone steps' rows replaced the lost attempt's), and no train row twice
+    # in an epoch.
+    for run, trace in ((whole, trace_a), (summary, trace_b)):
+        rows = lineage.read(run.mlflow_run_id).to_pylist()
+        seen: dict[int, list] = {}
+        for r in rows:
+            seen.setdefault(r["step"], [(None, [])] * 3)
+            epoch, ids = seen[r["step"]][r["rank"]]
+            seen[r["step"]][r["rank"]] = (r["epoch"], ids + [r["id"]])
+            assert r["world_size"] == 3
+        traced = _steps(trace, 3)
+        assert len(rows) == sum(len(ids) for per_rank_ids in traced.values() for _, ids in per_rank_ids)
+        assert {s: [(e, sorted(i)) for e, i in v] for s, v in seen.items()} == {
+            s: [(e, sorted(i)) for e, i in v] for s, v in traced.items()}
+        by_epoch: dict[int, list] = {}
+        for r in rows:
+            by_epoch.setdefault(r["epoch"], []).append(r["id"])
+        assert all(len(ids) == len(set(ids)) for ids in by_epoch.values()), "a row trained twice in an epoch"
 
 
 def test_val_pairs_read_and_decode_only_the_rows_they_use(prepared_shards, monkeypatch):

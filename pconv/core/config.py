@@ -74,6 +74,8 @@ class TrainConfig:
     register_as: str | None = _key(REGISTER_AUTO, "registered model name of the final model; `auto`: the task's "
                                                   "default name (`pconv-unet` for inpainting, `pconv-sr` for sr); "
                                                   "`''`: do not register")
+    lineage: bool = _key(False, "record which sample ids each worker consumed at every step, as Parquet files in "
+                                "the MLflow run's `lineage/` (README: data lineage); a few KB per checkpoint")
     # --- cluster -----------------------------------------------------------------------------
     workers: int = _key(1, "number of data-parallel training workers (one GPU each when GPUs are used)")
     use_gpu: bool | None = _key(None, "train on GPUs; `auto`: if the cluster has GPUs or its autoscaler can launch "

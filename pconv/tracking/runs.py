@@ -284,6 +284,28 @@ class Tracker:
             self._call(f"log_dict {artifact_file}",
                        lambda: self.client.log_dict(self.run_id, dict(data), artifact_file))
 
+    def log_file(self, local_path: str | Path, artifact_dir: str) -> bool:
+        """Upload one file into the run's artifact folder ``artifact_dir`` (a file of the same name is replaced);
+        True when it arrived (False: MLflow is down; the caller keeps the file to try again)."""
+        if not self.enabled:
+            return False
+        return self._call(f"log_artifact {artifact_dir}/{Path(local_path).name}",
+                          lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_dir) or True) is True
+
+    def list_files(self, artifact_dir: str) -> list[str] | None:
+        """The artifact paths of the files directly in ``artifact_dir`` (None: MLflow is down)."""
+        if not self.enabled:
+            return None
+        return self._call(f"list_artifacts {artifact_dir}", lambda: [
+            f.path for f in self.client.list_artifacts(self.run_id, artifact_dir) if not f.is_dir])
+
+    def download(self, artifact_path: str, dst_dir: str | Path) -> str | None:
+        """Download one artifact into ``dst_dir``; its local path (None: MLflow is down)."""
+        if not self.enabled:
+            return None
+        return self._call(f"download {artifact_path}",
+                          lambda: self.client.download_artifacts(self.run_id, artifact_path, str(dst_dir)))
+
     def set_terminated(self, status: str = "FINISHED") -> None:
         """End the run (``FINISHED``, ``FAILED`` or ``KILLED``); a resumed run is set RUNNING again."""
         if self.enabled:

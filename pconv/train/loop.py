@@ -32,6 +32,7 @@ from pconv.data.allocator import reuse_freed_memory
 from pconv.data.inputs import to_float_batch
 from pconv.storage import uris
 from pconv.tracking import checkpoints, runs
+from pconv.tracking.lineage import LineageRecorder
 from pconv.tracking.loading import load_model
 from pconv.train.spot import start_watcher
 from pconv.train.state import TrainState, WorkerContext, report
@@ -146,6 +147,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     hook: StepHook = loop_config.get("step_hook") or _no_hook
     spot = start_watcher(cfg.spot_notice_url, cfg.spot_notice_poll_s)  # None on every rank, or a watcher on each
     spot_checkpointed = False
+    lineage = LineageRecorder(tracker, ctx.rank, ctx.world) if cfg.lineage else None
+    if lineage is not None and state.step > 0:
+        lineage.truncate_after(state.step)  # the steps after the checkpoint are redone: their old rows go
     window = MetricWindow(ctx.device)
     log.info("rank %d/%d on %s: starting at step %d (phase %d) of %d, amp=%s", ctx.rank, ctx.world, ctx.device,
              state.step, state.phase, cfg.total_steps, ctx.amp)
@@ -157,6 +161,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.epoch, batch = batches.next()
         t_data = time.perf_counter()
         hook(StepEvent("batch", ctx.rank, state.step, state.epoch, batch))
+        if lineage is not None:
+            lineage.add(state.epoch, state.step + 1, batch["id"])
         state.counters.skipped += skipped_rows(batch)
         terms, images = _train_step(state, ctx, loss_fn, batch)
         window.add(terms, t_data - t0, time.perf_counter() - t0, images * ctx.world)
@@ -174,11 +180,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if ctx.rank == 0:
                 log.warning("step %d: a spot interruption notice reached the group: checkpointing now", state.step)
         if reason:
+            if lineage is not None:
+                lineage.flush(ctx.gather)  # before the report: a checkpoint Ray can resume from has its rows written
             report(state, ctx, batches, reason)  # every rank (a barrier); rank 0 writes the checkpoint
             hook(StepEvent("checkpoint", ctx.rank, state.step, state.epoch))
     batches.close()
     if spot is not None:
         spot.stop()
+    if lineage is not None:
+        lineage.close()
 
 
 def _train_step(state: TrainState, ctx: WorkerContext, loss_fn: InpaintingLoss,

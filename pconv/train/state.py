@@ -87,6 +87,15 @@ class WorkerContext:
                 values = values / self.world
         return values
 
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` (picklable) on rank 0, as a list by rank; None on the other ranks. A collective.
+        Alone: ``[obj]``."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            out: list[Any] | None = [None] * self.world if self.rank == 0 else None
+            torch.distributed.gather_object(obj, out, dst=0)
+            return out
+        return [obj]
+
     def every_rank(self, flag: bool | torch.Tensor) -> bool:
         """True when ``flag`` holds on every rank (a collective; read on the host): the ranks skip a step together,
         and end an epoch together (the data stream's ``agree``)."""
