@@ -1,5 +1,5 @@
-"""Crash injection, failures, spot notices and sample tracing for the training loop, as a step hook (``run(cfg, step_hook=...)``,
-the loop's documented hook :class:`pconv.train.loop.StepEvent`).
+"""Crash injection, failures, spot notices and sample tracing for the training loop, as a step hook
+(``run(cfg, step_hook=...)``, the loop's documented hook :class:`pconv.train.loop.StepEvent`).
 
 The resume tests (tests/test_resume.py) kill a worker process right after a checkpoint and compare the sample ids
 every step saw with an uninterrupted run; tests/test_bad_input_use.py makes a worker raise. The hook travels to the

@@ -37,7 +37,7 @@ def tracking(store_uri, request):
 
 def two_ranks(tracker):
     """Rank 0 (writes) and rank 1, and a flush of both through a gather like the group's."""
-    r0, r1 = lineage.LineageRecorder(tracker, 0, 2), lineage.LineageRecorder(None, 1, 2)
+    r0, r1 = lineage.LineageRecorder(tracker, 2), lineage.LineageRecorder(None, 2)
 
     def flush():
         sent = []
@@ -68,7 +68,7 @@ def test_two_ranks_write_one_file_per_checkpoint_and_a_resume_replaces_the_redon
     assert names == ["lineage/steps_000000001-000000002.parquet", "lineage/steps_000000003-000000005.parquet"]
 
     # the resumed group (new recorders) from step 2 redoes 3..5 with other samples (another world size: 1)
-    resumed = lineage.LineageRecorder(Tracker(run_id, uri), 0, 1)
+    resumed = lineage.LineageRecorder(Tracker(run_id, uri), 1)
     resumed.truncate_after(2)
     for step in (3, 4, 5, 6):
         resumed.add(1, step, [IDS[step]])

@@ -54,14 +54,14 @@ def steps_of(name: str) -> tuple[int, int] | None:
 
 class LineageRecorder:
     """One rank's lineage: :meth:`add` per batch drawn; :meth:`flush` at each checkpoint on EVERY rank (``gather``
-    is the group's gather to rank 0: a collective); rank 0 (``tracker`` set) writes the file. ``rank``, ``world``:
-    this worker's place in the group."""
+    is the group's gather to rank 0: a collective); rank 0 (``tracker`` set) writes the file. ``world``: the group's
+    size."""
 
-    def __init__(self, tracker: Tracker | None, rank: int, world: int) -> None:
+    def __init__(self, tracker: Tracker | None, world: int) -> None:
         if tracker is not None and not tracker.enabled:
             log.warning("lineage: this run has no MLflow run, so no lineage is recorded")
             tracker = None
-        self.tracker, self.rank, self.world = tracker, rank, world
+        self.tracker, self.world = tracker, world
         self._rows: list[tuple[int, int, np.ndarray]] = []  # (epoch, step, ids)
         self._pending: list[Path] = []  # written, not yet accepted by MLflow (rank 0)
         self._tmp = tempfile.TemporaryDirectory(prefix="pconv-lineage-") if tracker is not None else None
@@ -71,11 +71,11 @@ class LineageRecorder:
 
     def flush(self, gather: Callable[[Any], Sequence[Any] | None]) -> None:
         """Every rank: hand this rank's rows since the last flush to rank 0, which writes them as one file."""
-        gathered = gather((self.rank, self._rows))
+        gathered = gather(self._rows)  # on rank 0: every rank's rows, by rank
         self._rows = []
         if self.tracker is None or gathered is None:
             return
-        table = _table([(rank, rows) for rank, rows in gathered], self.world)
+        table = _table(gathered, self.world)
         if table.num_rows:
             steps = table.column("step").to_numpy()
             path = Path(self._tmp.name) / file_name(int(steps.min()), int(steps.max()))
@@ -121,9 +121,10 @@ class LineageRecorder:
         self._pending = [p for p in self._pending if not self.tracker.log_file(p, LINEAGE_DIR)]
 
 
-def _table(per_rank: Sequence[tuple[int, list[tuple[int, int, np.ndarray]]]], world: int) -> pa.Table:
+def _table(per_rank: Sequence[list[tuple[int, int, np.ndarray]]], world: int) -> pa.Table:
+    """The rows of every rank (``per_rank[r]``: rank r's (epoch, step, ids)) as one table in :data:`SCHEMA`."""
     cols: dict[str, list[np.ndarray]] = {name: [] for name in SCHEMA.names}
-    for rank, rows in per_rank:
+    for rank, rows in enumerate(per_rank):
         for epoch, step, ids in rows:
             n = len(ids)
             cols["epoch"].append(np.full(n, epoch, np.int32))

@@ -147,7 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     hook: StepHook = loop_config.get("step_hook") or _no_hook
     spot = start_watcher(cfg.spot_notice_url, cfg.spot_notice_poll_s)  # None on every rank, or a watcher on each
     spot_checkpointed = False
-    lineage = LineageRecorder(tracker, ctx.rank, ctx.world) if cfg.lineage else None
+    lineage = LineageRecorder(tracker, ctx.world) if cfg.lineage else None
     if lineage is not None and state.step > 0:
         lineage.truncate_after(state.step)  # the steps after the checkpoint are redone: their old rows go
     window = MetricWindow(ctx.device)
