@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 
 import boto3
 import numpy as np
@@ -142,7 +143,8 @@ def test_tracker_logs_params_metrics_and_sample_grids(mlflow_server, tmp_path):
     mask[:, :, 4:12, 4:12] = 0
     tracker.log_sample_grid([gt * mask, mask, gt * 0.5, gt, gt], step=2)
     tracker.log_params({"image_size": 128, "new_key": "x"})  # a resumed run with a changed value
-    assert tracker.failures == 0
+    tracker.close()  # the metrics were queued: close sends them and records what was lost (nothing)
+    assert tracker.failures == 0 and tracker.metrics_sent == 3 * 3 and tracker.metrics_lost == 0
 
     client = MlflowClient(mlflow_server.url)
     run = client.get_run(run_id)
@@ -151,6 +153,8 @@ def test_tracker_logs_params_metrics_and_sample_grids(mlflow_server, tmp_path):
     assert params["versions.torch"] and params["versions.mlflow"] and params["git_commit"]
     assert params["cluster.workers"] == "2" and params["cluster.gpu"] == "none"
     assert run.data.tags["param_changed.image_size"] == "128"
+    assert [run.data.tags[t] for t in (tracking.METRICS_LOST_TAG, tracking.METRICS_LATE_TAG,
+                                       tracking.ARTIFACTS_LOST_TAG)] == ["0", "0", "0"]
     history = client.get_metric_history(run_id, "loss/total")
     assert [(m.step, round(m.value, 6)) for m in history] == [(0, 1.0), (1, 0.5), (2, round(1 / 3, 6))]
 
@@ -176,18 +180,63 @@ def test_unreachable_server_never_raises(caplog, monkeypatch):
     assert "WITHOUT tracking" in caplog.text
 
     tracker = tracking.Tracker("0" * 32, dead, FAST)
-    tracker.log_metrics({"loss/total": 1.0}, step=1)
-    assert tracker.failures == 1 and "log_metrics failed" in caplog.text
+    tracker.log_params({"a": 1})
+    assert tracker.failures == 1 and "log_params failed" in caplog.text
     # during the cooldown, calls are dropped without touching the network (and still never raise)
     tracker.log_params({"a": 1})
     tracker.log_sample_grid([np.zeros((1, 3, 4, 4)), np.ones((1, 1, 4, 4)), np.zeros((1, 3, 4, 4)),
                              np.zeros((1, 3, 4, 4)), np.zeros((1, 3, 4, 4))], step=1)
-    tracker.set_terminated("FAILED")
-    assert tracker.failures == 1 and tracker.dropped == 3
+    assert tracker.failures == 1 and tracker.dropped == 2 and tracker.artifacts_lost == 1  # the grid: an image
     assert "dropped" in caplog.text
 
     off = tracking.Tracker.disabled()
-    assert not off and off.log_metrics({"x": 1}, step=0) is None and off.failures == 0
+    assert not off and off.log_metrics({"x": 1}, step=0) is None and off.failures == 0 and off.flush(0)
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_metrics_never_wait_on_a_down_server_and_what_is_not_sent_is_counted(caplog, monkeypatch):
+    """Metrics go to the sender thread's queue: logging returns at once while the server is down, flush() does not
+    stall either, other calls are dropped at once during the known outage, and close() counts every point that did
+    not arrive (the tag itself cannot be written here, which an error says)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    caplog.set_level(logging.WARNING, logger="pconv.tracking.runs")
+    tracker = tracking.Tracker("0" * 32, f"http://127.0.0.1:{free_port()}", FAST)
+    started = time.monotonic()
+    for step in range(50):
+        tracker.log_metrics({"loss/total": 1.0 / (step + 1), "lr": 2e-4, "bad": "text"}, step=step)
+    assert time.monotonic() - started < 0.5  # 50 steps' metrics: none waited on the dead server
+    wait_until(lambda: tracker.server_down)
+    assert "MLflow is unreachable" in caplog.text and tracker.queued_metrics == 100
+    started = time.monotonic()
+    assert tracker.flush(timeout_s=30) is False  # known down: at once, the points stay queued
+    tracker.log_image(np.zeros((4, 4, 3), np.uint8), "samples", step=1)  # no retries during the known outage
+    tracker.log_params({"a": 1})
+    assert time.monotonic() - started < 0.5 and tracker.failures == 0 and tracker.dropped == 2
+    tracker.close(timeout_s=0.3)
+    assert (tracker.metrics_lost, tracker.metrics_sent, tracker.artifacts_lost) == (100, 0, 1)
+    assert tracker.queued_metrics == 0
+    assert "100 metric point(s) and 1 artifact(s) never reached it" in caplog.text
+    assert "its loss tags could not be written" in caplog.text
+
+
+def test_a_full_metric_queue_drops_the_oldest_points_and_counts_them(caplog, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    caplog.set_level(logging.WARNING, logger="pconv.tracking.runs")
+    tracker = tracking.Tracker("0" * 32, f"http://127.0.0.1:{free_port()}", FAST, max_queued_points=10)
+    tracker.log_metrics({"a": 0.0, "b": 0.0}, step=0)
+    wait_until(lambda: tracker.server_down)  # the sender holds these 2 points and retries them
+    for step in range(1, 13):
+        tracker.log_metrics({"a": step, "b": step}, step=step)
+    assert tracker.metrics_lost == 2 * 12 - 10 and tracker.queued_metrics == 2 + 10
+    assert "metric queue full (10 points): dropped the" in caplog.text
+    tracker.close(timeout_s=0.2)
+    assert tracker.metrics_lost == 2 * 13 and tracker.metrics_sent == 0
 
 
 def test_metric_names_are_the_contract():

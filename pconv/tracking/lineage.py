@@ -10,7 +10,8 @@ shard key), ``world_size``.
 A resumed run appends. A run that resumes from step ``s`` first rewrites the files of the lost attempt that reach
 past ``s`` to their steps up to ``s`` (an empty file when none), so the steps redone replace the lost attempt's rows
 and each step's rows are written exactly once. A file MLflow does not take (server down) is kept and sent again at
-the next checkpoint; one still unsent at the end is logged as lost.
+the next checkpoint; one still unsent at the end is logged as lost and counted in the run's tag
+:data:`pconv.tracking.runs.ARTIFACTS_LOST_TAG` (when the tracker closes).
 
 "Was this image trained on, and when?" (README, "Data lineage")::
 
@@ -115,6 +116,7 @@ class LineageRecorder:
         if self._pending:
             log.error("lineage: %d file(s) never reached MLflow: %s", len(self._pending),
                       ", ".join(p.name for p in self._pending))
+            self.tracker.count_lost_artifacts(len(self._pending), "lineage files")  # in the run's tags at close
         self._tmp.cleanup()
 
     def _send(self) -> None:
