@@ -1,7 +1,8 @@
 """pconv.inference.serve on a REAL local Ray + Serve, serving a tiny random model registered on a REAL MLflow server:
 POST /inpaint with a real photo and an NVIDIA test mask (valid pixels unchanged, holes filled), bad inputs -> 4xx
-naming the problem, 40 concurrent requests all answered 200 or 503 (bounded queues, no hang), and moving the
-``champion`` alias switches the answering version without failing requests. Starts Ray: run under the Ray lock
+naming the problem, 40 concurrent requests all answered 200 or 503 (bounded queues, no hang), moving the
+``champion`` alias switches the answering version without failing requests, and killing the model replica under 20
+clients gives only 200s and 503s until a new replica answers. Starts Ray: run under the Ray lock
 (``flock /tmp/pconv-ray.lock``)."""
 
 from __future__ import annotations
@@ -223,6 +224,87 @@ def test_an_sr_model_is_served_on_post_super_resolve(served, photo_and_mask):
         assert other.status_code == 409 and "POST /inpaint" in other.json()["error"]
     finally:
         serve.delete("pconv-sr-test")
+
+
+def replica_names(app: str, deployment: str) -> list[str]:
+    """The Ray actor names of a deployment's live replicas (``SERVE_REPLICA::app#deployment#id``, namespace serve)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and a["name"].startswith(prefix))
+
+
+def test_killing_the_model_replica_under_twenty_clients(served, photo_and_mask):
+    """The model replica is killed under 20 concurrent clients: every request ends with 200 or 503 (with
+    Retry-After) within its timeout: no 500, no connection error, no hang; Serve starts a new replica, which answers
+    200 again, and the app is RUNNING. Last of the module's tests on the app, and it returns only once recovered.
+    The photo and mask are cut to 128 px (every 4th pixel) so a request takes ~0.1 s on the test's half CPU."""
+    import ray
+    from ray import serve
+
+    from pconv.inference.serve import APP_NAME
+
+    image, mask, arr, valid = photo_and_mask
+    image, mask = png(arr[::4, ::4].copy()), png(np.where(valid[::4, ::4], 0, 255).astype(np.uint8))
+    timeout = 20.0
+    (victim,) = replica_names(APP_NAME, "PConvModel")
+    events: list[tuple[float, float, object]] = []  # (sent, ended, status code or exception name)
+    retry_after: set[str | None] = set()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                r = post(served["url"], image, mask, timeout=timeout)
+                outcome: object = r.status_code
+            except requests.RequestException as exc:
+                r, outcome = None, type(exc).__name__
+            events.append((sent, time.monotonic(), outcome))
+            if outcome == 503:  # a polite client: waits as told, then tries again
+                retry_after.add(r.headers.get("Retry-After"))
+                stop.wait(float(r.headers.get("Retry-After", 1)))
+
+    t0 = time.monotonic()
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(20)]
+    for c in clients:
+        c.start()
+    recovered_at = None
+    try:
+        time.sleep(2.0)
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        while time.monotonic() - killed_at < 60:
+            ok_after = [e for e in events if e[0] > killed_at and e[2] == 200]
+            if ok_after and serve.status().applications[APP_NAME].status == "RUNNING":
+                recovered_at = min(e[1] for e in ok_after)
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(timeout=timeout + 5)
+    before = [e[2] for e in events if e[1] <= killed_at]
+    after = [e[2] for e in events if e[1] > killed_at]
+    in_flight = [e[2] for e in events if e[0] < killed_at < e[1]]  # sent before the kill, answered after it
+    summary = {"before": {k: before.count(k) for k in set(before)}, "after": {k: after.count(k) for k in set(after)},
+               "in_flight": {k: in_flight.count(k) for k in set(in_flight)},
+               "recovery_s": None if recovered_at is None else round(recovered_at - killed_at, 1),
+               "longest_s": round(max(e[1] - e[0] for e in events), 1), "wall_s": round(time.monotonic() - t0, 1),
+               "retry_after": sorted(map(str, retry_after))}
+    print("replica kill:", summary)
+    assert not any(c.is_alive() for c in clients), f"a client is still waiting: {summary}"
+    assert set(before) | set(after) <= {200, 503}, summary
+    assert before.count(200) > 0 and in_flight, summary
+    assert recovered_at is not None and after.count(200) > 0, summary
+    assert None not in retry_after, f"a 503 without Retry-After: {summary}"
+    assert max(e[1] - e[0] for e in events) < timeout, summary
+    (new,) = replica_names(APP_NAME, "PConvModel")
+    assert new != victim
+    assert serve.status().applications[APP_NAME].status == "RUNNING"
+    assert requests.get(served["url"] + "/healthz", timeout=30).json()["status"] == "ok"
 
 
 def test_serve_deploy_configs_build_the_app(repo_root):

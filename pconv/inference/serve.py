@@ -1,6 +1,8 @@
 """The Ray Serve application: the HTTP API and the web page for inpainting with a registered (or any) model.
 
-Routes (one deployment, :class:`InpaintServer`, FastAPI ingress):
+Two deployments: :class:`InpaintServer` (``PConvInpaint``), the FastAPI ingress (routes, form parsing, input checks:
+no model, no GPU), and :class:`PConvModel` (``PConvModel``), the model replicas (batching, alias following, the
+forward pass), which the ingress calls through a deployment handle. Routes:
 
 - ``POST /inpaint``: multipart form with files ``image`` and ``mask`` and optional field ``hole_color`` (``white``
   default, or ``black``) -> ``image/png``, the composite at the image's size; header ``X-Model-Version`` names the
@@ -13,10 +15,17 @@ Routes (one deployment, :class:`InpaintServer`, FastAPI ingress):
 - ``GET /healthz``: ``{"status": "ok", "model": ..., "version": ...}``.
 - ``GET /docs``: the OpenAPI (Swagger) page, with the upload fields of both POST routes declared.
 
-Requests are batched on the replica with ``@serve.batch`` (same-size images run as one forward pass). Queues are
-bounded: each replica takes ``max_ongoing_requests`` at a time and each proxy holds at most ``max_queued_requests``
-more; beyond that Serve answers 503 at once instead of letting clients hang. Replicas take a GPU when the cluster
-has one, and autoscale between ``min_replicas`` and ``max_replicas`` on ongoing requests.
+Requests are batched on the model replica with ``@serve.batch`` (same-size images run as one forward pass). Queues are
+bounded: each model replica takes ``max_ongoing_requests`` at a time and at most ``max_queued_requests`` more wait
+for one (in each ingress replica, and in each proxy for the ingress); beyond that the answer is 503 at once, with a
+``Retry-After`` header, instead of letting clients hang. Model replicas take a GPU when the cluster has one, and
+autoscale between ``min_replicas`` and ``max_replicas`` on ongoing requests.
+
+Why two deployments: when a model replica dies (killed, out of memory, a GPU fault), the requests it was working on
+fail in whoever called it. With the routes in the model replica that caller is Ray's HTTP proxy, which answers 500
+(or nothing). With a separate ingress, the caller is :class:`InpaintServer`, which answers **503 with Retry-After**
+for them, and for requests that find no replica until Serve has started a new one (``health_check_s`` after the
+death at most, then the model load). Bad input is refused by the ingress before it takes a model replica's slot.
 
 Alias following: for ``models:/NAME@ALIAS`` each replica polls the registry every ``poll_s`` seconds; when the alias
 moves, the new version is loaded beside the old one and swapped in between batches, so no request is dropped.
@@ -24,6 +33,7 @@ moves, the new version is loaded beside the old one and swapped in between batch
 
 import asyncio
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,14 +41,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
 
 from pconv import cluster
-from pconv.inference.inpaint import encode_image
 from pconv.core.config import INPAINTING_TASK, SR_TASK
-from pconv.tracking.loading import REGISTRY_SCHEME, load_model, parse_registry_uri, resolve_version
+from pconv.inference.inpaint import encode_image
 from pconv.inference.pyfunc import (DEFAULT_MAX_PIXELS, BadInput, Decoded, decode_lr_request, decode_request,
-                                inpaint_decoded)
+                                    inpaint_decoded)
 from pconv.inference.super_resolve import resolve_scale, super_resolve
+from pconv.tracking.loading import REGISTRY_SCHEME, load_model, parse_registry_uri, resolve_version
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +66,12 @@ DEFAULTS: dict[str, Any] = {
     "max_batch_size": 8,         # @serve.batch: requests per forward pass (1 = batching off)
     "batch_wait_s": 0.01,        # @serve.batch: how long a batch waits to fill up
     "device": "auto",
+    "retry_after_s": 1.0,        # the Retry-After of a 503 (full queues, or no live model replica)
 }
+INGRESS_OPTIONS = frozenset({"max_pixels", "retry_after_s"})  # the rest of DEFAULTS are PConvModel's
+# What a model replica's death (or its absence, or its full queue) looks like to the ingress: 503, not 500.
+MODEL_UNAVAILABLE: tuple[type[BaseException], ...] = (RayActorError, BackPressureError, DeploymentUnavailableError,
+                                                      ReplicaUnavailableError)
 
 app = FastAPI(title="PConv inpainting",
               description="Partial-convolution inpainting (Liu et al., ECCV 2018) and its super-resolution variant. "
@@ -99,15 +118,15 @@ async def _read_form(request: Request, files: tuple[str, ...] = ("image", "mask"
     return fields
 
 
-@serve.deployment(name="PConvInpaint")
-@serve.ingress(app)
-class InpaintServer:
-    """One replica: the model (swapped when the alias moves), the batcher and the routes."""
+@serve.deployment(name="PConvModel")
+class PConvModel:
+    """One model replica: the model (swapped when the alias moves), the batcher and the forward pass; called by
+    :class:`InpaintServer` through a deployment handle, never over HTTP."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None = None, **options: Any):
-        unknown = set(options) - set(DEFAULTS)
+        unknown = set(options) - (set(DEFAULTS) - INGRESS_OPTIONS)
         if unknown:
-            raise ValueError(f"unknown serve option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+            raise ValueError(f"unknown model option(s) {sorted(unknown)}; known: {sorted(set(DEFAULTS))}")
         self.opts = {**DEFAULTS, **options}
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
         self._lock = threading.Lock()
@@ -157,7 +176,11 @@ class InpaintServer:
         if stop is not None:
             stop.set()
 
-    # ---- batching -----------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What the ingress needs to route and check a request: the URI, the version serving now, task and scale."""
+        return {"model": self.model_uri, "version": self._current[1], "task": self.task, "scale": self.scale}
+
+    # ---- batching and the forward pass --------------------------------------------------------------------
     @serve.batch(max_batch_size=DEFAULTS["max_batch_size"], batch_wait_timeout_s=DEFAULTS["batch_wait_s"])
     async def _batched(self, items: list[Decoded]) -> list[tuple[bytes, str]]:
         with self._lock:
@@ -168,49 +191,97 @@ class InpaintServer:
 
         return await asyncio.to_thread(run)
 
+    async def inpaint(self, decoded: Decoded) -> tuple[bytes, str]:
+        """The composite of one checked request as PNG bytes, and the version that made it (batched)."""
+        return await self._batched(decoded)
+
+    async def super_resolve(self, lr: Any) -> tuple[bytes, str]:
+        """The K-times larger image of one checked LR image as PNG bytes, and the version that made it."""
+        with self._lock:
+            model, version = self._current
+        png = await asyncio.to_thread(lambda: encode_image(super_resolve(model, lr, self.scale)))
+        return png, version
+
+
+@serve.deployment(name="PConvInpaint")
+@serve.ingress(app)
+class InpaintServer:
+    """The HTTP ingress: routes, form parsing and input checks (4xx), and the call to a model replica, whose death
+    or absence it answers with 503 + Retry-After (Ray's proxy would answer 500 for a request in flight there)."""
+
+    def __init__(self, model: DeploymentHandle, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 retry_after_s: float = DEFAULTS["retry_after_s"]):
+        self.model, self.max_pixels, self.retry_after_s = model, int(max_pixels), float(retry_after_s)
+        self._info: dict[str, Any] | None = None
+
+    async def _describe(self, fresh: bool = False) -> dict[str, Any]:
+        """The model's description, asked once (task and scale are fixed by the URI's registered model); ``fresh``
+        asks again, for the version serving now."""
+        if fresh or self._info is None:
+            self._info = await self.model.describe.remote()
+        return self._info
+
+    def _unavailable(self, exc: BaseException) -> JSONResponse:
+        """503 + Retry-After for a request no model replica could take or finish (full queues, a replica that died
+        under it, none started yet): the client may retry, unlike after a 500."""
+        log.warning("model unavailable, answering 503: %s: %s", type(exc).__name__, exc)
+        return JSONResponse({"error": f"the model is unavailable right now ({type(exc).__name__}); retry later"},
+                            status_code=503, headers={"Retry-After": str(max(1, math.ceil(self.retry_after_s)))})
+
     # ---- routes -------------------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE_FILE.read_text(encoding="utf-8"))
 
     @app.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_uri, "version": self._current[1], "task": self.task}
+    async def healthz(self) -> Response:
+        try:
+            info = await self._describe(fresh=True)
+        except MODEL_UNAVAILABLE as exc:
+            return self._unavailable(exc)
+        return JSONResponse({"status": "ok", "model": info["model"], "version": info["version"],
+                             "task": info["task"]})
 
-    def _wrong_task(self, task: str) -> JSONResponse | None:
-        if (self.task == SR_TASK) == (task == SR_TASK):
+    @staticmethod
+    def _wrong_task(info: dict[str, Any], task: str) -> JSONResponse | None:
+        if (info["task"] == SR_TASK) == (task == SR_TASK):
             return None
-        what = f"a super-resolution model (x{self.scale}): POST /super-resolve with the file image" \
-            if self.task == SR_TASK else "an inpainting model: POST /inpaint with the files image and mask"
-        return JSONResponse({"error": f"this server serves {self.model_uri}, {what}"}, status_code=409)
+        what = f"a super-resolution model (x{info['scale']}): POST /super-resolve with the file image" \
+            if info["task"] == SR_TASK else "an inpainting model: POST /inpaint with the files image and mask"
+        return JSONResponse({"error": f"this server serves {info['model']}, {what}"}, status_code=409)
 
     @app.post("/super-resolve", openapi_extra=SUPER_RESOLVE_FORM, response_class=Response, responses=_PNG,
               summary="A K-times larger image (super-resolution models)")
     async def super_resolve_route(self, request: Request) -> Response:
-        if (wrong := self._wrong_task(SR_TASK)) is not None:
-            return wrong
         try:
-            fields = await _read_form(request, ("image",))
-            lr = await asyncio.to_thread(decode_lr_request, fields["image"], self.scale, int(self.opts["max_pixels"]))
-        except BadInput as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        with self._lock:
-            model, version = self._current
-        png = await asyncio.to_thread(lambda: encode_image(super_resolve(model, lr, self.scale)))
+            info = await self._describe()
+            if (wrong := self._wrong_task(info, SR_TASK)) is not None:
+                return wrong
+            try:
+                fields = await _read_form(request, ("image",))
+                lr = await asyncio.to_thread(decode_lr_request, fields["image"], info["scale"], self.max_pixels)
+            except BadInput as exc:
+                return JSONResponse({"error": str(exc)}, status_code=exc.status)
+            png, version = await self.model.super_resolve.remote(lr)
+        except MODEL_UNAVAILABLE as exc:
+            return self._unavailable(exc)
         return Response(png, media_type="image/png", headers={VERSION_HEADER: version})
 
     @app.post("/inpaint", openapi_extra=INPAINT_FORM, response_class=Response,
               responses={**_PNG, 422: {"description": "an unusable mask"}}, summary="Fill the holes of a photo")
     async def inpaint(self, request: Request) -> Response:
-        if (wrong := self._wrong_task(INPAINTING_TASK)) is not None:
-            return wrong
         try:
-            fields = await _read_form(request)
-            decoded = await asyncio.to_thread(decode_request, fields["image"], fields["mask"],
-                                              fields.get("hole_color"), int(self.opts["max_pixels"]))
-        except BadInput as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        png, version = await self._batched(decoded)
+            if (wrong := self._wrong_task(await self._describe(), INPAINTING_TASK)) is not None:
+                return wrong
+            try:
+                fields = await _read_form(request)
+                decoded = await asyncio.to_thread(decode_request, fields["image"], fields["mask"],
+                                                  fields.get("hole_color"), self.max_pixels)
+            except BadInput as exc:
+                return JSONResponse({"error": str(exc)}, status_code=exc.status)
+            png, version = await self.model.inpaint.remote(decoded)
+        except MODEL_UNAVAILABLE as exc:
+            return self._unavailable(exc)
         headers = {VERSION_HEADER: version}
         if decoded.warning:
             headers[WARNING_HEADER] = decoded.warning
@@ -229,16 +300,33 @@ def cluster_gpus() -> float:
 
 def build_app(model_uri: str, tracking_uri: str | None = None, min_replicas: int = 1, max_replicas: int = 2,
               max_ongoing_requests: int = 8, max_queued_requests: int = 16, num_cpus: float = 1.0,
-              num_gpus: float | None = None, **options: Any) -> serve.Application:
-    """The bound application. ``num_gpus=None``: one GPU per replica when the cluster has or can launch GPUs."""
+              num_gpus: float | None = None, health_check_s: float = 2.0, ingress_replicas: int = 1,
+              **options: Any) -> serve.Application:
+    """The bound application: ``ingress_replicas`` ingress replicas (no CPU reserved: they parse forms and wait)
+    in front of ``min_replicas``..``max_replicas`` model replicas of ``num_cpus`` / ``num_gpus`` each
+    (``num_gpus=None``: one GPU per replica when the cluster has or can launch GPUs). Serve checks each model
+    replica every ``health_check_s`` seconds (its default, 10 s, would leave a dead replica unreplaced that long)."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown serve option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     if num_gpus is None:
         num_gpus = 1.0 if cluster_gpus() > 0 else 0.0
-    deployment = InpaintServer.options(
+    retry = BackpressureConfig(retry_after_s=float(options.get("retry_after_s", DEFAULTS["retry_after_s"])))
+    model = PConvModel.options(
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
+        backpressure_config=retry, health_check_period_s=health_check_s,
         autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
                             "target_ongoing_requests": max(1, max_ongoing_requests // 2)})
-    return deployment.bind(model_uri, tracking_uri, **options)
+    # The ingress holds every request the model replicas can hold (working + queued), so the model's bounds are
+    # the ones that refuse; its own proxy queue is the same size.
+    ingress = InpaintServer.options(
+        num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=max_replicas * max_ongoing_requests + max_queued_requests,
+        max_queued_requests=max_queued_requests, backpressure_config=retry)
+    model_options = {k: v for k, v in options.items() if k not in INGRESS_OPTIONS}
+    return ingress.bind(model.bind(model_uri, tracking_uri, **model_options),
+                        **{k: v for k, v in options.items() if k in INGRESS_OPTIONS})
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -248,8 +336,8 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     if "model_uri" not in args:
         raise ValueError("serve config: args.model_uri is required (e.g. models:/pconv-unet@champion)")
     ints = {"min_replicas", "max_replicas", "max_ongoing_requests", "max_queued_requests", "max_pixels",
-            "max_batch_size"}
-    floats = {"num_cpus", "num_gpus", "poll_s", "batch_wait_s"}
+            "max_batch_size", "ingress_replicas"}
+    floats = {"num_cpus", "num_gpus", "poll_s", "batch_wait_s", "retry_after_s", "health_check_s"}
     for key in list(args):
         if key in ints:
             args[key] = int(args[key])
@@ -272,5 +360,5 @@ def run(model_uri: str, host: str = "127.0.0.1", port: int = 8000, tracking_uri:
     return handle
 
 
-__all__ = ["APP_NAME", "DEFAULTS", "InpaintServer", "VERSION_HEADER", "app", "app_builder", "build_app",
-           "cluster_gpus", "run"]
+__all__ = ["APP_NAME", "DEFAULTS", "INGRESS_OPTIONS", "MODEL_UNAVAILABLE", "VERSION_HEADER", "InpaintServer",
+           "PConvModel", "app", "app_builder", "build_app", "cluster_gpus", "run"]
