@@ -47,7 +47,7 @@ def _first_batch_seconds(datasets, batch: int, start: int) -> float:
     """Seconds from building the rank's dataset of epoch 0 at row ``start`` (pconv.data.stream.WorkerDatasets, as
     a resumed worker does) to its first batch."""
     t0 = time.perf_counter()
-    ds = datasets.dataset(0, start)
+    ds = datasets.dataset(0, start=start)
     it = iter(ds.iter_torch_batches(batch_size=batch, drop_last=True))
     first = next(it)
     elapsed = time.perf_counter() - t0

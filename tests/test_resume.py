@@ -27,7 +27,7 @@ from pconv.train import loop
 from pconv.train.state import AmpSettings, WorkerContext
 from pconv.data import plan as train_stream
 from pconv.data import transforms
-from pconv.data.plan import DataPosition
+from pconv.data.plan import DataPosition, Segment
 from conftest import free_port
 from fault_hooks import fault_hooks
 
@@ -72,11 +72,63 @@ def test_remaining_units_skip_whole_units_and_rows_of_the_first():
     assert train_stream.remaining_units(plan, 7) == []
 
 
-def test_position_for_another_group_size_starts_the_next_epoch(caplog):
+def test_position_for_another_group_size_redeals_the_rest_of_its_epoch(caplog):
     pos = DataPosition(3, [10, 12], 2)
-    assert pos.start_for(1, 2) == (3, 12)
-    assert pos.start_for(0, 1) == (4, 0) and "recorded for 2 worker(s)" in caplog.text
-    assert DataPosition.from_dict(pos.to_dict()) == pos and DataPosition.from_dict(None) is None
+    assert pos.start_for(1, 2) == (3, (), 12)
+    assert pos.start_for(0, 3) == (3, (Segment(2, (10, 12)),), 0) and "re-dealt to the 3 worker(s)" in caplog.text
+    later = DataPosition(3, [4, 0, 9], 3, (Segment(2, (10, 12)),))
+    assert later.start_for(2, 3) == (3, (Segment(2, (10, 12)),), 9)
+    assert later.start_for(0, 1) == (3, (Segment(2, (10, 12)), Segment(3, (4, 0, 9))), 0)
+    assert DataPosition(5, [0, 0], 2).start_for(0, 1) == (5, (), 0)  # nothing consumed: the epoch's own plan
+    for p in (pos, later):
+        assert DataPosition.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert DataPosition.from_dict(None) is None and "earlier" not in pos.to_dict()  # older checkpoints read alike
+
+
+def _row_ids(units: list[dict], start: int = 0, stop: int | None = None) -> list[tuple]:
+    """(uri, row group, index in the unit's seeded order) of a rank sequence's rows ``start``..``stop``."""
+    rows = [(u["uri"], u["row_group"], k) for u in units for k in range(u["lo"], u["hi"])]
+    return rows[start:stop]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_every_row_of_an_epoch_is_dealt_once_however_often_the_group_size_changes(seed):
+    """Random units, a random run of group sizes with random positions at each change (checkpoints anywhere): the
+    rows each group consumed plus the last group's whole sequences are the epoch's rows, each exactly once; the
+    plan is the same whenever it is rebuilt from the position, and a re-deal keeps the ranks' loads balanced."""
+    rng = np.random.default_rng(seed)
+    units = [{"uri": f"s{i}.parquet", "row_group": int(g), "rows": int(rng.integers(1, 40))}
+             for i in range(int(rng.integers(1, 9))) for g in range(int(rng.integers(1, 4)))]
+    everything = sorted((u["uri"], u["row_group"], k) for u in units for k in range(u["rows"]))
+    earlier: tuple = ()
+    used: list[tuple] = []
+    for _ in range(int(rng.integers(1, 5))):
+        world = int(rng.integers(1, 6))
+        plan = train_stream.rank_plan(units, seed, 2, earlier, world)
+        assert plan == train_stream.rank_plan(units, seed, 2, earlier, world)  # from the position alone
+        position = tuple(int(rng.integers(0, sum(u["rows"] for u in rank) + 1)) for rank in plan)
+        used += [row for rank, p in zip(plan, position) for row in _row_ids(rank, 0, p)]
+        earlier += (Segment(world, position),)
+        new_world = int(rng.integers(1, 6))
+        after = train_stream.rank_plan(units, seed, 2, earlier, new_world)
+        loads = [sum(u["rows"] for u in rank) for rank in after]
+        rest = sum(loads)
+        assert rest == len(everything) - len(used)
+        assert max(loads) - min(loads) <= max(1, -(-rest // (2 * new_world))), loads  # at most one piece apart
+    final = train_stream.rank_plan(units, seed, 2, earlier, int(rng.integers(1, 6)))
+    used += [row for rank in final for row in _row_ids(rank)]
+    assert sorted(used) == everything
+
+
+def test_a_redeal_is_seeded_by_the_positions_and_the_new_group_size():
+    units = _units()
+    plan = train_stream.epoch_plan(units, seed=1, epoch=0, world=2)
+    a = train_stream.redeal(plan, (3, 4), seed=1, epoch=0, world=3)
+    assert a == train_stream.redeal(plan, (3, 4), seed=1, epoch=0, world=3)
+    assert a != train_stream.redeal(plan, (3, 5), seed=1, epoch=0, world=3)
+    assert a != train_stream.redeal(plan, (3, 4), seed=2, epoch=0, world=3)
+    with pytest.raises(ValueError, match="3 positions for a plan of 2 ranks"):
+        train_stream.redeal(plan, (1, 2, 3), seed=1, epoch=0, world=1)
 
 
 def _rank_rows(prepared_shards, monkeypatch, start: int, epoch: int = 1, rank: int = 0, world: int = 1):
@@ -191,7 +243,10 @@ class _FakeStream:
     def __init__(self, rows_per_epoch: int, batch: int) -> None:
         self.rows, self.batch, self.built = rows_per_epoch, batch, []
 
-    def build(self, epoch, start):
+    def sequence_rows(self, epoch, earlier):
+        return self.rows
+
+    def dataset(self, epoch, earlier, start):
         self.built.append((epoch, start))
         rows = list(range(start, self.rows))
 
@@ -204,16 +259,16 @@ class _FakeStream:
 
 def test_worker_stream_positions_epochs_and_agreement():
     fake = _FakeStream(7, 2)
-    s = train_stream.WorkerStream(fake.build, 2, DataPosition(0, [3], 1), 0, 1)
+    s = train_stream.WorkerStream(fake, 2, DataPosition(0, [3], 1), 0, 1)
     got = [s.next() for _ in range(4)]
     assert [(e, b["id"].tolist()) for e, b in got] == [(0, [3, 4]), (0, [5, 6]), (1, [0, 1]), (1, [2, 3])]
     assert (s.epoch, s.rows) == (1, 4) and fake.built == [(0, 3), (1, 0)]
     # Another rank ran out: this one drops its batch and every rank moves to the next epoch together.
     votes = iter([True, False, True])
-    s = train_stream.WorkerStream(_FakeStream(7, 2).build, 2, None, 0, 1, agree=lambda ok: next(votes))
+    s = train_stream.WorkerStream(_FakeStream(7, 2), 2, None, 0, 1, agree=lambda ok: next(votes))
     assert [s.next()[0] for _ in range(2)] == [0, 1] and s.rows == 2
     with pytest.raises(RuntimeError, match="smaller than one global batch"):
-        train_stream.WorkerStream(_FakeStream(1, 2).build, 2, None, 0, 1).next()
+        train_stream.WorkerStream(_FakeStream(1, 2), 2, None, 0, 1).next()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +276,7 @@ def test_worker_stream_positions_epochs_and_agreement():
 # ---------------------------------------------------------------------------------------------
 def _ctx(cfg):
     amp = AmpSettings(True, torch.float16, True)
-    return WorkerContext(cfg, 0, 1, torch.device("cpu"), amp, None)
+    return WorkerContext(cfg, 0, cfg.workers, torch.device("cpu"), amp, None)  # rank 0 of a full group (no DDP)
 
 
 def _cfg(**kw):

@@ -62,7 +62,7 @@ from pconv import cluster
 from pconv.data import transforms
 from pconv.data.allocator import reuse_freed_memory
 from pconv.data.inputs import to_float_batch
-from pconv.data.plan import DataPosition, WorkerStream, epoch_plan, remaining_units
+from pconv.data.plan import DataPosition, Segment, WorkerStream, rank_plan, remaining_units
 from pconv.data.transforms import PairSource, derive_seed, val_pairing
 from pconv.storage import shards, uris
 
@@ -246,12 +246,17 @@ class WorkerDatasets:
         self._pairs = [ray.put(pairs)]
         log.info("rank %d: %r shared with the read/decode tasks", rank, pairs)
 
-    def dataset(self, epoch: int, start: int = 0) -> "ray.data.Dataset | None":
-        """This rank's rows of ``epoch`` from row ``start`` on (``image``, ``mask``, the pair source's columns,
+    def sequence_rows(self, epoch: int, earlier: tuple[Segment, ...] = ()) -> int:
+        """The length of this rank's sequence of ``epoch`` (after the ``earlier`` group sizes of the epoch)."""
+        return sum(u["rows"] for u in rank_plan(self.units, self.seed, epoch, earlier, self.world)[self.rank])
+
+    def dataset(self, epoch: int, earlier: tuple[Segment, ...] = (), start: int = 0) -> "ray.data.Dataset | None":
+        """This rank's rows of ``epoch`` (its plan after the ``earlier`` group sizes of the epoch,
+        :func:`pconv.data.plan.rank_plan`) from row ``start`` on (``image``, ``mask``, the pair source's columns,
         ``id``, ``skipped``, ``pos``), in order; None when nothing is left."""
         import ray
 
-        todo = remaining_units(epoch_plan(self.units, self.seed, epoch, self.world)[self.rank], start)
+        todo = remaining_units(rank_plan(self.units, self.seed, epoch, earlier, self.world)[self.rank], start)
         if not todo:
             return None
         concurrency = self.concurrency or max(1, default_concurrency(self.num_cpus) // self.world)
@@ -278,7 +283,7 @@ def worker_stream(images_uri: str, pairs: PairSource, image_size: int, units: li
     concurrency = max(1, decode_concurrency // world) if decode_concurrency else None
     datasets = WorkerDatasets(images_uri, pairs, image_size, units, seed=seed, rank=rank, world=world,
                               concurrency=concurrency)
-    return WorkerStream(datasets.dataset, batch_size, position, rank, world, agree)
+    return WorkerStream(datasets, batch_size, position, rank, world, agree)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ class TrainState:
         CONFIGURED learning rate: ``load_state_dict`` restores the checkpoint's rate, which a resume with another
         ``--lr``/``--finetune-lr``, ``--workers`` or ``--lr-scaling`` must not keep. The effective rate is logged.
         The loss scale carries over phases (as in an uninterrupted run); so do the data position and counters."""
-        lr = ctx.cfg.effective_lr(self.phase)
+        lr = ctx.cfg.effective_lr(self.phase, ctx.world)
         saved_lr = None
         if saved.get("phase") == self.phase and saved.get("optimizer"):
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -161,7 +161,7 @@ class TrainState:
                 group["lr"] = lr
         if saved_lr is not None and saved_lr != lr:
             log.warning("resumed at step %d (phase %d) with lr %g; the checkpoint trained at lr %g (the "
-                        "configured lr applies: lr/finetune_lr, workers, lr_scaling)", self.step, self.phase, lr,
+                        "configured lr applies: lr/finetune_lr, the workers up, lr_scaling)", self.step, self.phase, lr,
                         saved_lr)
         else:
             log.info("resumed at step %d (phase %d) with lr %g", self.step, self.phase, lr)
@@ -184,7 +184,7 @@ def report(state: TrainState, ctx: WorkerContext, stream: WorkerStream, reason: 
     import ray.train
 
     rows = torch.tensor([stream.rows if r == ctx.rank else 0 for r in range(ctx.world)], dtype=torch.int64)
-    position = DataPosition(stream.epoch, ctx.all_reduce(rows).tolist(), ctx.world)
+    position = DataPosition(stream.epoch, ctx.all_reduce(rows).tolist(), ctx.world, stream.earlier)
     totals = state.counters.totals(ctx)
     progress = {"step": state.step, "phase": state.phase}
     if ctx.rank != 0:
