@@ -15,6 +15,11 @@ def cfg_for(**kw) -> TrainConfig:
     return TrainConfig(images="i", masks="m", **kw)
 
 
+def parsed(workers: str, **kw) -> TrainConfig:
+    """A config read as YAML or flags are (`workers` as text: N or MIN-MAX)."""
+    return TrainConfig.from_dict({"images": "i", "masks": "m", "workers": workers, **kw})
+
+
 @pytest.mark.parametrize("scaling, workers, factor", [
     ("none", 8, 1.0),              # the paper's values as given, whatever the batch
     ("linear", 8, 8.0),            # 48 / 6
@@ -29,6 +34,33 @@ def test_effective_lr_scales_both_phases_from_the_papers_batch_of_six(scaling, w
     assert cfg.effective_lr(2) == pytest.approx(PAPER_LR_PHASE2 * factor)
 
 
+def test_workers_min_max_is_elastic_and_each_worker_keeps_its_share_of_the_batch():
+    """`--workers MIN-MAX` (flag or YAML) sets min_workers; a single number stays fixed, also over a file's range.
+    The global batch rule: `batch_size` is the batch at MAX workers; with fewer up each keeps its share, and
+    lr_scaling follows the batch actually trained (none: the paper's lr whatever the group)."""
+    from pconv.commands.train import build_parser
+    from pconv.core.config import merge
+
+    flags = {k: v for k, v in vars(build_parser().parse_args(["--workers", "2-8", "--lr-scaling", "linear"])).items()
+             if k not in ("log_level", "config")}
+    cfg = merge(cfg_for(), flags).validate()
+    assert (cfg.min_workers, cfg.workers, cfg.elastic, cfg.batch_size, cfg.per_worker_batch) == (2, 8, True, 48, 6)
+    assert [cfg.global_batch(w) for w in (2, 5, 8)] == [12, 30, 48] and cfg.global_batch() == 48
+    assert cfg.effective_lr(1, 2) == pytest.approx(2 * PAPER_LR_PHASE1)
+    assert cfg.effective_lr(2, 8) == pytest.approx(8 * PAPER_LR_PHASE2) == cfg.effective_lr(2)
+    assert parsed("2-8").validate().effective_lr(1, 2) == PAPER_LR_PHASE1  # lr_scaling none
+    fixed = merge(cfg, {"workers": "4"}).validate()
+    assert (fixed.min_workers, fixed.workers, fixed.elastic) == (None, 4, False)
+    assert not parsed("3-3").validate().elastic  # MIN = MAX: a fixed group
+    assert TrainConfig.from_dict({"workers": "1-2", "images": "i", "masks": "m"}).min_workers == 1
+    with pytest.raises(ConfigError, match="workers 5-4: MIN must be in 1..MAX"):
+        parsed("5-4").validate()
+    with pytest.raises(ConfigError, match="key 'workers' expects int"):
+        TrainConfig.from_dict({"workers": "two"})
+    with pytest.raises(ConfigError, match="elastic_resize_s: must be >= 0"):
+        parsed("1-2", elastic_resize_s=-1).validate()
+
+
 def test_explicit_global_batch_drives_the_scaling_and_the_optimizer_uses_it():
     from pconv.core.unet import build_model
     from pconv.train.loop import make_optimizer
@@ -37,6 +69,7 @@ def test_explicit_global_batch_drives_the_scaling_and_the_optimizer_uses_it():
     model = build_model(cfg.layer_size)
     assert make_optimizer(model, 1, cfg).param_groups[0]["lr"] == pytest.approx(4 * PAPER_LR_PHASE1)
     assert make_optimizer(model, 2, cfg).param_groups[0]["lr"] == pytest.approx(4 * PAPER_LR_PHASE2)
+    assert make_optimizer(model, 1, cfg, world=1).param_groups[0]["lr"] == pytest.approx(2 * PAPER_LR_PHASE1)
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            if f.metadata.get("range_of"):  # N or MIN-MAX: TrainConfig.from_dict splits it
+                conv = str
             choices = f.metadata.get("choices")
             parser.add_argument(flag, type=conv, default=argparse.SUPPRESS, help=help_text, choices=choices,
                                 metavar=None if choices else f.name.upper())

@@ -44,11 +44,14 @@ class ConfigError(ValueError):
     """A configuration that cannot run: raised before any cluster resources are taken."""
 
 
-def _key(default: Any, help: str, shown: str | None = None, choices: tuple | None = None) -> Any:
-    """A config field: its default, its one description, (for ``None`` defaults) what the default means, and the
-    values it may take when they are a fixed set (the CLI offers them as ``choices``)."""
+def _key(default: Any, help: str, shown: str | None = None, choices: tuple | None = None,
+         range_of: str | None = None) -> Any:
+    """A config field: its default, its one description, (for ``None`` defaults) what the default means, the
+    values it may take when they are a fixed set (the CLI offers them as ``choices``), and for an int that may be
+    given as ``MIN-MAX`` the key that takes MIN (``range_of``; the CLI then takes the flag as text)."""
     return field(default=default, metadata={"help": help, **({"shown": shown} if shown else {}),
-                                            **({"choices": choices} if choices else {})})
+                                            **({"choices": choices} if choices else {}),
+                                            **({"range_of": range_of} if range_of else {})})
 
 
 @dataclass
@@ -77,7 +80,17 @@ class TrainConfig:
     lineage: bool = _key(False, "record which sample ids each worker consumed at every step, as Parquet files in "
                                 "the MLflow run's `lineage/` (README: data lineage); a few KB per checkpoint")
     # --- cluster -----------------------------------------------------------------------------
-    workers: int = _key(1, "number of data-parallel training workers (one GPU each when GPUs are used)")
+    workers: int = _key(1, "number of data-parallel training workers (one GPU each when GPUs are used); `MIN-MAX` "
+                           "(e.g. `2-8`, sets `min_workers` too): elastic, training goes on with the workers it can "
+                           "get, at least MIN, and grows back to MAX when nodes return (README: spot nodes)",
+                        range_of="min_workers")
+    min_workers: int | None = _key(None, "the fewest workers an elastic run trains on (`--workers MIN-MAX`); "
+                                         "`batch_size` is the global batch at `workers`, each worker keeps its "
+                                         "share when fewer are up, and `lr_scaling` follows the batch trained",
+                                   shown="`workers` (fixed)")
+    elastic_resize_s: float = _key(60.0, "elastic runs: seconds between two looks for returned nodes to grow the "
+                                         "group (Ray Train's `elastic_resize_monitor_interval_s`); growing restarts "
+                                         "the group from the latest checkpoint")
     use_gpu: bool | None = _key(None, "train on GPUs; `auto`: if the cluster has GPUs or its autoscaler can launch "
                                       "GPU nodes", shown="auto")
     cpus_per_worker: float | None = _key(None, "CPUs reserved per worker; `auto`: 1 with GPUs, 0.5 on CPU-only "
@@ -153,12 +166,26 @@ class TrainConfig:
             out.register_as = None
         return out
 
-    def effective_lr(self, phase: int) -> float:
-        """The Adam learning rate a phase runs at: ``lr`` / ``finetune_lr`` scaled by ``lr_scaling`` from the
-        paper's batch of 6 (Sec. 4.1) to this run's global batch."""
+    @property
+    def elastic(self) -> bool:
+        """True when the group may shrink below ``workers`` (``--workers MIN-MAX``)."""
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    def global_batch(self, world: int | None = None) -> int:
+        """The images of one optimiser step with ``world`` workers up (default: ``workers``). The global batch
+        rule of elastic runs: each worker keeps its share of ``batch_size`` (:attr:`per_worker_batch`, what its
+        GPU was sized for), so with fewer workers up a step sees fewer images; ``lr_scaling`` applies to this
+        batch (:meth:`effective_lr`)."""
+        cfg = self.resolved()
+        return cfg.per_worker_batch * (world or cfg.workers)
+
+    def effective_lr(self, phase: int, world: int | None = None) -> float:
+        """The Adam learning rate a phase runs at with ``world`` workers up (default: ``workers``): ``lr`` /
+        ``finetune_lr`` scaled by ``lr_scaling`` from the paper's batch of 6 (Sec. 4.1) to the global batch
+        (:meth:`global_batch`)."""
         cfg = self.resolved()
         base = cfg.lr if phase == 1 else cfg.finetune_lr
-        ratio = cfg.batch_size / PAPER_BATCH_PER_GPU
+        ratio = cfg.global_batch(world) / PAPER_BATCH_PER_GPU
         return base * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[cfg.lr_scaling]
 
     @property
@@ -189,6 +216,10 @@ class TrainConfig:
             problems.append(f"run_name: must be a non-empty name without '/', got {cfg.run_name!r}")
         if cfg.workers < 1:
             problems.append(f"workers: must be >= 1, got {cfg.workers}")
+        elif cfg.min_workers is not None and not 1 <= cfg.min_workers <= cfg.workers:
+            problems.append(f"workers {cfg.min_workers}-{cfg.workers}: MIN must be in 1..MAX")
+        if not cfg.elastic_resize_s >= 0:
+            problems.append(f"elastic_resize_s: must be >= 0, got {cfg.elastic_resize_s}")
         if not 1 <= cfg.layer_size <= PAPER_LAYER_SIZE:
             problems.append(f"layer_size: must be in 1..{PAPER_LAYER_SIZE}, got {cfg.layer_size}")
         elif cfg.image_size % (2 ** cfg.layer_size) or cfg.image_size < 2 ** cfg.layer_size:
@@ -246,13 +277,19 @@ class TrainConfig:
         """Build from a mapping; keys may use dashes or underscores; unknown keys are an error."""
         known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
+        ranges: dict[str, Any] = {}
         unknown = []
         for raw_key, value in data.items():
             key = str(raw_key).replace("-", "_")
             if key not in known:
                 unknown.append(str(raw_key))
                 continue
+            range_of = known[key].metadata.get("range_of")
+            if range_of and isinstance(value, str) and "-" in value.strip().lstrip("-"):
+                low, _, value = value.strip().partition("-")
+                ranges[range_of] = _coerce(known[range_of], low, source)
             kwargs[key] = _coerce(known[key], value, source)
+        kwargs.update(ranges)  # `workers: MIN-MAX` wins over a `min_workers` key (merge() passes every key)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; "
                               f"known keys: {', '.join(sorted(known))}")
@@ -303,6 +340,8 @@ def merge(base: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
     """Apply overrides (e.g. command-line flags that were given) on top of a config."""
     data = base.to_dict()
     data.update({k: v for k, v in overrides.items()})
+    if "workers" in overrides and "min_workers" not in overrides:
+        data["min_workers"] = None  # `--workers N` over a file's MIN-MAX: fixed at N, as the flag says
     return TrainConfig.from_dict(data, source="command line")
 
 

@@ -44,7 +44,9 @@ EPOCH = "epoch"
 THROUGHPUT = "throughput/images_per_s"
 DATA_WAIT = "data/wait_fraction"
 DATA_SKIPPED = "data/skipped"
+EPOCH_UNUSED = "data/epoch_unused"  # train rows an epoch left unused (its ranks' tails past the last full step)
 NAN_STEPS = "train/nan_steps"
+WORLD_SIZE = "train/world_size"  # workers in the group at a step (elastic runs: it changes)
 SAMPLES_KEY = "samples"  # image key of the validation sample grids (one image per logged step)
 
 
@@ -549,6 +551,7 @@ class Tracker:
             self._call("set_terminated", lambda: self.client.set_terminated(self.run_id, status=status), final=True)
 
 
-__all__ = ["ARTIFACTS_LOST_TAG", "CLOSE_TIMEOUT_S", "DATA_SKIPPED", "DATA_WAIT", "EPOCH", "LR", "METRICS_LATE_TAG",
-           "METRICS_LOST_TAG", "METRIC_QUEUE_POINTS", "NAN_STEPS", "PHASE", "SAMPLES_KEY", "THROUGHPUT", "VAL_PSNR",
-           "VAL_SSIM", "Tracker", "flatten", "git_commit", "grid_image", "loss_metric", "run_params", "val_metric"]
+__all__ = ["ARTIFACTS_LOST_TAG", "CLOSE_TIMEOUT_S", "DATA_SKIPPED", "DATA_WAIT", "EPOCH", "EPOCH_UNUSED", "LR",
+           "METRICS_LATE_TAG", "METRICS_LOST_TAG", "METRIC_QUEUE_POINTS", "NAN_STEPS", "PHASE", "SAMPLES_KEY",
+           "THROUGHPUT", "VAL_PSNR", "VAL_SSIM", "WORLD_SIZE", "Tracker", "flatten", "git_commit", "grid_image",
+           "loss_metric", "run_params", "val_metric"]

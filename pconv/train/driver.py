@@ -52,7 +52,7 @@ class ClusterPlan:
     gpu_type: str
     decode_concurrency: int = 1     # the most read/decode tasks of all workers together (Ray Data scales up to it)
 
-    def params(self, workers: int) -> dict[str, Any]:
+    def params(self, workers: str) -> dict[str, Any]:
         return {"cluster/workers": workers, "cluster/use_gpu": self.use_gpu, "cluster/gpu_type": self.gpu_type,
                 "cluster/cpus_per_worker": self.cpus_per_worker,
                 "cluster/decode_concurrency": self.decode_concurrency}
@@ -162,6 +162,12 @@ def _run_config(cfg: TrainConfig):
     else:
         Path(uri).mkdir(parents=True, exist_ok=True)
         kwargs["storage_path"] = uri
+    # The workers (and the read tasks they start, which inherit their runtime env) reach object storage the way this
+    # driver does: Ray fixed a worker's environment when its node started, which may have been with another S3
+    # endpoint or none (a cluster started before the endpoint was set, a proxy in front of it).
+    s3_env = {k: os.environ[k] for k in uris.AWS_ENV_VARS if os.environ.get(k)}
+    if s3_env:
+        kwargs["worker_runtime_env"] = {"env_vars": s3_env}
     return RunConfig(name=cfg.run_name, failure_config=FailureConfig(max_failures=cfg.max_failures),
                      checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep), **kwargs)
 
@@ -177,11 +183,18 @@ def plan_cluster(cfg: TrainConfig) -> ClusterPlan:
     request = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
     # Ray Data needs CPUs beyond the training workers' or the read tasks never schedule (a hang, not an error).
     data_cpus = max(stream.MIN_FREE_CPUS, stream.DEFAULT_NUM_CPUS)
-    try:
-        waiting = cluster.check_workers(view, cfg.workers, request, data_cpus, what="training worker")
+    fewest = cfg.min_workers if cfg.elastic else cfg.workers
+    try:  # an elastic run needs its MIN to fit; MAX that can never fit is only worth a warning
+        waiting = cluster.check_workers(view, fewest, request, data_cpus, what="training worker")
     except cluster.Infeasible as exc:
         raise ConfigError(str(exc)) from None
-    log.info("training on %s (%s): %d worker(s) x %s", "GPUs" if use_gpu else "CPUs", why, cfg.workers,
+    if cfg.elastic:
+        try:
+            cluster.check_workers(view, cfg.workers, request, data_cpus, what="training worker")
+        except cluster.Infeasible as exc:
+            log.warning("elastic run %d-%d: it will never grow to %d workers: %s", fewest, cfg.workers, cfg.workers,
+                        exc)
+    log.info("training on %s (%s): %s worker(s) x %s", "GPUs" if use_gpu else "CPUs", why, _workers_text(cfg),
              cluster.format_resources(request))
     if waiting:
         log.warning("%s", waiting)
@@ -219,7 +232,7 @@ def run(cfg: TrainConfig, *, step_hook: StepHook | None = None) -> TrainSummary:
     run_id = store.start_or_resume_run(cfg.experiment, cfg.run_name,
                                        run_id=latest[1].get("mlflow_run_id") if latest else None)
     tracker = runs.Tracker(run_id, tracking_uri)
-    tracker.log_params(runs.run_params(cfg, plan.params(cfg.workers), versions=checkpoints.versions()))
+    tracker.log_params(runs.run_params(cfg, plan.params(_workers_text(cfg)), versions=checkpoints.versions()))
 
     try:  # from here on, any failure (dataset build, workers, Ctrl-C) ends the MLflow run FAILED / KILLED
         trainer = TorchTrainer(
@@ -230,8 +243,9 @@ def run(cfg: TrainConfig, *, step_hook: StepHook | None = None) -> TrainSummary:
                                "train_units": stream.read_units(cfg.images, "train"),
                                "decode_concurrency": plan.decode_concurrency, "step_hook": step_hook},
             scaling_config=ScalingConfig(
-                num_workers=cfg.workers, use_gpu=plan.use_gpu,
-                resources_per_worker={"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}),
+                num_workers=(cfg.min_workers, cfg.workers) if cfg.elastic else cfg.workers, use_gpu=plan.use_gpu,
+                resources_per_worker={"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})},
+                elastic_resize_monitor_interval_s=cfg.elastic_resize_s),
             run_config=_run_config(cfg),
         )
         result = trainer.fit()
@@ -257,6 +271,11 @@ def _register(checkpoint_uri: str, cfg: TrainConfig, run_id: str, tracking_uri: 
         log.error("registration failed (%s); the checkpoint is intact, register it later with "
                   "`python pipelines/register.py --checkpoint %s`", exc, checkpoint_uri)
         return None
+
+
+def _workers_text(cfg: TrainConfig) -> str:
+    """``N`` or, elastic, ``MIN-MAX`` (as ``--workers`` takes them)."""
+    return f"{cfg.min_workers}-{cfg.workers}" if cfg.elastic else str(cfg.workers)
 
 
 def _gpu_type(use_gpu: bool, view: cluster.ClusterView) -> str:

@@ -66,10 +66,11 @@ def phase_of(step: int, cfg: TrainConfig) -> int:
     return 1 if step < cfg.phase1_steps else 2
 
 
-def make_optimizer(model: torch.nn.Module, phase: int, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, phase: int, cfg: TrainConfig, world: int | None = None) -> torch.optim.Optimizer:
     """Adam over the parameters that train in this phase (phase 2 excludes the frozen encoder BN), at the phase's
-    effective lr (``lr_scaling`` applied: :meth:`TrainConfig.effective_lr`; the logged ``lr`` metric is this one)."""
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.effective_lr(phase))
+    effective lr for ``world`` workers (``lr_scaling`` applied to the global batch: :meth:`TrainConfig.effective_lr`;
+    the logged ``lr`` metric is this one)."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.effective_lr(phase, world))
 
 
 def compress_hook(ctx: WorkerContext) -> Callable | None:
@@ -153,6 +154,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window = MetricWindow(ctx.device)
     log.info("rank %d/%d on %s: starting at step %d (phase %d) of %d, amp=%s", ctx.rank, ctx.world, ctx.device,
              state.step, state.phase, cfg.total_steps, ctx.amp)
+    if ctx.rank == 0 and (cfg.elastic or ctx.world != cfg.workers):
+        log.warning("elastic run: %d of %d worker(s) up; global batch %d (%d per worker), lr %g (lr_scaling %s)",
+                    ctx.world, cfg.workers, cfg.global_batch(ctx.world), cfg.per_worker_batch,
+                    cfg.effective_lr(state.phase, ctx.world), cfg.lr_scaling)
 
     while state.step < cfg.total_steps:
         if phase_of(state.step, cfg) != state.phase:
@@ -166,6 +171,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.counters.skipped += skipped_rows(batch)
         terms, images = _train_step(state, ctx, loss_fn, batch)
         window.add(terms, t_data - t0, time.perf_counter() - t0, images * ctx.world)
+        if tracker:  # every step: an elastic run's group size changes between restarts
+            tracker.log_metrics({runs.WORLD_SIZE: ctx.world}, step=state.step)
+        while batches.ended:  # this step's batch began an epoch: the last one's unused rows, summed over the ranks
+            _, unused = batches.ended.pop(0)
+            total = int(ctx.all_reduce(torch.tensor([unused], dtype=torch.int64)).item())
+            if tracker:
+                tracker.log_metrics({runs.EPOCH_UNUSED: total}, step=state.step)
 
         last = state.step == cfg.total_steps
         if state.step % cfg.log_every == 0 or last:
@@ -182,6 +194,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if reason:
             if lineage is not None:
                 lineage.flush(ctx.gather)  # before the report: a checkpoint Ray can resume from has its rows written
+            if tracker:  # its metrics too (at once when MLflow is down: they stay queued, no stall)
+                tracker.flush()
             report(state, ctx, batches, reason)  # every rank (a barrier); rank 0 writes the checkpoint
             hook(StepEvent("checkpoint", ctx.rank, state.step, state.epoch))
     batches.close()
@@ -189,6 +203,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         spot.stop()
     if lineage is not None:
         lineage.close()
+    if tracker:  # queued metrics reach MLflow, or what did not is counted in the run's tags
+        tracker.close()
 
 
 def _train_step(state: TrainState, ctx: WorkerContext, loss_fn: InpaintingLoss,
@@ -291,7 +307,7 @@ def _initial_state(ctx: WorkerContext) -> TrainState:
     if ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = prepare_for_training(model, ctx)
-    state = TrainState(model, make_optimizer(model, phase, cfg),
+    state = TrainState(model, make_optimizer(model, phase, cfg, ctx.world),
                        torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp.use_scaler), step, phase)
     if saved is not None:
         state.resume_from(saved, ctx)
@@ -325,8 +341,8 @@ def _enter_phase_2(state: TrainState, ctx: WorkerContext) -> None:
     bare.freeze_encoder_bn()
     state.phase = 2
     state.model = prepare_for_training(bare, ctx)
-    state.optimizer = make_optimizer(state.model, state.phase, ctx.cfg)
-    log.info("step %d: phase 2 (encoder BN frozen, lr %g)", state.step, ctx.cfg.effective_lr(2))
+    state.optimizer = make_optimizer(state.model, state.phase, ctx.cfg, ctx.world)
+    log.info("step %d: phase 2 (encoder BN frozen, lr %g)", state.step, ctx.cfg.effective_lr(2, ctx.world))
 
 
 def _use_deterministic_algorithms() -> None:
