@@ -173,17 +173,48 @@ def _is_not_found(exc: Exception) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Objects
 # ---------------------------------------------------------------------------------------------
+#: GETs of one object by :func:`read_bytes` whose response body may break off before the object is read again.
+#: botocore retries a request that fails before its response body (503 SlowDown, a refused or reset connection)
+#: by itself, up to the client's ``max_attempts``, but not a body that breaks off while it is read: that
+#: surfaces as ``ResponseStreamingError`` (S3 and its proxies do drop connections mid-body), so it is retried here.
+BODY_READ_ATTEMPTS = 5
+
+
+def _body_read_errors() -> tuple[type[Exception], ...]:
+    """botocore's errors of a response body that breaks off while it is read (a connection closed or reset
+    mid-body, fewer bytes than Content-Length, a read that times out)."""
+    from botocore.exceptions import (ConnectionClosedError, IncompleteReadError, ReadTimeoutError,
+                                     ResponseStreamingError)
+
+    return ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError
+
+
 def read_bytes(uri: str) -> bytes:
-    """The whole content of one file/object. FileNotFoundError (naming the URI) when it does not exist."""
-    if is_remote(uri):
-        bucket, key = _split_s3(uri)
+    """The whole content of one file/object. FileNotFoundError (naming the URI) when it does not exist.
+
+    S3: a GET whose body breaks off is sent again, up to :data:`BODY_READ_ATTEMPTS` GETs in all (each retry
+    logged); the object is always read whole from one response, never pieced together from several."""
+    if not is_remote(uri):
+        return _local_path(uri).read_bytes()
+    bucket, key = _split_s3(uri)
+    broken = _body_read_errors()
+    for attempt in range(1, BODY_READ_ATTEMPTS + 1):
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            response = s3_client().get_object(Bucket=bucket, Key=key)
         except Exception as exc:  # noqa: BLE001 - translate 404 only; everything else propagates
             if _is_not_found(exc):
                 raise FileNotFoundError(f"{uri}: no such object") from exc
             raise
-    return _local_path(uri).read_bytes()
+        try:
+            return response["Body"].read()
+        except broken as exc:
+            if attempt == BODY_READ_ATTEMPTS:
+                raise
+            log.warning("%s: the response body broke off (%s: %s); GET %d of %d", uri, type(exc).__name__, exc,
+                        attempt + 1, BODY_READ_ATTEMPTS)
+        finally:
+            response["Body"].close()
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
 def _umask() -> int:
