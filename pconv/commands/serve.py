@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--min-replicas", type=int, default=1, help="autoscaling lower bound (default 1)")
     parser.add_argument("--max-replicas", type=int, default=2, help="autoscaling upper bound (default 2)")
-    parser.add_argument("--max-ongoing-requests", type=int, default=8, help="requests a replica works on at once")
+    parser.add_argument("--max-ongoing-requests", type=int, default=8,
+                        help="requests a model replica works on at once")
     parser.add_argument("--max-queued-requests", type=int, default=16,
-                        help="requests waiting per proxy before new ones get 503 (default 16)")
+                        help="requests waiting for a model replica before new ones get 503 + Retry-After (default 16)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests per forward pass (1 = no batching)")
     parser.add_argument("--max-pixels", type=int, default=16_000_000, help="larger images are refused with 413")
     parser.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry checks of an alias")
