@@ -5,21 +5,36 @@ every stage meets both faults with both client libraries) complete, and their ou
 - ingest (threads engine, real CBSD68 + CelebA-HQ photos from an ``s3://`` prefix, NVIDIA masks from an
   ``s3://...zip``) writes image shards byte for byte equal to the session's fault-free ``prepared_shards`` (same
   photos and options, local), and mask rows equal to its rows (all but ``source``, which names the source);
+- a tiny deterministic training run reads those shards (its read tasks: ranged GETs) and writes its checkpoints
+  through the proxy and ends with the weights of the same run on ``prepared_shards`` without S3;
+- batch inference (Ray Data actors) loads that checkpoint from S3 and reads and writes images through the proxy;
+  its PNGs equal the fault-free twin's (the actors' per-pair function on the twin's checkpoint and local files).
+
+The fault-free training run runs in a thread beside the faulted ingest and training (it touches no S3), so the
+module costs about one training run, not two.
 
 Each test prints the proxy's counts of its stage (requests, 503s sent, bodies cut, failed requests sent again).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
 import uuid
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from pconv import ingest
 from pconv.storage import shards, uris
+from pconv.tracking import checkpoints
 from s3_faults import S3FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -79,9 +94,9 @@ def test_a_get_whose_body_breaks_off_is_sent_again_up_to_the_bound(s3_server, bu
 # Ingest
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def faulted_shards(proxy, bucket, photo_dir, mask_zip, prepared_shards) -> dict:
+def faulted_shards(proxy, bucket, photo_dir, mask_zip, prepared_shards, twin_training) -> dict:
     """The photos and the mask zip put on S3 directly, then ingested from there to S3 through the proxy with
-    ``prepared_shards``' options."""
+    ``prepared_shards``' options (the twin training run has started: it runs meanwhile)."""
     uris.upload_dir(str(photo_dir), f"{bucket}/raw/photos")
     uris.write_bytes_atomic(f"{bucket}/raw/masks.zip", mask_zip.read_bytes())
     out = {"images": f"{bucket}/images", "masks": f"{bucket}/masks", "sources": {}}
@@ -131,3 +146,131 @@ def test_ingest_through_faults_writes_the_fault_free_shards(faulted_shards, prep
     assert any(r.method == "PUT" and r.target.endswith(".parquet") for r in requests)
     _report(proxy, "ingest", faulted_shards["seconds"], record_property)
 
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def _train(images: str, masks: str, storage: str, name: str) -> dict:
+    """A tiny deterministic run (both phases, a checkpoint every 2 steps): its last checkpoint's URI and weights,
+    and its seconds."""
+    from pconv.core.config import TrainConfig
+    from pconv.train.driver import run
+
+    start = time.monotonic()
+    cfg = TrainConfig(images=images, masks=masks, image_size=32, batch_size=2, workers=1, phase1_steps=2,
+                      phase2_steps=2, checkpoint_every=2, val_every=100, sample_every=100, log_every=4, val_size=2,
+                      vgg_weights="random", storage=storage, run_name=name, register_as="", deterministic=True)
+    summary = run(cfg)
+    assert summary.status == "finished" and summary.step == 4, summary
+    found = checkpoints.latest(uris.join(storage, name))
+    assert found and found[1]["step"] == 4 and found[0] == summary.checkpoint
+    with checkpoints.local_copy(found[0]) as local:
+        weights = checkpoints.load_state(local)["model"]
+    return {"uri": found[0], "weights": weights, "seconds": time.monotonic() - start}
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> str:
+    """One MLflow store (SQLite) for the module's two training runs, its tables created before they run at once."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('faults-mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        MlflowClient(uri).search_experiments()
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def twin_training(prepared_shards, tracking, ray_local, tmp_path_factory):
+    """The fault-free twin of the faulted run: ``prepared_shards``, local checkpoints, no S3 at all. It starts in a
+    thread as soon as the module's ingest does and runs beside the faulted stages (their proxy environment does not
+    matter to it), which saves its ~20 s of mostly Ray start-up latency; a Future of :func:`_train`'s dict."""
+    root = tmp_path_factory.mktemp("faults-twin")
+    with ThreadPoolExecutor(1, thread_name_prefix="twin-training") as pool:
+        yield pool.submit(_train, prepared_shards["images"], prepared_shards["masks"], str(root / "runs"), "twin")
+
+
+@pytest.fixture(scope="module")
+def trained(proxy, bucket, faulted_shards, twin_training, tracking, ray_local) -> dict:
+    """The run on the faulted ingest's S3 shards with its checkpoints on S3, through the proxy, and its twin."""
+    with proxy.environment(), proxy.stage("training"):
+        faulted = _train(faulted_shards["images"], faulted_shards["masks"], f"{bucket}/runs", "faults")
+    twin = twin_training.result()
+    print(f"\ntraining: with faults {faulted['seconds']:.1f} s, the fault-free twin {twin['seconds']:.1f} s (at once)")
+    return {**faulted, "twin_uri": twin["uri"], "twin": twin["weights"]}
+
+
+def test_training_through_faults_ends_with_the_fault_free_weights(trained, proxy, record_property):
+    assert trained["uri"].startswith("s3://") and trained["weights"].keys() == trained["twin"].keys()
+    for k, v in trained["weights"].items():  # bit for bit (deterministic CPU run, the same rows in the same order)
+        assert torch.equal(v, trained["twin"][k]), k
+    requests = proxy.requests("training")
+    # the workers' read tasks fetched the train split through the proxy (ranged GETs), and the checkpoint went there
+    assert any(r.client == "pyarrow" and r.method == "GET" and "/images/train/" in r.target and r.range
+               for r in requests)
+    assert any(r.method in ("PUT", "POST") and "/runs/faults/" in r.target and checkpoints.STATE_FILE in r.target
+               for r in requests)
+    _report(proxy, "training", trained["seconds"], record_property)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch inference
+# ---------------------------------------------------------------------------------------------
+def _pairs(photo_dir: Path, mask_zip: Path, folder: Path, n: int = 4) -> list[str]:
+    """``n`` real photos cropped to 96 x 80 under ``folder/in`` and NVIDIA masks resized to match under
+    ``folder/masks`` (PNG, white = hole); returns the stems."""
+    (folder / "in").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    photos = sorted((photo_dir / "scenes").glob("*.png"))[:n]
+    with zipfile.ZipFile(mask_zip) as zf:
+        names = sorted(zf.namelist())[7::11][:n]
+        for photo, name in zip(photos, names):
+            Image.open(photo).convert("RGB").crop((40, 30, 136, 110)).save(folder / "in" / photo.name)
+            mask = Image.open(io.BytesIO(zf.read(name))).convert("L").resize((96, 80), Image.NEAREST)
+            mask.save(folder / "masks" / photo.name)
+    return [p.stem for p in photos]
+
+
+def _inpaint_here(model_uri: str, folder: Path, stems: list[str]) -> dict[str, bytes]:
+    """The fault-free twin of the batch job: the actors' own per-pair function (inpaint_job), in this process with
+    the actors' one torch thread, on local files; ``stem -> PNG bytes``."""
+    from pconv.inference.inpaint import Job, inpaint_job
+    from pconv.tracking.loading import load_model
+
+    model, _ = load_model(model_uri, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for stem in stems:
+            inpaint_job(model, Job(str(folder / "in" / f"{stem}.png"), str(folder / "masks" / f"{stem}.png"),
+                                   str(folder / "out" / f"{stem}.png")), "white", device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    return {stem: (folder / "out" / f"{stem}.png").read_bytes() for stem in stems}
+
+
+def test_batch_inference_through_faults_writes_the_fault_free_images(trained, proxy, bucket, photo_dir, mask_zip,
+                                                                     ray_local, tmp_path, record_property):
+    from pconv.inference.batch import batch_inpaint
+
+    stems = _pairs(photo_dir, mask_zip, tmp_path)
+    uris.upload_dir(str(tmp_path / "in"), f"{bucket}/infer/in")
+    uris.upload_dir(str(tmp_path / "masks"), f"{bucket}/infer/masks")
+    twin = _inpaint_here(trained["twin_uri"], tmp_path, stems)
+    start = time.monotonic()
+    with proxy.environment(), proxy.stage("batch"):
+        summary = batch_inpaint(trained["uri"], f"{bucket}/infer/in", f"{bucket}/infer/masks", f"{bucket}/infer/out",
+                                hole_color="white", batch_size=2, num_actors=1)
+    seconds = time.monotonic() - start
+    assert summary["written"] == len(stems) and summary["skipped"] == 0, summary["errors"]
+    for stem in stems:
+        got = uris.read_bytes(f"{bucket}/infer/out/{stem}.png")
+        assert got == twin[stem], stem
+    hole = np.asarray(Image.open(tmp_path / "masks" / f"{stems[0]}.png")) > 127
+    assert hole.any() and not hole.all()  # the masks have holes to fill
+    requests = proxy.requests("batch")
+    # the actors read the pairs and wrote the composites through the proxy
+    assert {r.target.rsplit("/", 1)[-1] for r in requests if r.method == "PUT" and "/infer/out/" in r.target} == \
+        {f"{s}.png" for s in stems}
+    _report(proxy, "batch", seconds, record_property)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -95,6 +96,7 @@ def batch_inpaint(model_uri: str, images: str, masks: str, out: str, hole_color:
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
+        **_forwarded_env(),
     ).take_all()
     errors = [(r["image"], r["error"]) for r in results if r["status"] != "ok"]
     for image, reason in errors[:20]:
@@ -108,6 +110,14 @@ def batch_inpaint(model_uri: str, images: str, masks: str, out: str, hole_color:
                "polarity_warning": warning}
     log.info("batch inpainting done: %d written, %d skipped", summary["written"], summary["skipped"])
     return summary
+
+
+def _forwarded_env() -> dict[str, Any]:
+    """The actors' runtime env: this process's S3 endpoint and credentials (:data:`_FORWARD_ENV`), so they reach
+    storage as the driver does also on a cluster that was already running (``cluster.connect`` forwards them only
+    when it starts or joins one; Ray fixed the environment of an existing cluster's workers when it started)."""
+    env = {k: os.environ[k] for k in _FORWARD_ENV if os.environ.get(k)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _actor_pool(view: cluster.ClusterView, num_actors: int | None, use_gpu: bool | None,
