@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from typing import Iterator
 from urllib.parse import urlparse
 
@@ -147,7 +148,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         key = (self.command, self.path, self.headers.get("Range", ""))
         slowdown = srv.decide(key, client, "slowdown")
         if slowdown:
-            rid = hashlib.sha1(repr((key, srv.counts_total())).encode()).hexdigest()[:16].upper()
+            rid = uuid.uuid4().hex[:16].upper()
             xml = b"" if self.command == "HEAD" else SLOWDOWN_XML.format(rid=rid).encode()
             self._send(503, "Slow Down", [("Content-Type", "application/xml"), ("x-amz-request-id", rid),
                                           ("Content-Length", str(len(xml)))], xml, cut=False)
@@ -198,9 +199,6 @@ class _Server(http.server.ThreadingHTTPServer):
     def record(self, client: str, key: tuple[str, str, str], outcome: str) -> None:
         with self.lock:
             self.log.append(Request(self.stage, client, key[0], key[1], key[2], outcome))
-
-    def counts_total(self) -> int:
-        return sum(c["requests"] for c in self.counts.values())
 
     def decide(self, key: tuple[str, str, str], client: str, kind: str) -> bool:
         """Whether this request gets fault ``kind`` ("slowdown" is decided first, for every request; "dropped" for
