@@ -237,9 +237,12 @@ def replica_names(app: str, deployment: str) -> list[str]:
 
 def test_killing_the_model_replica_under_twenty_clients(served, photo_and_mask):
     """The model replica is killed under 20 concurrent clients: every request ends with 200 or 503 (with
-    Retry-After) within its timeout: no 500, no connection error, no hang; Serve starts a new replica, which answers
-    200 again, and the app is RUNNING. Last of the module's tests on the app, and it returns only once recovered.
-    The photo and mask are cut to 128 px (every 4th pixel) so a request takes ~0.1 s on the test's half CPU."""
+    Retry-After) within its timeout: no 500, no connection error, no hang. The requests the replica was working on
+    get 503 from the ingress (Ray's proxy answered them 500 when the routes lived in the model replica); Serve starts
+    a new replica, which answers 200 again, and the app is RUNNING. Last of the module's tests on the app, and it
+    returns only once recovered. The kill comes just after a 503 for full queues, when the replica's slots are all
+    taken, and is repeated (at most 3 times) until requests were in flight on the replica. The photo and mask are cut to 128 px (every 4th pixel): a
+    request takes ~0.1 s on the test's half CPU."""
     import ray
     from ray import serve
 
@@ -248,20 +251,24 @@ def test_killing_the_model_replica_under_twenty_clients(served, photo_and_mask):
     image, mask, arr, valid = photo_and_mask
     image, mask = png(arr[::4, ::4].copy()), png(np.where(valid[::4, ::4], 0, 255).astype(np.uint8))
     timeout = 20.0
-    (victim,) = replica_names(APP_NAME, "PConvModel")
-    events: list[tuple[float, float, object]] = []  # (sent, ended, status code or exception name)
+    victim = ""
+    events: list[tuple[float, float, object, str]] = []  # (sent, ended, status code or exception name, 503's cause)
     retry_after: set[str | None] = set()
-    stop = threading.Event()
+    stop, full = threading.Event(), threading.Event()
 
     def client() -> None:
         while not stop.is_set():
-            sent = time.monotonic()
+            sent, cause = time.monotonic(), ""
             try:
                 r = post(served["url"], image, mask, timeout=timeout)
                 outcome: object = r.status_code
             except requests.RequestException as exc:
                 r, outcome = None, type(exc).__name__
-            events.append((sent, time.monotonic(), outcome))
+            if outcome == 503:
+                cause = r.text
+                if "BackPressureError" in cause:
+                    full.set()
+            events.append((sent, time.monotonic(), outcome, cause))
             if outcome == 503:  # a polite client: waits as told, then tries again
                 retry_after.add(r.headers.get("Retry-After"))
                 stop.wait(float(r.headers.get("Retry-After", 1)))
@@ -270,34 +277,46 @@ def test_killing_the_model_replica_under_twenty_clients(served, photo_and_mask):
     clients = [threading.Thread(target=client, daemon=True) for _ in range(20)]
     for c in clients:
         c.start()
-    recovered_at = None
+    recovered_at, kills, first_kill = None, 0, float("inf")
     try:
         time.sleep(2.0)
-        killed_at = time.monotonic()
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        while time.monotonic() - killed_at < 60:
-            ok_after = [e for e in events if e[0] > killed_at and e[2] == 200]
-            if ok_after and serve.status().applications[APP_NAME].status == "RUNNING":
-                recovered_at = min(e[1] for e in ok_after)
+        # A kill between two batches finds no request on the replica (the router sends the waiting ones to the new
+        # replica): kill again, at most 3 times, until one was working on requests. Usually once is enough.
+        while kills < 3 and not any(e[2] == 503 and "ActorDiedError" in e[3] for e in events):
+            full.clear()
+            full.wait(10)
+            time.sleep(0.15)  # the slots taken at the 503 are now being worked on (a request takes ~0.1-0.4 s)
+            killed_at, kills = time.monotonic(), kills + 1
+            first_kill = min(first_kill, killed_at)
+            (victim,) = replica_names(APP_NAME, "PConvModel")
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            recovered_at = None
+            while time.monotonic() - killed_at < 60:
+                ok_after = [e for e in events if e[0] > killed_at and e[2] == 200]
+                if ok_after and serve.status().applications[APP_NAME].status == "RUNNING":
+                    recovered_at = min(e[1] for e in ok_after)
+                    break
+                time.sleep(0.2)
+            if recovered_at is None:
                 break
-            time.sleep(0.2)
         time.sleep(1.0)
     finally:
         stop.set()
         for c in clients:
             c.join(timeout=timeout + 5)
-    before = [e[2] for e in events if e[1] <= killed_at]
-    after = [e[2] for e in events if e[1] > killed_at]
-    in_flight = [e[2] for e in events if e[0] < killed_at < e[1]]  # sent before the kill, answered after it
+    before = [e[2] for e in events if e[1] <= first_kill]
+    after = [e[2] for e in events if e[1] > first_kill]
+    died = [e for e in events if e[2] == 503 and "ActorDiedError" in e[3]]
     summary = {"before": {k: before.count(k) for k in set(before)}, "after": {k: after.count(k) for k in set(after)},
-               "in_flight": {k: in_flight.count(k) for k in set(in_flight)},
+               "kills": kills, "died_in_flight": len(died),
                "recovery_s": None if recovered_at is None else round(recovered_at - killed_at, 1),
                "longest_s": round(max(e[1] - e[0] for e in events), 1), "wall_s": round(time.monotonic() - t0, 1),
                "retry_after": sorted(map(str, retry_after))}
     print("replica kill:", summary)
     assert not any(c.is_alive() for c in clients), f"a client is still waiting: {summary}"
     assert set(before) | set(after) <= {200, 503}, summary
-    assert before.count(200) > 0 and in_flight, summary
+    assert before.count(200) > 0, summary
+    assert died, f"no request was in flight on the replica in {kills} kills: {summary}"
     assert recovered_at is not None and after.count(200) > 0, summary
     assert None not in retry_after, f"a 503 without Retry-After: {summary}"
     assert max(e[1] - e[0] for e in events) < timeout, summary
