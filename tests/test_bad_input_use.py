@@ -338,3 +338,30 @@ def test_serve_request_warns_on_inverted_masks_and_orients_masks_like_images():
     exif[0x0112] = 6
     d = decode_request(photo, png(rotated, exif), "white")
     assert tuple(d.mask.shape[-2:]) == (32, 48)
+
+
+def test_a_request_sent_packed_to_a_model_replica_unpacks_bit_for_bit(datasets_dir):
+    """The Serve ingress sends each checked request to a model replica as uint8 (Decoded.pack: a quarter of the
+    bytes); the replica's Decoded equals decode_request's bit for bit, on a real photo with an NVIDIA mask."""
+    import io as _io
+    import zipfile
+
+    import numpy as _np
+    from PIL import Image as _Image
+
+    from pconv.inference.pyfunc import decode_request
+
+    photo = sorted((datasets_dir / "celeba_hq_sample").glob("*.jpg"))[0].read_bytes()
+    size = _Image.open(_io.BytesIO(photo)).size
+    with zipfile.ZipFile(datasets_dir / "nvidia_irregular_mask_test.zip") as z:
+        name = sorted(n for n in z.namelist() if n.endswith(".png"))[100]
+        mask = _Image.open(_io.BytesIO(z.read(name))).convert("L").resize(size, _Image.Resampling.NEAREST)
+    buf = _io.BytesIO()
+    _Image.fromarray(_np.where(_np.asarray(mask) >= 128, 255, 0).astype(_np.uint8)).save(buf, format="PNG")
+    decoded = decode_request(photo, buf.getvalue(), "white")
+    packed = decoded.pack()
+    assert packed.image.dtype == torch.uint8 and packed.mask.dtype == torch.uint8
+    assert packed.image.nbytes * 4 == decoded.image.nbytes
+    back = packed.unpack()
+    assert torch.equal(back.image, decoded.image) and torch.equal(back.mask, decoded.mask)
+    assert back.warning == decoded.warning and 0 < float(back.mask.mean()) < 1

@@ -74,6 +74,24 @@ class Decoded:
     mask: torch.Tensor
     warning: str | None = None  # masks.polarity_warning: the mask is probably inverted (logged, sent as a header)
 
+    def pack(self) -> "PackedDecoded":
+        """This request as uint8, a quarter of the bytes (the image's values are ``k / 255``, the mask's 0 or 1)."""
+        return PackedDecoded((self.image * 255.0).round().to(torch.uint8), self.mask.to(torch.uint8), self.warning)
+
+
+@dataclass
+class PackedDecoded:
+    """A :class:`Decoded` request as uint8 3×H×W image and 1×H×W mask: what the Serve ingress sends to a model
+    replica (at 512 px 1 MB instead of 4 MB through the object store). :meth:`unpack` gives back the identical
+    float32 tensors: ``k / 255`` computed in float32 as :func:`decode_request` does."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    warning: str | None = None
+
+    def unpack(self) -> Decoded:
+        return Decoded(self.image.float() / 255.0, self.mask.float(), self.warning)
+
 
 def as_bytes(value: Any, field: str) -> bytes:
     """Raw bytes, or a base64 string (JSON) decoded; BadInput for anything else."""
@@ -216,5 +234,5 @@ def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> 
     return PConvPyfunc(model, info)
 
 
-__all__ = ["BadInput", "DEFAULT_HOLE_COLOR", "DEFAULT_MAX_PIXELS", "Decoded", "PConvPyfunc",
+__all__ = ["BadInput", "DEFAULT_HOLE_COLOR", "DEFAULT_MAX_PIXELS", "Decoded", "PConvPyfunc", "PackedDecoded",
            "decode_lr_request", "decode_request", "inpaint_decoded"]

@@ -49,8 +49,8 @@ from ray.serve.handle import DeploymentHandle
 from pconv import cluster
 from pconv.core.config import INPAINTING_TASK, SR_TASK
 from pconv.inference.inpaint import encode_image
-from pconv.inference.pyfunc import (DEFAULT_MAX_PIXELS, BadInput, Decoded, decode_lr_request, decode_request,
-                                    inpaint_decoded)
+from pconv.inference.pyfunc import (DEFAULT_MAX_PIXELS, BadInput, Decoded, PackedDecoded, decode_lr_request,
+                                    decode_request, inpaint_decoded)
 from pconv.inference.super_resolve import resolve_scale, super_resolve
 from pconv.tracking.loading import REGISTRY_SCHEME, load_model, parse_registry_uri, resolve_version
 
@@ -191,9 +191,10 @@ class PConvModel:
 
         return await asyncio.to_thread(run)
 
-    async def inpaint(self, decoded: Decoded) -> tuple[bytes, str]:
-        """The composite of one checked request as PNG bytes, and the version that made it (batched)."""
-        return await self._batched(decoded)
+    async def inpaint(self, packed: PackedDecoded) -> tuple[bytes, str]:
+        """The composite of one checked request (sent as uint8) as PNG bytes, and the version that made it
+        (batched)."""
+        return await self._batched(packed.unpack())
 
     async def super_resolve(self, lr: Any) -> tuple[bytes, str]:
         """The K-times larger image of one checked LR image as PNG bytes, and the version that made it."""
@@ -279,7 +280,7 @@ class InpaintServer:
                                                   fields.get("hole_color"), self.max_pixels)
             except BadInput as exc:
                 return JSONResponse({"error": str(exc)}, status_code=exc.status)
-            png, version = await self.model.inpaint.remote(decoded)
+            png, version = await self.model.inpaint.remote(decoded.pack())  # uint8 over the hop: 1/4 the bytes
         except MODEL_UNAVAILABLE as exc:
             return self._unavailable(exc)
         headers = {VERSION_HEADER: version}
