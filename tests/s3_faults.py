@@ -31,12 +31,13 @@ import hashlib
 import http.client
 import http.server
 import logging
-import os
 import socket
 import threading
 import uuid
 from typing import Iterator
 from urllib.parse import urlparse
+
+import pytest
 
 log = logging.getLogger(__name__)
 
@@ -287,13 +288,7 @@ class S3FaultProxy:
     @contextlib.contextmanager
     def environment(self) -> Iterator[dict[str, str]]:
         """``os.environ`` points S3 clients at the proxy while entered (restored on exit)."""
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with pytest.MonkeyPatch.context() as env:
+            for k, v in self.env.items():
+                env.setenv(k, v)
             yield self.env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
