@@ -128,3 +128,24 @@ def test_one_list_of_aws_variables_keys_the_clients_and_is_forwarded(monkeypatch
         with monkeypatch.context() as env:
             env.setenv(name, "changed-value")
             assert uris.s3_settings() != base, name
+
+
+def test_a_ranged_file_reads_exact_lengths_and_serves_zipfile(tmp_path):
+    """uris.open_ranged: what zipfile reads an S3 zip through (here on a local file: the same reads, no server);
+    its S3 retries are in tests/test_s3_faults.py."""
+    import zipfile
+
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("x/one.txt", b"one" * 100)
+        zf.writestr("two.bin", bytes(range(256)))
+    size = path.stat().st_size
+    with uris.open_ranged(str(path)) as f, zipfile.ZipFile(f) as zf:  # type: ignore[arg-type]
+        assert f.size == size and zf.read("x/one.txt") == b"one" * 100 and zf.read("two.bin") == bytes(range(256))
+        assert f.read_at(10, size - 4) == path.read_bytes()[-4:]  # clipped at the end, never short elsewhere
+        assert f.read_at(10, size + 5) == b""
+        assert f.seek(-3, os.SEEK_END) == size - 3 and f.read() == path.read_bytes()[-3:] and f.tell() == size
+        with pytest.raises(OSError, match="before the start"):
+            f.seek(-1)
+    with pytest.raises(FileNotFoundError):
+        uris.open_ranged(str(tmp_path / "missing.zip"))

@@ -246,13 +246,17 @@ def read_row_group(uri: str, index: int, columns: list[str]) -> pa.Table:
     """Selected columns of row group ``index`` of one shard (local or S3). On S3: one HEAD and one coalesced
     ranged GET per call, plus one footer GET the first time this process reads the shard."""
     fs, path = uris.get_filesystem(uri)
-    try:
+
+    def read() -> pa.Table:
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f, metadata=_footer(uri, f), pre_buffer=True)
             if not 0 <= index < parquet.num_row_groups:
                 raise ValueError(f"{uri}: no row group {index} (the shard has {parquet.num_row_groups}); "
                                  "the manifest does not match the shard")
             return parquet.read_row_group(index, columns=columns)
+
+    try:
+        return uris.retry_ranged_read(uri, read)  # S3 errors the SDK does not retry itself (uris.SDK_TRANSIENT_ERRORS)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{uri}: shard listed in the manifest is missing") from exc
     except pa.ArrowInvalid as exc:

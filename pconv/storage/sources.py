@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from pconv.storage import uris
 
@@ -199,11 +199,12 @@ def _not_here(uri: str) -> SourceError:
                        "machines give an s3:// source, or a folder mounted at the same path on every node")
 
 
-_zips: dict[tuple, tuple[zipfile.ZipFile, Any]] = {}  # per process: (uri, version) -> (ZipFile, ranged file | None)
+# per process: (uri, version) -> (ZipFile, the ranged file of an S3 zip | None)
+_zips: dict[tuple, tuple[zipfile.ZipFile, uris.RangedFile | None]] = {}
 _zips_lock = threading.Lock()
 
 
-def _zip_of(uri: str, version: tuple) -> tuple[zipfile.ZipFile, Any]:
+def _zip_of(uri: str, version: tuple) -> tuple[zipfile.ZipFile, uris.RangedFile | None]:
     """The archive's ZipFile (central directory parsed once per process and archive version), and for an S3 zip
     the pyarrow file that members are read from by ranged GETs."""
     with _zips_lock:
@@ -212,21 +213,26 @@ def _zip_of(uri: str, version: tuple) -> tuple[zipfile.ZipFile, Any]:
         ranged = None
         try:
             if uris.is_remote(uri):
-                fs, path = uris.get_filesystem(uri)
-                ranged = fs.open_input_file(path)
+                ranged = uris.open_ranged(uri)
                 zf = zipfile.ZipFile(ranged)  # reads the end record and the central directory (ranged GETs)
             else:
                 zf = zipfile.ZipFile(Path(uri).expanduser())
         except FileNotFoundError:
             raise _not_here(uri) from None
-        except (zipfile.BadZipFile, OSError) as exc:
+        except zipfile.BadZipFile as exc:
+            # zipfile reports an I/O error while it looks for the end record as "File is not a zip file": say which
+            cause = exc.__context__
+            if isinstance(cause, OSError):
+                raise SourceError(f"source {uri} cannot be read: {cause}") from cause
             raise SourceError(f"source {uri} is not a readable zip archive: {exc}") from exc
+        except OSError as exc:
+            raise SourceError(f"source {uri} cannot be read: {exc}") from exc
         _zips.clear()  # one archive at a time per process is the use: drop older ones
         _zips[(uri, version)] = (zf, ranged)
         return zf, ranged
 
 
-def _read_ranged_member(f: Any, info: zipfile.ZipInfo) -> bytes:
+def _read_ranged_member(f: uris.RangedFile, info: zipfile.ZipInfo) -> bytes:
     """A member of a zip on S3 by one ranged GET (two when the local header's extra field is longer than the
     central directory says): local header + data, inflated and CRC-checked here (zipfile reads the same way)."""
     if info.file_size > MAX_FILE_BYTES:

@@ -27,14 +27,16 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow.fs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 S3_SCHEMES = ("s3://", "s3a://")
 # The standard AWS variables that say which endpoint, credentials and region S3 clients use: the one list. They
@@ -215,6 +217,96 @@ def read_bytes(uri: str) -> bytes:
         finally:
             response["Body"].close()
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+#: Ranged reads through pyarrow's S3 client (the AWS SDK for C++) that fail with one of these SDK error types are
+#: sent again, up to :data:`BODY_READ_ATTEMPTS` reads in all (each retry logged, with a short back-off). The SDK
+#: retries a 503 SlowDown by itself, except when it answers a *small* ranged read: it writes every response body,
+#: an error's included, into a buffer of exactly the range's size, and the ~250-byte XML of a ``503 SlowDown``
+#: overflows a read such as a zip's 22-byte end record. The SDK then reports ``INTERNAL_FAILURE: Failed to flush
+#: response stream``, which it never retries (apache/doris#66557 describes the same mechanism in another SDK user);
+#: a connection dropped mid-body surfaces as ``NETWORK_CONNECTION``. tests/test_s3_faults.py shows both.
+SDK_TRANSIENT_ERRORS = ("INTERNAL_FAILURE", "NETWORK_CONNECTION", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "THROTTLING",
+                        "REQUEST_TIMEOUT")
+RETRY_BACKOFF_S = 0.2  # first back-off; doubled per retry (0.2, 0.4, 0.8, 1.6 s)
+
+
+def is_transient_read_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a pyarrow S3 read error of one of :data:`SDK_TRANSIENT_ERRORS` (worth sending again)."""
+    text = str(exc)
+    return (isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and "AWS Error" in text
+            and any(f"AWS Error {kind}" in text for kind in SDK_TRANSIENT_ERRORS))
+
+
+def retry_ranged_read(what: str, read: Callable[[], T]) -> T:
+    """``read()`` (a pyarrow read of S3 data), sent again after a transient SDK error (:data:`SDK_TRANSIENT_ERRORS`),
+    up to :data:`BODY_READ_ATTEMPTS` times in all; ``what`` names the object in the log and in the last error."""
+    for attempt in range(1, BODY_READ_ATTEMPTS + 1):
+        try:
+            return read()
+        except OSError as exc:
+            if attempt == BODY_READ_ATTEMPTS or not is_transient_read_error(exc):
+                raise
+            log.warning("%s: ranged read failed (%s); read %d of %d", what, exc, attempt + 1, BODY_READ_ATTEMPTS)
+            time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+class RangedFile:
+    """A read-only, seekable file object over one S3 object (or local file) whose every read is one ranged GET,
+    sent again on a transient error (:func:`retry_ranged_read`), and checked for length: a read returns exactly
+    ``min(n, size - position)`` bytes or raises, never a short piece. What :mod:`zipfile` reads an S3 zip through
+    (:func:`open_ranged`)."""
+
+    def __init__(self, uri: str):
+        fs, path = get_filesystem(uri)
+        self.uri = uri
+        self._file = retry_ranged_read(uri, lambda: fs.open_input_file(path))
+        self.size = self._file.size()
+        self._pos = 0
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        want = max(0, min(nbytes, self.size - offset))
+        data = retry_ranged_read(self.uri, lambda: self._file.read_at(want, offset)) if want else b""
+        if len(data) != want:
+            raise OSError(f"{self.uri}: read {len(data)} bytes at {offset}, expected {want} (object of {self.size})")
+        return bytes(data)
+
+    def read(self, nbytes: int = -1) -> bytes:
+        data = self.read_at(self.size - self._pos if nbytes is None or nbytes < 0 else nbytes, self._pos)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise OSError(f"{self.uri}: seek to {base + offset}, before the start")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "RangedFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_ranged(uri: str) -> RangedFile:
+    """A :class:`RangedFile` of ``uri`` (S3 or local): random access by ranged reads that survive S3's transient
+    errors. FileNotFoundError when it does not exist."""
+    return RangedFile(uri)
 
 
 def _umask() -> int:
