@@ -64,7 +64,7 @@ def ray_cluster(own_ray_cluster, s3_server, mlflow_server, tmp_path_factory):  #
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray head did not come up: {(tmp / 'ray-head.log').read_text()[-3000:]}")
             time.sleep(1)
-        yield {"address": address, "client": client, "env": env}
+        yield {"address": address, "client": client, "env": env, "session": proc.pid}  # start_new_session: sid
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
@@ -124,17 +124,23 @@ def checkpoint_metas(bucket: str) -> dict[int, str]:
     return out
 
 
-def kill_one_training_worker() -> int:
-    """SIGKILL one Ray Train worker process (found by its process title in /proc)."""
+def kill_one_training_worker(session: int) -> int:
+    """SIGKILL one Ray Train worker process of the cluster whose head runs in ``session`` (found by its process
+    title in /proc). A worker of another, earlier Ray still exiting must never be the one (the likely cause of one
+    run in which the job logged no restart at all)."""
+    seen = []
     for proc in sorted(Path("/proc").glob("[0-9]*")):
         try:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            sid = os.getsid(int(proc.name))
         except OSError:
             continue
         if "RayTrainWorker" in cmdline:
-            os.kill(int(proc.name), signal.SIGKILL)
-            return int(proc.name)
-    raise AssertionError("no RayTrainWorker process found")
+            seen.append((int(proc.name), sid))
+            if sid == session:
+                os.kill(int(proc.name), signal.SIGKILL)
+                return int(proc.name)
+    raise AssertionError(f"no RayTrainWorker process of session {session} (pid, session): {seen}")
 
 
 def test_job_submit_survives_a_killed_worker_and_rerun_is_a_noop(ray_cluster, s3_shards, mlflow_server):  # noqa: F811
@@ -148,7 +154,7 @@ def test_job_submit_survives_a_killed_worker_and_rerun_is_a_noop(ray_cluster, s3
         assert not status.endswith(("SUCCEEDED", "FAILED", "STOPPED")), client.get_job_logs("train-1")[-4000:]
         assert time.monotonic() < deadline, client.get_job_logs("train-1")[-4000:]
         time.sleep(0.2)
-    killed = kill_one_training_worker()
+    killed = kill_one_training_worker(ray_cluster["session"])
     status = wait_for_job(client, "train-1")
     logs = client.get_job_logs("train-1")
     Path(os.environ.get("PCONV_E2E_LOG", "/dev/null")).write_text(f"killed {killed}\n{logs}")
