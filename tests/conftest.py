@@ -29,9 +29,11 @@ start their own cluster (``own_ray_cluster``), which stops the session Ray first
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -262,7 +264,61 @@ def pytest_collection_modifyitems(config, items):
         first.setdefault(item.module.__name__, i)
     order = {id(item): (2 if _ray_order(item) == 2 else group[item.module.__name__], first[item.module.__name__], i)
              for i, item in enumerate(items)}
-    items.sort(key=lambda item: order[id(item)])
+    # An xdist worker puts the Ray tests first, so that the worker given them starts at once (they are the critical
+    # path), and tells the controller which they are (RayGroupScheduling, below).
+    worker = hasattr(config, "workerinput")  # this process is an xdist worker (not a pytest it started)
+    items.sort(key=lambda item: (worker and not _ray_order(item), order[id(item)]))
+    if worker:
+        _write_ray_tests([item.nodeid for item in items if _ray_order(item)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Two xdist workers (`make test`: -n 2): every Ray test on one of them, the rest on the other
+# ---------------------------------------------------------------------------------------------
+# Only one Ray cluster may run on this machine at a time, so the Ray tests (session Ray, then own clusters) are one
+# unit of work, in order, on one worker; the other worker runs the tests without Ray meanwhile, a module at a time (so
+# a module's fixtures, e.g. its MLflow server, start once). xdist's own `--dist loadgroup` cannot say this: its
+# xdist_group mark is lost under pytest 9 (it renames `item._nodeid`, which pytest 9 no longer reads), so the workers
+# name the Ray tests in a file of this run and the controller's scheduler groups them.
+RAY_TESTS_ENV = "PCONV_XDIST_RAY_TESTS"
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist") and \
+            config.getoption("numprocesses", None):
+        fd, path = tempfile.mkstemp(prefix="pconv-xdist-ray-tests-", suffix=".json")
+        os.close(fd)
+        os.unlink(path)
+        os.environ[RAY_TESTS_ENV] = path  # the workers start after this and inherit it
+        config.add_cleanup(lambda: Path(path).unlink(missing_ok=True))
+
+
+def _write_ray_tests(nodeids: list[str]) -> None:
+    path = os.environ.get(RAY_TESTS_ENV)
+    if path:  # both workers write the same list (their collections are equal): atomically, the last one wins
+        tmp = f"{path}.{os.getpid()}"
+        Path(tmp).write_text(json.dumps(nodeids))
+        os.replace(tmp, path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayGroupScheduling(LoadScopeScheduling):
+        """xdist's module-at-a-time scheduling, with every Ray test in one unit ("ray")."""
+
+        ray_tests: frozenset[str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.ray_tests is None:  # first called once every worker has sent its collection
+                path = Path(os.environ[RAY_TESTS_ENV])
+                if not path.is_file():
+                    raise RuntimeError(f"no worker wrote the Ray tests of this run to {path} (tests/conftest.py)")
+                self.ray_tests = frozenset(json.loads(path.read_text()))
+            return "ray" if nodeid in self.ray_tests else nodeid.split("::", 1)[0]
+
+    return RayGroupScheduling(config, log)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -120,3 +120,67 @@ def test_a_fast_tier_test_that_starts_a_server_fails_naming_itself(tmp_path):
         assert f"test_suite.py::{name} starts " in out, (name, out)
     assert "starts Ray (ray.init" in out and "starts an MLflow server (mlflow server)" in out
     assert "starts moto's S3 server" in out
+
+
+XDIST_SUITE = '''
+import os
+from pathlib import Path
+
+import pytest
+
+LOG = Path(__file__).parent / "ran.txt"
+
+
+@pytest.fixture
+def ray_local():  # overrides conftest's: where the Ray tests run is under test here, not Ray
+    yield
+
+
+@pytest.fixture
+def own_ray_cluster():
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _session_ray_is_up():  # conftest's would start the session Ray for a test that names ray_local
+    yield
+
+
+def _ran(name):
+    with LOG.open("a") as f:
+        f.write(f"{os.environ['PYTEST_XDIST_WORKER']} {name}\\n")
+
+
+def test_plain():
+    _ran("plain")
+
+
+def test_on_the_session_ray(ray_local):
+    _ran("session")
+
+
+def test_on_its_own_cluster(own_ray_cluster):
+    _ran("own")
+
+
+def test_after_them():
+    _ran("after")
+
+
+def test_on_the_session_ray_again(ray_local):
+    _ran("session2")
+'''
+
+
+def test_under_xdist_one_worker_runs_every_ray_test_in_order_and_the_other_the_rest(tmp_path):
+    """`make test` runs two xdist workers: only one Ray cluster may run at a time, so every Ray test is in one
+    group, scheduled first, own-cluster tests last; the tests without Ray run beside it on the other worker."""
+    root = _suite(tmp_path, XDIST_SUITE)
+    proc = _pytest(root, "-n", "2", "-v")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "scheduling tests via RayGroupScheduling" in proc.stdout, proc.stdout
+    ran = [line.split() for line in (root / "ran.txt").read_text().splitlines()]
+    ray = [(worker, name) for worker, name in ran if name in ("session", "session2", "own")]
+    assert [name for _, name in ray] == ["session", "session2", "own"], ran
+    assert len({worker for worker, _ in ray}) == 1, ran
+    assert {worker for worker, name in ran if name in ("plain", "after")} == {"gw0", "gw1"} - {ray[0][0]}, ran
