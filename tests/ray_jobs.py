@@ -4,6 +4,7 @@ subprocesses (the in-process SDK caches the first auth token it ever loaded), wi
 - :class:`JobsCli`: ``ray job status/logs/list`` against one cluster's job API; :func:`wait_for_job`.
 - :func:`submit_job`: ``ray job submit --working-dir <repo> --no-wait``, retried while the job agent registers.
 - :func:`list_nodes`: every node the GCS knows (alive and dead), from ``ray list nodes``.
+- :func:`alive_actors`: the ALIVE actors of one class (``pid``, ``node_id``, ``job_id``), from ``ray list actors``.
 - :func:`ray_processes_of`: PIDs of processes whose command line names this cluster (its GCS port or temp dir),
   so a test stops exactly the Ray processes it started.
 """
@@ -118,3 +119,13 @@ def kill_pids(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def alive_actors(address: str, env: dict[str, str], class_name: str) -> list[dict]:
+    """The ALIVE actors of ``class_name`` in the cluster, as Ray's state API knows them (``pid``, ``node_id``,
+    ``job_id``, ``actor_id``): the processes Ray itself would call that actor, never a fork of one nor one exiting."""
+    proc = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", address, "--format", "json",
+                           "--filter", f"class_name={class_name}", "--filter", "state=ALIVE", "--limit", "1000"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [] if proc.stdout.startswith("No resource") else json.loads(proc.stdout)

@@ -24,7 +24,7 @@ import torch
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture)
-from ray_jobs import BIN, JobsCli, cluster_env, submit_job, token_auth, wait_for_job
+from ray_jobs import BIN, JobsCli, alive_actors, cluster_env, submit_job, token_auth, wait_for_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -64,7 +64,7 @@ def ray_cluster(own_ray_cluster, s3_server, mlflow_server, tmp_path_factory):  #
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray head did not come up: {(tmp / 'ray-head.log').read_text()[-3000:]}")
             time.sleep(1)
-        yield {"address": address, "client": client, "env": env, "session": proc.pid}  # start_new_session: sid
+        yield {"address": address, "client": client, "env": env}
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
@@ -124,37 +124,45 @@ def checkpoint_metas(bucket: str) -> dict[int, str]:
     return out
 
 
-def kill_one_training_worker(session: int) -> int:
-    """SIGKILL one Ray Train worker process of the cluster whose head runs in ``session`` (found by its process
-    title in /proc). A worker of another, earlier Ray still exiting must never be the one (the likely cause of one
-    run in which the job logged no restart at all)."""
-    seen = []
-    for proc in sorted(Path("/proc").glob("[0-9]*")):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            sid = os.getsid(int(proc.name))
-        except OSError:
-            continue
-        if "RayTrainWorker" in cmdline:
-            seen.append((int(proc.name), sid))
-            if sid == session:
-                os.kill(int(proc.name), signal.SIGKILL)
-                return int(proc.name)
-    raise AssertionError(f"no RayTrainWorker process of session {session} (pid, session): {seen}")
+def registered_checkpoint(bucket: str) -> str | None:
+    """The latest checkpoint Ray Train's controller has registered for the run (what a restarted group resumes
+    from), from the checkpoint manager snapshot it keeps in the run's storage; None before the first."""
+    import boto3
+
+    try:
+        body = boto3.client("s3").get_object(Bucket=bucket, Key="runs/e2e/checkpoint_manager_snapshot.json")["Body"]
+    except boto3.client("s3").exceptions.NoSuchKey:
+        return None
+    latest = json.loads(body.read()).get("latest_checkpoint_result")
+    return None if latest is None else latest["checkpoint_dir_name"]
+
+
+def kill_one_training_worker(cluster) -> dict:
+    """SIGKILL one ALIVE Ray Train worker actor of this cluster, as Ray's state API names it; returns that actor.
+
+    The state API names exactly the live worker actors of this cluster; a process title in /proc could also match a
+    fork of one or a worker of another Ray still exiting."""
+    workers = alive_actors(cluster["address"], cluster["env"], "RayTrainWorker")
+    assert workers, "no ALIVE RayTrainWorker actor in this cluster"
+    victim = workers[0]
+    os.kill(int(victim["pid"]), signal.SIGKILL)
+    return victim
 
 
 def test_job_submit_survives_a_killed_worker_and_rerun_is_a_noop(ray_cluster, s3_shards, mlflow_server):  # noqa: F811
     client, bucket = ray_cluster["client"], s3_shards
     submit(ray_cluster, bucket, "train-1")
     deadline = time.monotonic() + 400
-    # Wait for the SECOND checkpoint: by then the first is certainly registered with Ray Train (a checkpoint whose
-    # files are uploaded but whose report has not reached the controller is rightly not resumed from).
-    while len(checkpoint_metas(bucket)) < 2:
+    # Wait until Ray Train has REGISTERED a checkpoint (its controller writes the run's checkpoint manager snapshot
+    # then), not merely until one is in storage: the controller takes one report per worker every 2 s
+    # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and a worker's next report waits for the last, so on a fast machine two
+    # checkpoints can be uploaded before either is registered, and a group restarted then rightly starts from step 0.
+    while registered_checkpoint(bucket) is None:
         status = str(client.get_job_status("train-1"))
         assert not status.endswith(("SUCCEEDED", "FAILED", "STOPPED")), client.get_job_logs("train-1")[-4000:]
         assert time.monotonic() < deadline, client.get_job_logs("train-1")[-4000:]
         time.sleep(0.2)
-    killed = kill_one_training_worker(ray_cluster["session"])
+    killed = kill_one_training_worker(ray_cluster)
     status = wait_for_job(client, "train-1")
     logs = client.get_job_logs("train-1")
     Path(os.environ.get("PCONV_E2E_LOG", "/dev/null")).write_text(f"killed {killed}\n{logs}")
@@ -163,7 +171,7 @@ def test_job_submit_survives_a_killed_worker_and_rerun_is_a_noop(ray_cluster, s3
     # Resumed from a checkpoint after the kill, not from step 0, and finished at the expected step.
     resumed = [int(line.split("resumed from checkpoint at step ")[1].split()[0])
                for line in logs.splitlines() if "resumed from checkpoint at step" in line]
-    assert resumed and min(resumed) >= 5, logs[-4000:]
+    assert resumed and min(resumed) >= 5, f"killed {killed}\n{logs[-4000:]}"
     metas = checkpoint_metas(bucket)
     assert max(metas) == TOTAL_STEPS
     assert f"finished at step {TOTAL_STEPS}" in logs
