@@ -234,7 +234,7 @@ RETRY_BACKOFF_S = 0.2  # first back-off; doubled per retry (0.2, 0.4, 0.8, 1.6 s
 def is_transient_read_error(exc: BaseException) -> bool:
     """Whether ``exc`` is a pyarrow S3 read error of one of :data:`SDK_TRANSIENT_ERRORS` (worth sending again)."""
     text = str(exc)
-    return (isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and "AWS Error" in text
+    return (isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
             and any(f"AWS Error {kind}" in text for kind in SDK_TRANSIENT_ERRORS))
 
 
