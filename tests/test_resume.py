@@ -238,17 +238,19 @@ def test_skipped_rows_are_counted_once_whatever_row_a_checkpoint_falls_after(pre
 
 
 class _FakeStream:
-    """WorkerStream's input: datasets are lists of batches per (epoch, start)."""
+    """WorkerStream's input: datasets are lists of batches per (epoch, start); an epoch re-dealt after a group-size
+    change (``earlier``) leaves this rank ``rest`` rows (default: a whole epoch's)."""
 
-    def __init__(self, rows_per_epoch: int, batch: int) -> None:
+    def __init__(self, rows_per_epoch: int, batch: int, rest: int | None = None) -> None:
         self.rows, self.batch, self.built = rows_per_epoch, batch, []
+        self.rest = rows_per_epoch if rest is None else rest
 
     def sequence_rows(self, epoch, earlier):
-        return self.rows
+        return self.rest if earlier else self.rows
 
     def dataset(self, epoch, earlier, start):
         self.built.append((epoch, start))
-        rows = list(range(start, self.rows))
+        rows = list(range(start, self.sequence_rows(epoch, earlier)))
 
         class DS:
             def iter_torch_batches(_self, batch_size, drop_last):
@@ -269,6 +271,17 @@ def test_worker_stream_positions_epochs_and_agreement():
     assert [s.next()[0] for _ in range(2)] == [0, 1] and s.rows == 2
     with pytest.raises(RuntimeError, match="smaller than one global batch"):
         train_stream.WorkerStream(_FakeStream(1, 2), 2, None, 0, 1).next()
+
+
+def test_a_redealt_rest_shorter_than_a_batch_ends_its_epoch_not_the_run():
+    """Resumed at another group size near an epoch's end, a rank's re-dealt rest of the epoch can be shorter than a
+    batch: that epoch ends (its rows counted unused) and the next starts. It used to raise "the training set is
+    smaller than one global batch" on every restart until the job failed (the node-loss test, once)."""
+    fake = _FakeStream(7, 2, rest=1)
+    s = train_stream.WorkerStream(fake, 2, DataPosition(0, [3, 3], 2), 0, 1)  # 2 ranks -> 1: epoch 0 re-dealt
+    epoch, batch = s.next()
+    assert (epoch, batch["id"].tolist()) == (1, [0, 1]) and s.ended == [(0, 1)]
+    assert fake.built == [(0, 0), (1, 0)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,8 +204,10 @@ class WorkerStream:
                 self._steps += 1
                 return self.epoch, batch
             self.close()
-            fresh = self.rows == 0 and self._steps == 0
-            if fresh:
+            # A whole epoch with no batch: the training set is too small. A re-dealt rest (``earlier``: the group
+            # size changed mid-epoch) may rightly be shorter than a batch near the epoch's end: that epoch ends.
+            whole_epoch = self.rows == 0 and self._steps == 0 and not self.earlier
+            if whole_epoch:
                 raise RuntimeError(f"epoch {self.epoch} produced no batch of {self.batch_size} images on every "
                                    "worker: the training set is smaller than one global batch")
             unused = self.source.sequence_rows(self.epoch, self.earlier) - self.rows
