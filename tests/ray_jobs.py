@@ -1,10 +1,12 @@
-"""Ray job and cluster helpers for end-to-end tests that drive a real cluster the way a user does: the `ray` CLI in
-subprocesses (the in-process SDK caches the first auth token it ever loaded), with token authentication on.
+"""Ray job and cluster helpers for end-to-end tests that drive a real cluster the way a user does, with token
+authentication on: jobs are submitted with the `ray` CLI in subprocesses (the in-process SDK caches the first auth
+token it ever loaded); their status, logs, nodes and actors are read over the dashboard's HTTP APIs with the token.
 
-- :class:`JobsCli`: ``ray job status/logs/list`` against one cluster's job API; :func:`wait_for_job`.
+- :class:`JobsApi`: one cluster's job status and logs over the Jobs REST API; :func:`wait_for_job`.
 - :func:`submit_job`: ``ray job submit --working-dir <repo> --no-wait``, retried while the job agent registers.
-- :func:`list_nodes`: every node the GCS knows (alive and dead), from ``ray list nodes``.
-- :func:`alive_actors`: the ALIVE actors of one class (``pid``, ``node_id``, ``job_id``), from ``ray list actors``.
+- :func:`list_nodes`: every node the GCS knows (alive and dead), from the state API (``ray list nodes``).
+- :func:`alive_actors`: the ALIVE actors of one class (``pid``, ``node_id``, ``job_id``), from the state API.
+- :func:`registered_checkpoint`: the checkpoint Ray Train has registered for a run (what a restart resumes from).
 - :func:`ray_processes_of`: PIDs of processes whose command line names this cluster (its GCS port or temp dir),
   so a test stops exactly the Ray processes it started.
 """
@@ -18,6 +20,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -39,38 +43,60 @@ def cluster_env(s3_env: dict[str, str], tracking_uri: str) -> dict[str, str]:
 REPO = Path(__file__).resolve().parents[1]
 
 
-class JobsCli:
-    """`ray job status/logs/list` against one cluster's job API."""
+class JobsApi:
+    """One cluster's job status and logs from Ray's Jobs REST API (``GET /api/jobs/<id>`` and ``.../logs``, what
+    ``ray job status/logs`` call), with the cluster's token. Submitting stays the user's ``ray job submit``
+    (:func:`submit_job`); the polls are HTTP because a ``ray`` CLI call costs ~1.6 CPU-s (it imports Ray), and a
+    test polling it every 0.2-2 s took up to one of the two cores the cluster under test runs on."""
 
     def __init__(self, address: str, env: dict[str, str]) -> None:
         self.address, self.env = address, env
 
-    def _run(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "ray"), "job", *args, "--address", self.address], capture_output=True,
-                              text=True, env=self.env, timeout=120)
-
     def ready(self) -> bool:
-        return self._run("list").returncode == 0
+        try:
+            _get_json(self.address, self.env, "/api/jobs/")
+        except OSError:
+            return False
+        return True
 
     def get_job_status(self, job_id: str) -> str:
-        out = self._run("status", job_id)
-        text = out.stdout + out.stderr
-        for word, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
-            if f"Job '{job_id}' {word}" in text:
-                return status
-        return "RUNNING" if out.returncode == 0 else f"UNKNOWN: {text[-500:]}"
+        """``PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED`` or ``STOPPED``; ``UNKNOWN: <why>`` when not answered."""
+        try:
+            return str(_get_json(self.address, self.env, f"/api/jobs/{job_id}")["status"])
+        except OSError as exc:
+            return f"UNKNOWN: {exc}"
 
     def get_job_logs(self, job_id: str) -> str:
-        return self._run("logs", job_id).stdout
+        return str(_get_json(self.address, self.env, f"/api/jobs/{job_id}/logs")["logs"])
 
 
-def wait_for_job(client: JobsCli, submission_id: str, timeout: float = 600) -> str:
+def _get_json(address: str, env: dict[str, str], path: str, params: list[tuple[str, str]] | None = None):
+    """GET ``address + path`` (a Ray dashboard API) with the cluster's token (``Authorization: Bearer``)."""
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    request = urllib.request.Request(f"{address}{path}{query}")
+    if env.get("RAY_AUTH_TOKEN"):
+        request.add_header("Authorization", f"Bearer {env['RAY_AUTH_TOKEN']}")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _list_state(address: str, env: dict[str, str], resource: str, filters: list[tuple[str, str]] = ()) -> list[dict]:
+    """Ray's state API (``GET /api/v0/<resource>``, what ``ray list <resource>`` calls), ``key=value`` filters."""
+    params = [("limit", "1000"), ("detail", "false")]
+    for key, value in filters:
+        params += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+    answer = _get_json(address, env, f"/api/v0/{resource}", params)
+    assert answer["result"], answer.get("msg")
+    return answer["data"]["result"]["result"]
+
+
+def wait_for_job(client: JobsApi, submission_id: str, timeout: float = 600) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = str(client.get_job_status(submission_id))
         if status.endswith(("SUCCEEDED", "FAILED", "STOPPED")):
             return status
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"job {submission_id} did not finish in {timeout} s:\n"
                          f"{client.get_job_logs(submission_id)[-4000:]}")
 
@@ -94,10 +120,7 @@ def submit_job(address: str, env: dict[str, str], submission_id: str, entrypoint
 
 def list_nodes(address: str, env: dict[str, str]) -> list[dict]:
     """All nodes of the cluster (``state`` ALIVE or DEAD, ``is_head_node``, ``node_id``, ``resources_total``)."""
-    proc = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", address, "--format", "json",
-                           "--limit", "1000"], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return [] if proc.stdout.startswith("No resource") else json.loads(proc.stdout)  # not registered yet
+    return _list_state(address, env, "nodes")
 
 
 def ray_processes_of(*marks: str) -> list[int]:
@@ -121,11 +144,23 @@ def kill_pids(pids: list[int]) -> None:
             pass
 
 
+def registered_checkpoint(run_uri: str) -> dict | None:
+    """The latest checkpoint Ray Train's controller has REGISTERED for the run stored at ``run_uri`` (``--storage``
+    / ``--run-name``): what a restarted group resumes from (``checkpoint_dir_name``, and ``metrics``: what the
+    workers reported with it, ``step`` included); None before the first. Read from the checkpoint manager snapshot
+    the controller writes into the run's storage on each registration. A checkpoint merely uploaded may not be
+    registered yet: the controller collects one report per worker every 2 s (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``)
+    and a worker's next report waits for the last one to be collected, so two can be uploaded before either is."""
+    from pconv.storage import uris
+
+    try:
+        snapshot = json.loads(uris.read_bytes(f"{run_uri.rstrip('/')}/checkpoint_manager_snapshot.json"))
+    except FileNotFoundError:
+        return None
+    return snapshot.get("latest_checkpoint_result")
+
+
 def alive_actors(address: str, env: dict[str, str], class_name: str) -> list[dict]:
     """The ALIVE actors of ``class_name`` in the cluster, as Ray's state API knows them (``pid``, ``node_id``,
     ``job_id``, ``actor_id``): the processes Ray itself would call that actor, never a fork of one nor one exiting."""
-    proc = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", address, "--format", "json",
-                           "--filter", f"class_name={class_name}", "--filter", "state=ALIVE", "--limit", "1000"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return [] if proc.stdout.startswith("No resource") else json.loads(proc.stdout)
+    return _list_state(address, env, "actors", [("class_name", class_name), ("state", "ALIVE")])

@@ -17,7 +17,6 @@ so Ray Data's per-epoch start dominates).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -32,8 +31,8 @@ from PIL import Image, ImageDraw
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture)
-from ray_jobs import (BIN, JobsCli, cluster_env, kill_pids, list_nodes, ray_processes_of, submit_job, token_auth,
-                      wait_for_job)
+from ray_jobs import (BIN, JobsApi, alive_actors, cluster_env, kill_pids, list_nodes, ray_processes_of,
+                      registered_checkpoint, submit_job, token_auth, wait_for_job)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -99,7 +98,7 @@ def autoscaling_cluster(own_ray_cluster, s3_server, mlflow_server, tmp_path_fact
              "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dir, "--disable-usage-stats"],
             env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         address = f"http://127.0.0.1:{dash}"
-        client = JobsCli(address, env)
+        client = JobsApi(address, env)
         try:
             deadline = time.monotonic() + 120
             while not (client.ready() and list_nodes(address, env)):  # the job API and the head are up
@@ -214,13 +213,9 @@ def test_train_then_batch_inpaint_on_a_cluster_that_starts_with_zero_workers(
 
 
 def training_worker_nodes(cluster) -> dict[str, str]:
-    """{node id: actor id} of the nodes running a Ray Train worker actor now (``ray list actors``)."""
-    proc = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", cluster["address"], "--filter",
-                           "state=ALIVE", "--filter", "class_name=RayTrainWorker", "--detail", "--format", "json",
-                           "--limit", "1000"], capture_output=True, text=True, env=cluster["env"], timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    actors = [] if proc.stdout.startswith("No resource") else json.loads(proc.stdout)
-    return {a["node_id"]: a["actor_id"] for a in actors}
+    """{node id: actor id} of the nodes running a Ray Train worker actor now (Ray's state API)."""
+    return {a["node_id"]: a["actor_id"]
+            for a in alive_actors(cluster["address"], cluster["env"], "RayTrainWorker")}
 
 
 def node_processes(node_id: str) -> list[int]:
@@ -235,6 +230,15 @@ def node_processes(node_id: str) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def checkpoint_of_two(client, run_id: str, run_uri: str) -> int | None:
+    """The step of the checkpoint Ray Train has registered for the run if two workers took it, else None."""
+    registered = registered_checkpoint(run_uri)
+    if registered is None:
+        return None
+    step = int(registered["metrics"]["step"])
+    return step if {s: w for s, w, _ in world_sizes(client, run_id)}.get(step) == 2 else None
 
 
 def world_sizes(client, run_id: str) -> list[tuple[int, int, int]]:
@@ -261,7 +265,6 @@ def test_a_lost_node_shrinks_an_elastic_run_which_grows_back(autoscaling_cluster
              "--phase2-steps", "8", "--checkpoint-every", "4", "--num-to-keep", "2", "--val-every", "1000",
              "--sample-every", "1000", "--log-every", "10", "--val-size", "2", "--vgg-weights", "random",
              "--experiment", "elastic", "--lineage", "--max-failures", "5", "--seed", "3"]
-    before = workers(list_nodes(cluster["address"], cluster["env"]))
     submit_job(cluster["address"], cluster["env"], "train-elastic", train, in_place=True)
     started = time.monotonic()
 
@@ -270,13 +273,18 @@ def test_a_lost_node_shrinks_an_elastic_run_which_grows_back(autoscaling_cluster
             if client.get_experiment_by_name("elastic") else []
         return runs[0] if runs else None
 
-    # 1. Two workers train: wait for steps logged with world size 2, then kill the raylet of a worker's node.
+    # 1. Two workers train. Kill a worker's node once Ray Train has REGISTERED a checkpoint the two took: a restart
+    #    resumes from that one (before it, from step 0, and nothing would be re-dealt). Every such checkpoint leaves
+    #    rows of its epoch unconsumed (the 11 train rows deal 6 + 5; two steps of 2 per rank end an epoch), which
+    #    the one worker left is dealt and trains on: that epoch changes size.
     deadline = time.monotonic() + 180
-    while not ((run := the_run()) and [s for s, w, _ in world_sizes(client, run.info.run_id) if w == 2 and s >= 4]):
+    run_uri = f"{s3_bucket}/runs/elastic"
+    while not ((run := the_run()) and checkpoint_of_two(client, run.info.run_id, run_uri)):
         status = cluster["client"].get_job_status("train-elastic")
         assert not status.endswith(("FAILED", "SUCCEEDED", "STOPPED")) and time.monotonic() < deadline, (
-            status, cluster["client"].get_job_logs("train-elastic")[-4000:])
-        time.sleep(1)
+            status, _runs_of(world_sizes(client, run.info.run_id)) if run else None,
+            cluster["client"].get_job_logs("train-elastic")[-4000:])
+        time.sleep(0.2)
     run_id = run.info.run_id
     victim = sorted(training_worker_nodes(cluster))[0]
     processes = node_processes(victim)  # its raylet, agents and workers: the whole node vanishes, as on a reclaim

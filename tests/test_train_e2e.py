@@ -24,7 +24,8 @@ import torch
 
 from conftest import free_port
 from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture)
-from ray_jobs import BIN, JobsCli, alive_actors, cluster_env, submit_job, token_auth, wait_for_job
+from ray_jobs import (BIN, JobsApi, alive_actors, cluster_env, registered_checkpoint, submit_job, token_auth,
+                      wait_for_job)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -35,8 +36,6 @@ TOTAL_STEPS = 30
 @pytest.fixture(scope="module")
 def ray_cluster(own_ray_cluster, s3_server, mlflow_server, tmp_path_factory):  # noqa: F811
     """`ray start --head --block` in its own process group; stopped by killing that group (only ours)."""
-    import secrets
-
     tmp = tmp_path_factory.mktemp("ray")
     dash = free_port()
     auth = token_auth()
@@ -57,8 +56,7 @@ def ray_cluster(own_ray_cluster, s3_server, mlflow_server, tmp_path_factory):  #
              "--temp-dir", tempfile.mkdtemp(prefix="pconv-ray-", dir="/tmp"), "--disable-usage-stats"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         address = f"http://127.0.0.1:{dash}"
-        # The job CLI in subprocesses, like a user: the in-process SDK caches the first auth token it ever loaded.
-        client = JobsCli(address, env)
+        client = JobsApi(address, env)
         deadline = time.monotonic() + 120
         while not client.ready():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -84,11 +82,13 @@ def s3_shards(ray_cluster, s3_server, photo_dir, mask_zip):
     boto3.client("s3").create_bucket(Bucket=bucket)
     uris.upload_dir(str(photo_dir), f"s3://{bucket}/raw/photos")
     uris.write_bytes_atomic(f"s3://{bucket}/raw/masks.zip", mask_zip.read_bytes())
-    for name, args in (("images", [f"s3://{bucket}/raw/photos", f"s3://{bucket}/images", "--val-fraction", "0.25",
-                                   "--shard-size-mb", "1"]),
-                       ("masks", [f"s3://{bucket}/raw/masks.zip", f"s3://{bucket}/masks", "--hole-color", "white"])):
+    jobs = {"images": [f"s3://{bucket}/raw/photos", f"s3://{bucket}/images", "--val-fraction", "0.25",
+                       "--shard-size-mb", "1"],
+            "masks": [f"s3://{bucket}/raw/masks.zip", f"s3://{bucket}/masks", "--hole-color", "white"]}
+    for name, args in jobs.items():  # both at once, as two users may: one cluster runs them side by side
         submit_job(ray_cluster["address"], ray_cluster["env"], f"ingest-{name}",
                    ["python", "pipelines/prepare_data.py", "-q", name, *args])
+    for name in jobs:
         status = wait_for_job(ray_cluster["client"], f"ingest-{name}", timeout=300)
         assert status == "SUCCEEDED", ray_cluster["client"].get_job_logs(f"ingest-{name}")[-4000:]
     return bucket
@@ -124,19 +124,6 @@ def checkpoint_metas(bucket: str) -> dict[int, str]:
     return out
 
 
-def registered_checkpoint(bucket: str) -> str | None:
-    """The latest checkpoint Ray Train's controller has registered for the run (what a restarted group resumes
-    from), from the checkpoint manager snapshot it keeps in the run's storage; None before the first."""
-    import boto3
-
-    try:
-        body = boto3.client("s3").get_object(Bucket=bucket, Key="runs/e2e/checkpoint_manager_snapshot.json")["Body"]
-    except boto3.client("s3").exceptions.NoSuchKey:
-        return None
-    latest = json.loads(body.read()).get("latest_checkpoint_result")
-    return None if latest is None else latest["checkpoint_dir_name"]
-
-
 def kill_one_training_worker(cluster) -> dict:
     """SIGKILL one ALIVE Ray Train worker actor of this cluster, as Ray's state API names it; returns that actor.
 
@@ -153,11 +140,9 @@ def test_job_submit_survives_a_killed_worker_and_rerun_is_a_noop(ray_cluster, s3
     client, bucket = ray_cluster["client"], s3_shards
     submit(ray_cluster, bucket, "train-1")
     deadline = time.monotonic() + 400
-    # Wait until Ray Train has REGISTERED a checkpoint (its controller writes the run's checkpoint manager snapshot
-    # then), not merely until one is in storage: the controller takes one report per worker every 2 s
-    # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and a worker's next report waits for the last, so on a fast machine two
-    # checkpoints can be uploaded before either is registered, and a group restarted then rightly starts from step 0.
-    while registered_checkpoint(bucket) is None:
+    # Wait until Ray Train has REGISTERED a checkpoint, not merely until one is in storage: on a fast machine two
+    # can be uploaded before either is registered, and a group restarted then rightly starts from step 0.
+    while registered_checkpoint(f"s3://{bucket}/runs/e2e") is None:
         status = str(client.get_job_status("train-1"))
         assert not status.endswith(("SUCCEEDED", "FAILED", "STOPPED")), client.get_job_logs("train-1")[-4000:]
         assert time.monotonic() < deadline, client.get_job_logs("train-1")[-4000:]
