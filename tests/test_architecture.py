@@ -362,6 +362,17 @@ def test_the_core_imports_no_ray_mlflow_or_other_pconv_at_import_time():
     assert not loaded, f"importing {core} loads {loaded}"
 
 
+def test_the_data_tasks_load_no_torch():
+    """What Ray Data's tasks import to run pconv's functions (by reference: the decode task's module
+    ``pconv.data.stream``, the ingest task's ``pconv.ingest.job``) loads no torch: a task worker process starts
+    ~1.9 CPU-s sooner and a few hundred MB smaller, and Ray may start them anew around every epoch."""
+    code = ("import sys\nimport pconv.data.stream, pconv.ingest.job\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ how modules meet
 def _is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))

@@ -21,12 +21,19 @@ the grid position K*x + K/2 is half an HR pixel right of it and half a pixel bel
 - this is why the SR evaluation scores both the raw output and the composite with the LR pixels pasted, for the
   model and for bicubic alike (docs/variants.md, "Super-resolution protocol").
 
-Masks here follow the project's contract: float, 1 = valid (an LR pixel), 0 = hole. Core module: no Ray, no MLflow.
+Masks here follow the project's contract: float, 1 = valid (an LR pixel), 0 = hole. Core module: no Ray, no MLflow;
+and no torch at import, only in the functions that make or take tensors: the data pipeline's decode workers use the
+grid (:func:`grid_mask`) without importing torch (~1.9 CPU-s and a few hundred MB per worker process).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: The upscaling factors the pipeline supports (the paper reports K = 4; K = 2 is its easier sibling).
 SR_SCALES: tuple[int, ...] = (2, 4)
@@ -51,12 +58,20 @@ def sr_grid(height: int, width: int, scale: int, *, device: torch.device | str |
     ``height`` and ``width`` are the HR canvas size and must be multiples of ``scale`` (so the grid holds exactly
     ``(height // scale) * (width // scale)`` valid pixels, one per LR pixel).
     """
+    import torch
+
+    return torch.from_numpy(grid_mask(height, width, scale)).to(device=device, dtype=torch.float32)[None, None]
+
+
+def grid_mask(height: int, width: int, scale: int) -> np.ndarray:
+    """The grid as a ``height x width`` uint8 array: 1 where an LR pixel lands (offset :func:`grid_offset`), 0 in
+    the holes; ``height`` and ``width`` positive multiples of ``scale``. :func:`sr_grid` is this as a tensor."""
     k = check_scale(scale)
     if height % k or width % k or height <= 0 or width <= 0:
         raise ValueError(f"an SR canvas of {height}x{width} is not a positive multiple of the scale {k}")
-    mask = torch.zeros(1, 1, height, width, device=device)
-    off = k // 2
-    mask[..., off::k, off::k] = 1.0
+    mask = np.zeros((height, width), dtype=np.uint8)
+    off = grid_offset(k)
+    mask[off::k, off::k] = 1
     return mask
 
 

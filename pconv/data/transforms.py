@@ -8,8 +8,8 @@ training. Output arrays are compact: ``image`` uint8 N x 3 x S x S (0..255), ``m
 :mod:`pconv.data.inputs` makes the float32 model inputs. Shipping uint8 moves 4x fewer bytes through Ray's object
 store and to the GPU; the conversion to float is one cheap op at the consumer (on the GPU in training).
 
-Pairing. Every crop is paired by a :class:`PairSource`, the one interface of both tasks (:func:`pair_source` picks
-the task's):
+Pairing. Every crop is paired by a :class:`PairSource`, the one interface of both tasks (the training loop picks the
+task's: :class:`SRPairs` or :func:`load_mask_bank`):
 
 - inpainting, :class:`MaskBank`: a random mask of the split's mask shards with the paper's training augmentation
   (:func:`pconv.core.masks.augment_mask`, nearest resizing only) for training; a fixed mask, centre square and
@@ -35,8 +35,7 @@ import numpy as np
 from PIL import Image
 
 from pconv.core import images, masks
-from pconv.core.config import SR_TASK, TrainConfig
-from pconv.core.sr_grid import check_scale, sr_grid
+from pconv.core.sr_grid import check_scale, grid_mask
 from pconv.storage import shards
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ class SRPairs(PairSource):
         return images.downsample(pixels, self.scale)
 
     def grid(self, size: int) -> np.ndarray:
-        """The ``size x size`` uint8 grid mask (1 = an LR pixel, :func:`pconv.core.sr_grid.sr_grid`)."""
+        """The ``size x size`` uint8 grid mask (1 = an LR pixel, :func:`pconv.core.sr_grid.grid_mask`)."""
         return _grid(size, self.scale).copy()
 
     def train_mask(self, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -163,7 +162,7 @@ class SRPairs(PairSource):
 
 @functools.lru_cache(maxsize=8)
 def _grid(size: int, scale: int) -> np.ndarray:
-    return sr_grid(size, size, scale)[0, 0].numpy().astype(np.uint8)
+    return grid_mask(size, size, scale)
 
 
 def _split_with_rows(root: str, manifest: dict[str, Any], preferred: str) -> str:
@@ -189,12 +188,6 @@ def load_mask_bank(masks_uri: str, split: str = "train") -> MaskBank:
     buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
     return MaskBank(buf, offsets, table.column("key").to_pylist(), table.column("bin").to_numpy().astype(np.int8),
                     table.column("border").to_numpy(zero_copy_only=False).astype(bool))
-
-
-def pair_source(cfg: TrainConfig, split: str) -> PairSource:
-    """The pair source of ``cfg.task`` for ``split``: the SR grid of ``cfg.sr_scale``, or the mask bank of
-    ``cfg.masks`` (:func:`load_mask_bank`)."""
-    return SRPairs(cfg.sr_scale) if cfg.task == SR_TASK else load_mask_bank(cfg.masks, split)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from pconv.core import metrics
-from pconv.core.config import TrainConfig
+from pconv.core.config import SR_TASK, TrainConfig
 from pconv.core.losses import LOSS_TERMS, InpaintingLoss, VGG16FeatureExtractor
 from pconv.core.unet import PConvUNet, build_model
 from pconv.data import stream, transforms
@@ -141,7 +141,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_fn.compile()  # VGG features, Gram matrices, masked L1 and TV terms: element-wise work a compiler fuses
     tracker = runs.Tracker(ctx.run_id, loop_config.get("tracking_uri")) if ctx.rank == 0 else None
     val = _load_val(cfg) if ctx.rank == 0 else None
-    batches = stream.worker_stream(cfg.images, transforms.pair_source(cfg, "train"), cfg.image_size,
+    batches = stream.worker_stream(cfg.images, _pair_source(cfg, "train"), cfg.image_size,
                                    loop_config.get("train_units"), seed=cfg.seed, batch_size=cfg.per_worker_batch,
                                    position=state.position, rank=ctx.rank, world=ctx.world, agree=ctx.every_rank,
                                    decode_concurrency=loop_config.get("decode_concurrency"))
@@ -353,9 +353,15 @@ def _use_deterministic_algorithms() -> None:
     torch.backends.cudnn.deterministic = True
 
 
+def _pair_source(cfg: TrainConfig, split: str) -> transforms.PairSource:
+    """The pair source of ``cfg.task`` for ``split``: the SR grid of ``cfg.sr_scale``, or the mask bank of
+    ``cfg.masks`` (:func:`pconv.data.transforms.load_mask_bank`)."""
+    return transforms.SRPairs(cfg.sr_scale) if cfg.task == SR_TASK else transforms.load_mask_bank(cfg.masks, split)
+
+
 def _load_val(cfg: TrainConfig) -> stream.ValPairs | None:
     """The fixed validation pairs (rank 0), or None (logged): validation and sample grids are then off."""
-    pairs = stream.load_val_pairs(cfg.images, transforms.pair_source(cfg, "val"), cfg.image_size, cfg.val_size)
+    pairs = stream.load_val_pairs(cfg.images, _pair_source(cfg, "val"), cfg.image_size, cfg.val_size)
     if pairs is None or len(pairs) == 0:
         log.warning("no validation pairs available; validation and sample grids are off")
         return None
