@@ -161,9 +161,13 @@ class _SessionRay:
                                "session Ray; tests/conftest.py orders such tests last, so this is a bug there")
         import ray
 
-        with pytest.MonkeyPatch.context() as env:  # a local Ray of its own, never a cluster named by the shell
+        # A local Ray of its own (address "local"), never a cluster named by the shell (RAY_ADDRESS) nor the one the
+        # last `ray start` on this machine recorded in /tmp/ray/ray_current_cluster, which ray.init() joins by
+        # default: a run that broke off before its cluster's teardown left that file naming a dead cluster, and
+        # every test on the session Ray of the next run failed to connect to it.
+        with pytest.MonkeyPatch.context() as env:
             env.delenv("RAY_ADDRESS", raising=False)
-            ray.init(num_cpus=self.CPUS, include_dashboard=False, log_to_driver=True)
+            ray.init(address="local", num_cpus=self.CPUS, include_dashboard=False, log_to_driver=True)
         self.starts += 1
 
     def stop(self) -> None:

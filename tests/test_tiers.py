@@ -50,11 +50,11 @@ def test_on_a_root_named_by_its_parameter(root):
 
 def test_starts_ray_in_process():
     import ray
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
 
 
 def test_starts_ray_in_a_child():
-    proc = subprocess.run([sys.executable, "-c", "import ray; ray.init(num_cpus=1, include_dashboard=False)"],
+    proc = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='local', num_cpus=1, include_dashboard=False)"],
                           capture_output=True, text=True, timeout=120)
     sys.stderr.write(proc.stderr)
     assert proc.returncode == 0
