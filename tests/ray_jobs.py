@@ -80,7 +80,8 @@ def _get_json(address: str, env: dict[str, str], path: str, params: list[tuple[s
         return json.loads(response.read())
 
 
-def _list_state(address: str, env: dict[str, str], resource: str, filters: list[tuple[str, str]] = ()) -> list[dict]:
+def _list_state(address: str, env: dict[str, str], resource: str,
+                filters: tuple[tuple[str, str], ...] = ()) -> list[dict]:
     """Ray's state API (``GET /api/v0/<resource>``, what ``ray list <resource>`` calls), ``key=value`` filters."""
     params = [("limit", "1000"), ("detail", "false")]
     for key, value in filters:
@@ -163,4 +164,4 @@ def registered_checkpoint(run_uri: str) -> dict | None:
 def alive_actors(address: str, env: dict[str, str], class_name: str) -> list[dict]:
     """The ALIVE actors of ``class_name`` in the cluster, as Ray's state API knows them (``pid``, ``node_id``,
     ``job_id``, ``actor_id``): the processes Ray itself would call that actor, never a fork of one nor one exiting."""
-    return _list_state(address, env, "actors", [("class_name", class_name), ("state", "ALIVE")])
+    return _list_state(address, env, "actors", (("class_name", class_name), ("state", "ALIVE")))

@@ -13,6 +13,8 @@ def test_grid_holds_one_valid_pixel_per_lr_pixel_at_the_offset(scale):
     ys, xs = torch.nonzero(mask[0, 0], as_tuple=True)
     assert set((ys % scale).tolist()) == {scale // 2}
     assert set((xs % scale).tolist()) == {scale // 2}
+    # the data pipeline's numpy form (its workers load no torch) is the same grid
+    assert torch.equal(torch.from_numpy(sr_grid.grid_mask(h, w, scale)), mask[0, 0].to(torch.uint8))
 
 
 @pytest.mark.parametrize("scale", [2, 4])

@@ -60,19 +60,29 @@ def sr_grid(height: int, width: int, scale: int, *, device: torch.device | str |
     """
     import torch
 
-    return torch.from_numpy(grid_mask(height, width, scale)).to(device=device, dtype=torch.float32)[None, None]
+    k = _canvas_scale(height, width, scale)
+    mask = torch.zeros(1, 1, height, width, device=device)  # made on the device: no host copy per training batch
+    off = grid_offset(k)
+    mask[..., off::k, off::k] = 1.0
+    return mask
 
 
 def grid_mask(height: int, width: int, scale: int) -> np.ndarray:
-    """The grid as a ``height x width`` uint8 array: 1 where an LR pixel lands (offset :func:`grid_offset`), 0 in
-    the holes; ``height`` and ``width`` positive multiples of ``scale``. :func:`sr_grid` is this as a tensor."""
-    k = check_scale(scale)
-    if height % k or width % k or height <= 0 or width <= 0:
-        raise ValueError(f"an SR canvas of {height}x{width} is not a positive multiple of the scale {k}")
+    """:func:`sr_grid` as a ``height x width`` uint8 numpy array, for the data pipeline's workers (no torch)."""
+    k = _canvas_scale(height, width, scale)
     mask = np.zeros((height, width), dtype=np.uint8)
     off = grid_offset(k)
     mask[off::k, off::k] = 1
     return mask
+
+
+def _canvas_scale(height: int, width: int, scale: int) -> int:
+    """``scale`` checked (:func:`check_scale`), and an HR canvas of ``height x width`` checked to be a positive
+    multiple of it."""
+    k = check_scale(scale)
+    if height % k or width % k or height <= 0 or width <= 0:
+        raise ValueError(f"an SR canvas of {height}x{width} is not a positive multiple of the scale {k}")
+    return k
 
 
 def place_on_grid(lr: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
